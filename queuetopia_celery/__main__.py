@@ -1,0 +1,3 @@
+from queuetopia_celery.cli import main
+
+main()

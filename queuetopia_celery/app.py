@@ -1,0 +1,286 @@
+"""The :class:`Queuetopia`: one scope of persistent, ordered, blocking queues on a
+Celery app."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from . import migrate as _migrate
+from .errors import ConfigurationError, InvalidJobError
+from .jobs import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_TIMEOUT,
+    Job,
+    JobState,
+    NewJob,
+    Page,
+    new_job,
+    validate_duration,
+    validate_name,
+)
+from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
+from .store import Dispatch, Executor, Store
+from .tasks import publish, register
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=PerformFn)
+
+
+def make_engine(database_url: str, **options: Any) -> Engine:
+    """An engine for ``database_url``; ``postgresql://`` means psycopg 3."""
+    url = sa.engine.make_url(database_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() == "postgresql":
+        options.setdefault("pool_pre_ping", True)
+    return sa.create_engine(url, **options)
+
+
+class Queuetopia:
+    """A scope of named, persistent, blocking FIFO queues run by Celery workers.
+
+    Builds its tables' access on ``database_url`` (or ``engine``) and registers three
+    tasks (``queuetopia.<scope>.perform``, ``.scan``, ``.kick``) and one beat entry on
+    ``app``. All options are keyword-only; the defaults work.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        *,
+        app: Any,
+        database_url: str | None = None,
+        engine: Engine | None = None,
+        poll_interval: float | dt.timedelta = 60,
+        max_concurrent_queues: int | None = None,
+        performer: PerformerProtocol | None = None,
+        celery_queue: str | None = None,
+        dispatch_grace: float | dt.timedelta = 120,
+        time_limit_grace: float | dt.timedelta = 5,
+        lease_margin: float | dt.timedelta = 10,
+        burst_jobs: int = 50,
+        burst_seconds: float | dt.timedelta = 0.25,
+        scan_limit: int = 1000,
+        disabled: bool = False,
+    ) -> None:
+        try:
+            self.scope = validate_name("scope", scope)
+            self.poll_interval = validate_duration("poll_interval", poll_interval, allow_zero=False)
+            self.dispatch_grace = validate_duration("dispatch_grace", dispatch_grace, allow_zero=False)
+            self.time_limit_grace = validate_duration("time_limit_grace", time_limit_grace, allow_zero=True)
+            self.lease_margin = validate_duration("lease_margin", lease_margin, allow_zero=True)
+            self.burst_seconds = validate_duration("burst_seconds", burst_seconds, allow_zero=True)
+        except InvalidJobError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if (database_url is None) == (engine is None):
+            raise ConfigurationError("give exactly one of database_url= and engine=")
+        if max_concurrent_queues is not None and (
+            isinstance(max_concurrent_queues, bool) or not isinstance(max_concurrent_queues, int) or max_concurrent_queues < 1
+        ):
+            raise ConfigurationError("max_concurrent_queues must be None or an int >= 1")
+        for name, value in (("burst_jobs", burst_jobs), ("scan_limit", scan_limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be an int >= 1")
+        if app is None:
+            raise ConfigurationError("app= must be a Celery app")
+        self.app = app
+        self.engine = engine if engine is not None else make_engine(str(database_url))
+        self.store = Store(self.engine, self.scope)
+        self.registry = Registry(self.scope, performer)
+        self.max_concurrent_queues = max_concurrent_queues
+        self.celery_queue = celery_queue
+        self.burst_jobs = burst_jobs
+        self.scan_limit = scan_limit
+        self.disabled = disabled
+        self.perform_task, self.scan_task, self.kick_task = register(self)
+        if not disabled:
+            app.add_periodic_task(
+                dt.timedelta(seconds=self.poll_interval),
+                self.scan_task.s().set(queue=celery_queue) if celery_queue else self.scan_task.s(),
+                name=f"queuetopia.{self.scope}.scan",
+            )
+
+    def __repr__(self) -> str:
+        return f"<Queuetopia scope={self.scope!r} database={self.engine.url.render_as_string(hide_password=True)!r}>"
+
+    # ------------------------------------------------------------------ performers
+
+    def performer(
+        self, action: str, *, backoff: BackoffFn | None = None, on_failure: FailureFn | None = None
+    ) -> Callable[[F], F]:
+        """Register the decorated function as the performer of ``action``.
+
+        ``backoff(job) -> seconds`` and ``on_failure(job)`` (called after each failed
+        attempt) are optional hooks, as on :class:`~queuetopia_celery.Performer`.
+        """
+
+        def decorate(fn: F) -> F:
+            self.registry.register(action, fn, backoff=backoff, on_failure=on_failure)
+            return fn
+
+        return decorate
+
+    # ------------------------------------------------------------------ schema
+
+    def migrate(self) -> None:
+        """Create or upgrade the tables (idempotent; safe to run from several processes)."""
+        _migrate.upgrade(self.engine)
+
+    # ------------------------------------------------------------------ creating jobs
+
+    def create_job(
+        self,
+        queue: str,
+        action: str,
+        params: Any = None,
+        *,
+        scheduled_at: dt.datetime | None = None,
+        timeout: float | dt.timedelta = DEFAULT_TIMEOUT,
+        max_backoff: float | dt.timedelta = DEFAULT_MAX_BACKOFF,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        connection: Executor | None = None,
+    ) -> Job:
+        """Create a job at the end of ``queue``; the queue exists from its first job.
+
+        With ``connection`` (a SQLAlchemy Connection or Session) the job joins the
+        caller's transaction: it commits or rolls back with it, and workers are woken
+        only after the commit. Raises :class:`~queuetopia_celery.InvalidJobError` on bad
+        input, writing nothing.
+        """
+        spec = new_job(
+            queue,
+            action,
+            {} if params is None else params,
+            scheduled_at=scheduled_at,
+            timeout=timeout,
+            max_backoff=max_backoff,
+            max_attempts=max_attempts,
+        )
+        return self.create_jobs([spec], connection=connection)[0]
+
+    def create_jobs(self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None) -> list[Job]:
+        """Create many jobs in one transaction; each queue is woken once.
+
+        Each item is a :class:`~queuetopia_celery.jobs.NewJob` or a dict of
+        ``create_job``'s arguments (``queue``, ``action``, ``params``, options). If one
+        item is invalid, nothing is written.
+        """
+        specs = [item if isinstance(item, NewJob) else _spec(item) for item in jobs]
+        if not specs:
+            return []
+        created = self.store.create_jobs(specs, connection=connection)
+        queues = list(dict.fromkeys(spec.queue for spec in specs))
+        if connection is None:
+            self._kick(queues, committed=True)
+        elif not self.disabled:
+            self.store.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
+        return created
+
+    def _kick_after(self, queues: set[str], committed: bool) -> None:
+        self._kick(sorted(queues), committed=committed)
+
+    def _kick(self, queues: Sequence[str], *, committed: bool) -> None:
+        """Wake the given queues: dispatch them now (after a commit), or ask a worker
+        to, once the caller's transaction has committed."""
+        if self.disabled or not queues:
+            return
+        try:
+            if committed:
+                self.send(self.store.dispatch(queues, grace=self.dispatch_grace, max_concurrent=self.max_concurrent_queues))
+            else:
+                self.kick_task.apply_async(args=(list(queues),), queue=self.celery_queue)
+        except Exception:
+            # The jobs are committed; the next scan will start them.
+            logger.exception("could not wake queues %s; the next scan will", list(queues), extra={"scope": self.scope})
+
+    def send(self, dispatches: Sequence[Dispatch]) -> None:
+        """Publish one perform message per lease taken."""
+        publish(self, self.perform_task, dispatches)
+
+    # ------------------------------------------------------------------ reading jobs
+
+    def get_job(self, job_id: int) -> Job | None:
+        return self.store.get_job(job_id)
+
+    def list_jobs(
+        self,
+        *,
+        queue: str | None = None,
+        action: str | None = None,
+        state: JobState | str | None = None,
+        limit: int | None = None,
+    ) -> list[Job]:
+        """Jobs of this scope, newest sequence first, filtered by queue, action, state."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidJobError("limit", "must be None or an int >= 0")
+        return self.store.list_jobs(queue=queue, action=action, state=_state(state), limit=limit)
+
+    def paginate_jobs(
+        self,
+        page_size: int,
+        page_number: int,
+        *,
+        queue: str | None = None,
+        action: str | None = None,
+        state: JobState | str | None = None,
+    ) -> Page:
+        """One page of :meth:`list_jobs` (pages count from 1) with the total count."""
+        for name, value in (("page_size", page_size), ("page_number", page_number)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidJobError(name, "must be an int >= 1")
+        st = _state(state)
+        items = self.store.list_jobs(queue=queue, action=action, state=st, limit=page_size, offset=(page_number - 1) * page_size)
+        total = self.store.count_jobs(queue=queue, action=action, state=st)
+        return Page(items=items, total=total, page_number=page_number, page_size=page_size)
+
+    # ------------------------------------------------------------------ running
+
+    def scan(self) -> int:
+        """Run one scan here, now (what beat triggers every ``poll_interval``)."""
+        return self.perform_runner.scan()
+
+    @property
+    def perform_runner(self) -> Any:
+        from .tasks import Runner
+
+        return Runner(self)
+
+
+def _state(state: JobState | str | None) -> JobState | None:
+    if state is None:
+        return None
+    try:
+        return JobState(state)
+    except ValueError:
+        choices = ", ".join(s.value for s in JobState)
+        raise InvalidJobError("state", f"{state!r} is not one of {choices}") from None
+
+
+def _spec(item: dict[str, Any]) -> NewJob:
+    if not isinstance(item, dict):
+        raise InvalidJobError("jobs", f"each job must be a dict or NewJob, got {type(item).__name__}")
+    known = {"queue", "action", "params", "scheduled_at", "timeout", "max_backoff", "max_attempts"}
+    unknown = set(item) - known
+    if unknown:
+        raise InvalidJobError("jobs", f"unknown keys {sorted(unknown)}")
+    missing = {"queue", "action"} - set(item)
+    if missing:
+        raise InvalidJobError("jobs", f"missing keys {sorted(missing)}")
+    params = item.get("params")
+    return new_job(
+        item["queue"],
+        item["action"],
+        {} if params is None else params,
+        scheduled_at=item.get("scheduled_at"),
+        timeout=item.get("timeout", DEFAULT_TIMEOUT),
+        max_backoff=item.get("max_backoff", DEFAULT_MAX_BACKOFF),
+        max_attempts=item.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
+    )

@@ -1,0 +1,85 @@
+"""The exceptions queuetopia-celery raises.
+
+Every exception derives from :class:`QueuetopiaError`. Each class says when it is
+raised; the data it is about is kept in attributes, not only in the message.
+"""
+
+from __future__ import annotations
+
+
+class QueuetopiaError(Exception):
+    """Root of every error raised by queuetopia-celery."""
+
+
+class InvalidJobError(QueuetopiaError, ValueError):
+    """Raised when ``create_job`` (or another call) gets input it cannot accept.
+
+    Nothing is written when it is raised. ``field`` names the offending argument
+    and ``reason`` says what is wrong with it.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid {field}: {reason}")
+
+
+class ConfigurationError(QueuetopiaError, ValueError):
+    """Raised when a :class:`~queuetopia_celery.Queuetopia` is built with options
+    that cannot work together (no database, an unknown option value, ...)."""
+
+
+class DuplicatePerformerError(ConfigurationError):
+    """Raised when two performers are registered for one action in one scope."""
+
+    def __init__(self, scope: str, action: str) -> None:
+        self.scope = scope
+        self.action = action
+        super().__init__(f"a performer for action {action!r} is already registered in scope {scope!r}")
+
+
+class NoPerformerError(QueuetopiaError, LookupError):
+    """Raised (and recorded as the job's error) when a worker runs a job whose
+    action has no performer in that worker's registry."""
+
+    def __init__(self, scope: str, action: str) -> None:
+        self.scope = scope
+        self.action = action
+        super().__init__(
+            f"no performer registered for action {action!r} in scope {scope!r}; "
+            "the job stays at the head of its queue and is retried"
+        )
+
+
+class JobTimeoutError(QueuetopiaError):
+    """Raised inside a running performer when its job exceeds ``timeout`` seconds.
+
+    The attempt is recorded as failed with this error and retried with backoff.
+    """
+
+    def __init__(self, job_id: int, timeout: float) -> None:
+        self.job_id = job_id
+        self.timeout = timeout
+        super().__init__(f"job {job_id} timed out after {timeout:g} s")
+
+
+class ResultNotJSONError(QueuetopiaError, TypeError):
+    """Raised (and recorded as the job's error) when a performer returns a value
+    that cannot be stored as JSON."""
+
+
+class JobNotFoundError(QueuetopiaError, LookupError):
+    """Raised when an operation names a job id that does not exist in this scope."""
+
+    def __init__(self, scope: str, job_id: int) -> None:
+        self.scope = scope
+        self.job_id = job_id
+        super().__init__(f"no job {job_id} in scope {scope!r}")
+
+
+class DatabaseError(QueuetopiaError):
+    """Raised when the database cannot be reached or refuses a statement.
+
+    The driver's exception is chained as ``__cause__``; the message never contains
+    the database password.
+    """

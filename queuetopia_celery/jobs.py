@@ -1,0 +1,292 @@
+"""Jobs as values: the :class:`Job` dataclass, its states, and input validation.
+
+Pure logic only: nothing here talks to the database or to Celery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import InvalidJobError
+
+UTC = dt.timezone.utc
+
+#: Queuetopia's defaults: 60 s timeout, 24 h maximum backoff, 20 attempts.
+DEFAULT_TIMEOUT = 60.0
+DEFAULT_MAX_BACKOFF = 24 * 3600.0
+DEFAULT_MAX_ATTEMPTS = 20
+
+#: Longest accepted name (scope, queue, action).
+MAX_NAME_LENGTH = 255
+#: Longest accepted duration: one year, in seconds.
+MAX_DURATION = 366 * 24 * 3600.0
+#: Largest accepted ``max_attempts`` (a 32-bit column).
+MAX_ATTEMPTS_LIMIT = 2**31 - 1
+#: Largest accepted params document, serialized, in bytes.
+MAX_PARAMS_BYTES = 8 * 1024 * 1024
+
+
+class JobState(str, enum.Enum):
+    """Where a job stands. Derived from the stored row, never stored as such."""
+
+    SCHEDULED = "scheduled"  #: waiting for ``scheduled_at``; never attempted
+    AVAILABLE = "available"  #: due, never attempted, waiting for its turn
+    RUNNING = "running"  #: an attempt has started and not ended
+    RETRYING = "retrying"  #: failed at least once; will be retried
+    DONE = "done"  #: succeeded
+    EXHAUSTED = "exhausted"  #: failed ``max_attempts`` times; no longer blocks its queue
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# What the database stores in ``queuetopia_jobs.status``.
+STATUS_PENDING = "pending"
+STATUS_RUNNING = "running"
+STATUS_DONE = "done"
+STATUS_EXHAUSTED = "exhausted"
+#: Statuses of jobs that still hold a place in their queue.
+OPEN_STATUSES = (STATUS_PENDING, STATUS_RUNNING)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One job, as stored. Datetimes are timezone-aware UTC; durations are seconds."""
+
+    id: int
+    scope: str
+    queue: str
+    action: str
+    params: Any
+    result: Any
+    sequence: int
+    timeout: float
+    max_backoff: float
+    max_attempts: int
+    scheduled_at: dt.datetime
+    attempts: int
+    attempted_at: dt.datetime | None
+    attempted_by: str | None
+    next_attempt_at: dt.datetime | None
+    done_at: dt.datetime | None
+    error: str | None
+    inserted_at: dt.datetime
+    status: str
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        """Build a job from a ``queuetopia_jobs`` row mapping."""
+        return cls(**{field.name: row[field.name] for field in _FIELDS})
+
+    @property
+    def state(self) -> JobState:
+        """The job's state, judged against the current time."""
+        return state_of(self.status, self.attempts, self.scheduled_at, utcnow())
+
+    @property
+    def due_at(self) -> dt.datetime:
+        """When the job may next be attempted."""
+        return self.next_attempt_at or self.scheduled_at
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key stable across the attempts of this job, unique across jobs and scopes,
+        to pass to systems outside the database that deduplicate side effects."""
+        return f"queuetopia:{self.scope}:{self.id}"
+
+
+_FIELDS = dataclasses.fields(Job)
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """One page of :meth:`Queuetopia.paginate_jobs`."""
+
+    items: list[Job]
+    total: int
+    page_number: int
+    page_size: int
+
+    @property
+    def total_pages(self) -> int:
+        return max(1, -(-self.total // self.page_size))
+
+
+def state_of(status: str, attempts: int, scheduled_at: dt.datetime, now: dt.datetime) -> JobState:
+    if status == STATUS_DONE:
+        return JobState.DONE
+    if status == STATUS_EXHAUSTED:
+        return JobState.EXHAUSTED
+    if status == STATUS_RUNNING:
+        return JobState.RUNNING
+    if attempts > 0:
+        return JobState.RETRYING
+    if scheduled_at > now:
+        return JobState.SCHEDULED
+    return JobState.AVAILABLE
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+def default_backoff(attempts: int, max_backoff: float) -> float:
+    """Seconds to wait before the next attempt after ``attempts`` failed ones.
+
+    2 s after the first failure, then 3, 5, 9, 17, ... (``2**(n-1) + 1``), capped at
+    ``max_backoff``.
+    """
+    exponent = max(attempts - 1, 0)
+    if exponent >= 64:
+        return float(max_backoff)
+    return float(min(2**exponent + 1, max_backoff))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclasses.dataclass(frozen=True)
+class NewJob:
+    """A validated request to create a job (see :func:`new_job`)."""
+
+    queue: str
+    action: str
+    params: Any
+    scheduled_at: dt.datetime | None
+    timeout: float
+    max_backoff: float
+    max_attempts: int
+
+
+def validate_name(field: str, value: object) -> str:
+    """Check a scope, queue or action name: a non-empty string of at most 255
+    characters that the database can store."""
+    if not isinstance(value, str):
+        raise InvalidJobError(field, f"must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidJobError(field, "must not be empty")
+    if len(value) > MAX_NAME_LENGTH:
+        raise InvalidJobError(field, f"must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
+    _check_text(field, value)
+    return value
+
+
+def _check_text(field: str, value: str) -> None:
+    if "\x00" in value:
+        raise InvalidJobError(field, "must not contain the NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidJobError(field, "must be valid Unicode (no lone surrogates)") from exc
+
+
+def validate_duration(field: str, value: object, *, allow_zero: bool) -> float:
+    """Seconds as an int, a float or a timedelta; finite, not negative, at most a year."""
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidJobError(
+            field, f"must be a number of seconds or a timedelta, got {type(value).__name__}"
+        )
+    else:
+        seconds = float(value)
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise InvalidJobError(field, "must be a finite number of seconds")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise InvalidJobError(field, f"must be {'>= 0' if allow_zero else '> 0'} seconds, got {seconds:g}")
+    if seconds > MAX_DURATION:
+        raise InvalidJobError(field, f"must be at most {MAX_DURATION:g} seconds (a year)")
+    return seconds
+
+
+def validate_max_attempts(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidJobError("max_attempts", f"must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise InvalidJobError("max_attempts", f"must be >= 1, got {value}")
+    if value > MAX_ATTEMPTS_LIMIT:
+        raise InvalidJobError("max_attempts", f"must be at most {MAX_ATTEMPTS_LIMIT}")
+    return value
+
+
+def validate_scheduled_at(value: object) -> dt.datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, dt.datetime):
+        raise InvalidJobError("scheduled_at", f"must be a datetime or None, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidJobError(
+            "scheduled_at", "must be timezone-aware (for example datetime.now(timezone.utc))"
+        )
+    return value.astimezone(UTC)
+
+
+def validate_json(field: str, value: object) -> Any:
+    """Accept only values that survive a JSON round trip unchanged.
+
+    dicts with string keys, lists, strings, ints, finite floats, booleans and None.
+    Tuples, sets, bytes, NaN and other objects are refused rather than silently changed.
+    """
+    size = _check_json(field, value, field, 0)
+    if size > MAX_PARAMS_BYTES:
+        raise InvalidJobError(field, f"must be at most {MAX_PARAMS_BYTES} bytes as JSON")
+    return value
+
+
+def _check_json(field: str, value: object, path: str, depth: int) -> int:
+    """Validate recursively; return an estimate of the serialized size."""
+    if depth > 200:
+        raise InvalidJobError(field, f"is nested too deeply at {path}")
+    if value is None or isinstance(value, bool):
+        return 5
+    if isinstance(value, int):
+        if abs(value) >= 2**63:
+            raise InvalidJobError(field, f"integer at {path} does not fit in 64 bits")
+        return 20
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            raise InvalidJobError(field, f"{value!r} at {path} is not valid JSON")
+        return 24
+    if isinstance(value, str):
+        _check_text(f"{field} (string at {path})", value)
+        return len(value) + 2
+    if isinstance(value, list):
+        return 2 + sum(_check_json(field, item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+    if isinstance(value, dict):
+        total = 2
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidJobError(field, f"key {key!r} at {path} is not a string")
+            _check_text(f"{field} (key at {path})", key)
+            total += len(key) + 3 + _check_json(field, item, f"{path}[{key!r}]", depth + 1)
+        return total
+    raise InvalidJobError(
+        field, f"{type(value).__name__} at {path} is not JSON (use dict, list, str, int, float, bool, None)"
+    )
+
+
+def new_job(
+    queue: object,
+    action: object,
+    params: object,
+    *,
+    scheduled_at: object = None,
+    timeout: object = DEFAULT_TIMEOUT,
+    max_backoff: object = DEFAULT_MAX_BACKOFF,
+    max_attempts: object = DEFAULT_MAX_ATTEMPTS,
+) -> NewJob:
+    """Validate the arguments of ``create_job``; raise :class:`InvalidJobError` on bad input."""
+    return NewJob(
+        queue=validate_name("queue", queue),
+        action=validate_name("action", action),
+        params=validate_json("params", params),
+        scheduled_at=validate_scheduled_at(scheduled_at),
+        timeout=validate_duration("timeout", timeout, allow_zero=False),
+        max_backoff=validate_duration("max_backoff", max_backoff, allow_zero=True),
+        max_attempts=validate_max_attempts(max_attempts),
+    )

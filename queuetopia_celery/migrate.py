@@ -1,0 +1,88 @@
+"""Schema migrations: Alembic, with our own version table, shipped in the package.
+
+``upgrade(engine)`` brings the tables to the newest version; it is idempotent and
+serialized across processes with an advisory lock on PostgreSQL. ``upgrade_sql(url)``
+returns the SQL instead of running it (``queuetopia-celery migrate --dry-run``).
+A host application with its own Alembic history can call our steps from its own
+revisions instead: see :mod:`queuetopia_celery.migrations.steps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from .errors import DatabaseError
+from .schema import VERSION_TABLE
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_LOCK_KEY = 0x51554555  # "QUEU"
+
+
+def config(connection: sa.Connection | None = None, url: str | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head() -> str:
+    head = ScriptDirectory.from_config(config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current(engine: Engine) -> str | None:
+    """The version the database is at, or None before the first migration."""
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(_safe(engine, exc)) from exc
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_KEY)))
+            command.upgrade(config(conn), revision)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(_safe(engine, exc)) from exc
+
+
+def downgrade(engine: Engine, revision: str = "base") -> None:
+    try:
+        with engine.begin() as conn:
+            command.downgrade(config(conn), revision)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(_safe(engine, exc)) from exc
+
+
+def upgrade_sql(url: str, revision: str = "head") -> str:
+    """The SQL that ``upgrade`` would run on an empty database of ``url``'s kind."""
+    out = io.StringIO()
+    cfg = config(url=url)
+    cfg.output_buffer = out
+    with contextlib.redirect_stdout(out):
+        command.upgrade(cfg, revision, sql=True)
+    return out.getvalue()
+
+
+def _safe(engine: Engine, exc: Exception) -> str:
+    text = f"database error: {exc}"
+    password = engine.url.password
+    if isinstance(password, str) and password:
+        text = text.replace(password, "***")
+    return text

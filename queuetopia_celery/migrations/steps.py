@@ -1,0 +1,88 @@
+"""The migration steps, callable from any Alembic revision (ours or the host app's).
+
+Each ``vN_upgrade`` uses ``alembic.op`` and must run inside an Alembic migration.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from queuetopia_celery.schema import ID, UTCDateTime
+
+_OPEN = "status IN ('pending', 'running')"
+
+
+def v1_upgrade() -> None:
+    op.create_table(
+        "queuetopia_jobs",
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
+        sa.Column("scope", sa.String(255), nullable=False),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("action", sa.String(255), nullable=False),
+        sa.Column("params", sa.JSON(), nullable=False),
+        sa.Column("result", sa.JSON(none_as_null=True), nullable=True),
+        sa.Column("sequence", sa.BigInteger(), nullable=False),
+        sa.Column("timeout", sa.Float(), nullable=False),
+        sa.Column("max_backoff", sa.Float(), nullable=False),
+        sa.Column("max_attempts", sa.Integer(), nullable=False),
+        sa.Column("scheduled_at", UTCDateTime(), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False, server_default=sa.text("'pending'")),
+        sa.Column("attempts", sa.Integer(), nullable=False, server_default=sa.text("0")),
+        sa.Column("attempted_at", UTCDateTime(), nullable=True),
+        sa.Column("attempted_by", sa.String(255), nullable=True),
+        sa.Column("next_attempt_at", UTCDateTime(), nullable=True),
+        sa.Column("done_at", UTCDateTime(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("inserted_at", UTCDateTime(), nullable=False),
+        sa.UniqueConstraint("scope", "queue", "sequence", name="uq_queuetopia_jobs_scope_queue_sequence"),
+    )
+    op.create_index(
+        "ix_queuetopia_jobs_open",
+        "queuetopia_jobs",
+        ["scope", "queue", "scheduled_at", "sequence"],
+        postgresql_where=sa.text(_OPEN),
+        sqlite_where=sa.text(_OPEN),
+    )
+    op.create_index("ix_queuetopia_jobs_scope_id", "queuetopia_jobs", ["scope", "id"])
+    op.create_index(
+        "ix_queuetopia_jobs_done",
+        "queuetopia_jobs",
+        ["scope", "done_at"],
+        postgresql_where=sa.text("status = 'done'"),
+        sqlite_where=sa.text("status = 'done'"),
+    )
+    op.create_table(
+        "queuetopia_queues",
+        sa.Column("scope", sa.String(255), nullable=False),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("last_sequence", sa.BigInteger(), nullable=False),
+        sa.Column("due_at", UTCDateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("scope", "queue", name="pk_queuetopia_queues"),
+    )
+    op.create_index(
+        "ix_queuetopia_queues_due",
+        "queuetopia_queues",
+        ["scope", "due_at"],
+        postgresql_where=sa.text("due_at IS NOT NULL"),
+        sqlite_where=sa.text("due_at IS NOT NULL"),
+    )
+    op.create_table(
+        "queuetopia_leases",
+        sa.Column("scope", sa.String(255), nullable=False),
+        sa.Column("queue", sa.String(255), nullable=False),
+        sa.Column("token", sa.String(36), nullable=False),
+        sa.Column("job_id", ID, nullable=False),
+        sa.Column("locked_at", UTCDateTime(), nullable=False),
+        sa.Column("expires_at", UTCDateTime(), nullable=False),
+        sa.Column("started_at", UTCDateTime(), nullable=True),
+        sa.Column("locked_by", sa.String(255), nullable=True),
+        sa.PrimaryKeyConstraint("scope", "queue", name="pk_queuetopia_leases"),
+    )
+    op.create_index("ix_queuetopia_leases_expires", "queuetopia_leases", ["scope", "expires_at"])
+
+
+def v1_downgrade() -> None:
+    op.drop_table("queuetopia_leases")
+    op.drop_table("queuetopia_queues")
+    op.drop_table("queuetopia_jobs")

@@ -1,0 +1,156 @@
+"""The tables, as SQLAlchemy Core metadata.
+
+The migrations in ``queuetopia_celery/migrations`` build exactly these tables; a test
+compares the two.
+
+* ``queuetopia_jobs``: one row per job. Open jobs (``pending`` or ``running``) are
+  reached only through a partial index, so done jobs never slow the hot path.
+* ``queuetopia_queues``: one row per (scope, queue), written by producers only. It
+  holds the per-queue sequence counter (upserted in the creating transaction, so
+  sequence follows commit order) and ``due_at``, a lower bound of when the queue's head
+  job becomes due: the scan reads only queues whose ``due_at`` has passed.
+* ``queuetopia_leases``: at most one row per (scope, queue): the queue is taken. The
+  ``token`` fences stale messages and stale workers; ``expires_at`` is computed by the
+  database clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+UTC = dt.timezone.utc
+
+metadata = MetaData()
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime on every backend.
+
+    PostgreSQL stores ``timestamptz``; SQLite stores naive UTC text, which this type
+    converts on the way in and out so that comparisons stay correct.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+ID = BigInteger().with_variant(Integer(), "sqlite")
+
+jobs = Table(
+    "queuetopia_jobs",
+    metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("scope", String(255), nullable=False),
+    Column("queue", String(255), nullable=False),
+    Column("action", String(255), nullable=False),
+    Column("params", JSON(), nullable=False),
+    Column("result", JSON(none_as_null=True), nullable=True),
+    Column("sequence", BigInteger(), nullable=False),
+    Column("timeout", Float(), nullable=False),
+    Column("max_backoff", Float(), nullable=False),
+    Column("max_attempts", Integer(), nullable=False),
+    Column("scheduled_at", UTCDateTime(), nullable=False),
+    Column("status", String(16), nullable=False, server_default=text("'pending'")),
+    Column("attempts", Integer(), nullable=False, server_default=text("0")),
+    Column("attempted_at", UTCDateTime(), nullable=True),
+    Column("attempted_by", String(255), nullable=True),
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
+    Column("done_at", UTCDateTime(), nullable=True),
+    Column("error", Text(), nullable=True),
+    Column("inserted_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("scope", "queue", "sequence", name="uq_queuetopia_jobs_scope_queue_sequence"),
+)
+
+_OPEN = "status IN ('pending', 'running')"
+
+Index(
+    "ix_queuetopia_jobs_open",
+    jobs.c.scope,
+    jobs.c.queue,
+    jobs.c.scheduled_at,
+    jobs.c.sequence,
+    postgresql_where=text(_OPEN),
+    sqlite_where=text(_OPEN),
+)
+Index("ix_queuetopia_jobs_scope_id", jobs.c.scope, jobs.c.id)
+Index(
+    "ix_queuetopia_jobs_done",
+    jobs.c.scope,
+    jobs.c.done_at,
+    postgresql_where=text("status = 'done'"),
+    sqlite_where=text("status = 'done'"),
+)
+
+queues = Table(
+    "queuetopia_queues",
+    metadata,
+    Column("scope", String(255), nullable=False),
+    Column("queue", String(255), nullable=False),
+    Column("last_sequence", BigInteger(), nullable=False),
+    Column("due_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("scope", "queue", name="pk_queuetopia_queues"),
+)
+
+Index(
+    "ix_queuetopia_queues_due",
+    queues.c.scope,
+    queues.c.due_at,
+    postgresql_where=text("due_at IS NOT NULL"),
+    sqlite_where=text("due_at IS NOT NULL"),
+)
+
+leases = Table(
+    "queuetopia_leases",
+    metadata,
+    Column("scope", String(255), nullable=False),
+    Column("queue", String(255), nullable=False),
+    Column("token", String(36), nullable=False),
+    Column("job_id", ID, nullable=False),
+    Column("locked_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("locked_by", String(255), nullable=True),
+    PrimaryKeyConstraint("scope", "queue", name="pk_queuetopia_leases"),
+)
+
+Index("ix_queuetopia_leases_expires", leases.c.scope, leases.c.expires_at)
+
+#: Alembic's version table for our migrations, apart from the host app's own.
+VERSION_TABLE = "queuetopia_alembic_version"

@@ -1,0 +1,654 @@
+"""The one door to the database: every SQL statement of queuetopia-celery is built here.
+
+Each public method is one transaction (or joins the caller's, where it takes
+``connection=``). Nothing here imports Celery.
+
+Lease protocol, in short:
+
+* ``dispatch`` takes a queue's lease (``INSERT .. ON CONFLICT DO NOTHING``) for its
+  head job when that job is due, with a fresh token and a short expiry (the dispatch
+  grace, covering the wait in the broker).
+* ``start`` checks the token, marks the lease started, extends it past the job's hard
+  time limit and counts the attempt: one transaction.
+* ``finish`` checks the token, writes the outcome and hands the lease on to the next
+  due job (new token) or releases it: one transaction. A released queue is re-checked
+  by the caller (``dispatch``) so that a job committed meanwhile is never missed.
+* ``recover`` (the scan) records a failed attempt for every started lease that has
+  expired (the worker died) and drops every expired lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, func
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from . import schema
+from .errors import DatabaseError
+from .jobs import (
+    OPEN_STATUSES,
+    STATUS_DONE,
+    STATUS_EXHAUSTED,
+    STATUS_PENDING,
+    STATUS_RUNNING,
+    UTC,
+    Job,
+    JobState,
+    NewJob,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
+
+J = schema.jobs
+Q = schema.queues
+L = schema.leases
+
+#: What ``connection=`` may be: a Connection or a Session whose transaction we join.
+Executor = Connection | Session
+
+_JOB_COLUMNS = [J.c[name] for name in (f.name for f in dataclasses.fields(Job))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """A lease just taken or handed on: send a perform message for it."""
+
+    queue: str
+    job_id: int
+    token: str
+    timeout: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LostAttempt:
+    """A started job whose lease expired: its worker died or was killed."""
+
+    job: Job
+    token: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended, as written by :meth:`Store.finish`."""
+
+    succeeded: bool
+    result: Any = None
+    error: str | None = None
+    backoff: float = 0.0
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Replace every secret (a database password) in ``text`` with ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+class Store:
+    """All reads and writes of one scope."""
+
+    def __init__(self, engine: Engine, scope: str) -> None:
+        self._engine = engine
+        self._pid = os.getpid()
+        self.scope = scope
+        self.dialect = engine.dialect.name
+        self.is_postgres = self.dialect == "postgresql"
+        self._secrets = [engine.url.password if isinstance(engine.url.password, str) else None]
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def engine(self) -> Engine:
+        """The engine, made safe to use after a fork (Celery's prefork pool)."""
+        pid = os.getpid()
+        if pid != self._pid:
+            # Connections inherited from the parent process must not be reused here.
+            self._engine.dispose(close=False)
+            self._pid = pid
+        return self._engine
+
+    def redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    @contextlib.contextmanager
+    def _tx(self, connection: Executor | None = None) -> Iterator[Connection]:
+        """A connection in a transaction: the caller's (joined, not committed here)
+        or our own (committed on success)."""
+        try:
+            if connection is None:
+                with self.engine.begin() as conn:
+                    yield conn
+            elif isinstance(connection, Session):
+                yield connection.connection()
+            else:
+                yield connection
+        except SQLAlchemyError as exc:
+            raise DatabaseError(self.redact(f"database error: {exc}")) from exc
+
+    def _now(self) -> sa.ColumnElement[dt.datetime]:
+        """The database clock (PostgreSQL), or this process's clock (SQLite)."""
+        if self.is_postgres:
+            return func.now()
+        return sa.literal(utcnow(), schema.UTCDateTime())
+
+    def _after(self, seconds: float) -> sa.ColumnElement[dt.datetime]:
+        """``now + seconds`` on the database clock."""
+        if self.is_postgres:
+            return func.now() + sa.literal(dt.timedelta(seconds=seconds), sa.Interval())
+        return sa.literal(utcnow() + dt.timedelta(seconds=seconds), schema.UTCDateTime())
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.is_postgres:
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def _open_head(self, queue: sa.ColumnElement[str] | str, *, exclude_id: Any = None) -> sa.Select[Any]:
+        """The head of a queue: its first open job by (scheduled_at, sequence)."""
+        query = (
+            sa.select(J.c.id, J.c.status, J.c.timeout, J.c.scheduled_at, J.c.next_attempt_at)
+            .where(J.c.scope == self.scope, J.c.queue == queue, J.c.status.in_(OPEN_STATUSES))
+            .order_by(J.c.scheduled_at, J.c.sequence)
+            .limit(1)
+        )
+        if exclude_id is not None:
+            query = query.where(J.c.id != exclude_id)
+        return query
+
+    def on_commit(
+        self,
+        connection: Executor,
+        key: str,
+        items: Iterable[str],
+        callback: Callable[[set[str]], None] | Callable[[set[str], bool], None],
+    ) -> None:
+        """Collect ``items`` under ``key`` on the caller's connection and call
+        ``callback(items, committed)`` once when its transaction commits.
+
+        With a Session the callback runs after the commit (``committed=True``). A
+        Connection has no after-commit event: the callback runs just before the commit
+        (``committed=False``), and a shared advisory lock per item, held until the
+        transaction ends, lets a kick (:meth:`dispatch` with ``wait_for_producers``)
+        wait for the commit. A rollback discards the items.
+        """
+        info = connection.info
+        first = key not in info
+        pending: set[str] = info.setdefault(key, set())
+        new = set(items) - pending
+        pending.update(new)
+        is_session = isinstance(connection, Session)
+        if new and not is_session and self.is_postgres:
+            with self._tx(connection) as conn:
+                for queue in sorted(new):
+                    conn.execute(sa.select(func.pg_advisory_xact_lock_shared(self._queue_key(queue))))
+        if not first:
+            return
+        fire: Any = callback
+
+        def committed(*_: Any) -> None:
+            fire(info.pop(key, set()), is_session)
+
+        def rolled_back(*_: Any) -> None:
+            info.pop(key, None)
+            with contextlib.suppress(Exception):
+                event.remove(connection, "after_commit" if is_session else "commit", committed)
+
+        if is_session:
+            event.listen(connection, "after_commit", committed, once=True)
+            event.listen(connection, "after_rollback", rolled_back, once=True)
+        else:
+            event.listen(connection, "commit", committed, once=True)
+            event.listen(connection, "rollback", rolled_back, once=True)
+
+    def _queue_key(self, queue: str) -> sa.ColumnElement[int]:
+        return func.hashtextextended(sa.literal(f"queuetopia\x1f{self.scope}\x1f{queue}"), 0)
+
+    # ------------------------------------------------------------------ creating jobs
+
+    def create_jobs(self, specs: Sequence[NewJob], *, connection: Executor | None = None) -> list[Job]:
+        """Insert jobs, numbering them per queue in commit order. Returns them in the
+        order given."""
+        if not specs:
+            return []
+        by_queue: dict[str, list[int]] = {}
+        for index, spec in enumerate(specs):
+            by_queue.setdefault(spec.queue, []).append(index)
+        created: list[Job | None] = [None] * len(specs)
+        with self._tx(connection) as conn:
+            now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
+            now = now.astimezone(UTC)
+            # Lock queue rows in a stable order so concurrent bulk producers cannot deadlock.
+            for queue in sorted(by_queue):
+                indexes = by_queue[queue]
+                first_due = min(specs[i].scheduled_at or now for i in indexes)
+                last = self._bump_sequence(conn, queue, len(indexes), first_due)
+                rows = []
+                for offset, i in enumerate(indexes):
+                    spec = specs[i]
+                    rows.append(
+                        {
+                            "scope": self.scope,
+                            "queue": queue,
+                            "action": spec.action,
+                            "params": spec.params,
+                            "sequence": last - len(indexes) + 1 + offset,
+                            "timeout": spec.timeout,
+                            "max_backoff": spec.max_backoff,
+                            "max_attempts": spec.max_attempts,
+                            "scheduled_at": spec.scheduled_at or now,
+                            "status": STATUS_PENDING,
+                            "attempts": 0,
+                            "inserted_at": now,
+                        }
+                    )
+                result = conn.execute(sa.insert(J).returning(*_JOB_COLUMNS, sort_by_parameter_order=True), rows)
+                for i, row in zip(indexes, result.mappings(), strict=True):
+                    created[i] = Job.from_row(row)
+        return [job for job in created if job is not None]
+
+    def _bump_sequence(self, conn: Connection, queue: str, count: int, due: dt.datetime) -> int:
+        """Upsert the queue's row: take ``count`` sequence numbers and lower ``due_at``.
+
+        The row stays locked until the creating transaction ends, so producers of one
+        queue commit in sequence order; producers of other queues do not wait.
+        """
+        insert = self._insert(Q).values(scope=self.scope, queue=queue, last_sequence=count, due_at=due)
+        excluded = insert.excluded
+        upsert = insert.on_conflict_do_update(
+            index_elements=[Q.c.scope, Q.c.queue],
+            set_={
+                "last_sequence": Q.c.last_sequence + count,
+                "due_at": sa.case(
+                    (Q.c.due_at.is_(None), excluded.due_at),
+                    (excluded.due_at < Q.c.due_at, excluded.due_at),
+                    else_=Q.c.due_at,
+                ),
+            },
+        ).returning(Q.c.last_sequence)
+        return int(conn.execute(upsert).scalar_one())
+
+    # ------------------------------------------------------------------ reading jobs
+
+    def get_job(self, job_id: int, *, connection: Executor | None = None) -> Job | None:
+        with self._tx(connection) as conn:
+            row = conn.execute(
+                sa.select(*_JOB_COLUMNS).where(J.c.scope == self.scope, J.c.id == job_id)
+            ).mappings().first()
+        return Job.from_row(row) if row else None
+
+    def _filtered(
+        self, query: Any, queue: str | None, action: str | None, state: JobState | None
+    ) -> Any:
+        query = query.where(J.c.scope == self.scope)
+        if queue is not None:
+            query = query.where(J.c.queue == queue)
+        if action is not None:
+            query = query.where(J.c.action == action)
+        if state is not None:
+            query = query.where(self._state_clause(state))
+        return query
+
+    def _state_clause(self, state: JobState) -> sa.ColumnElement[bool]:
+        pending = J.c.status == STATUS_PENDING
+        if state is JobState.DONE:
+            return J.c.status == STATUS_DONE
+        if state is JobState.EXHAUSTED:
+            return J.c.status == STATUS_EXHAUSTED
+        if state is JobState.RUNNING:
+            return J.c.status == STATUS_RUNNING
+        if state is JobState.RETRYING:
+            return sa.and_(pending, J.c.attempts > 0)
+        if state is JobState.SCHEDULED:
+            return sa.and_(pending, J.c.attempts == 0, J.c.scheduled_at > self._now())
+        return sa.and_(pending, J.c.attempts == 0, J.c.scheduled_at <= self._now())
+
+    def list_jobs(
+        self,
+        *,
+        queue: str | None = None,
+        action: str | None = None,
+        state: JobState | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Job]:
+        query = self._filtered(sa.select(*_JOB_COLUMNS), queue, action, state)
+        query = query.order_by(J.c.sequence.desc(), J.c.id.desc()).offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._tx() as conn:
+            return [Job.from_row(row) for row in conn.execute(query).mappings()]
+
+    def count_jobs(
+        self, *, queue: str | None = None, action: str | None = None, state: JobState | None = None
+    ) -> int:
+        query = self._filtered(sa.select(func.count()).select_from(J), queue, action, state)
+        with self._tx() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    # ------------------------------------------------------------------ dispatching
+
+    def dispatch(
+        self,
+        queues: Sequence[str] | None = None,
+        *,
+        grace: float,
+        limit: int = 1000,
+        max_concurrent: int | None = None,
+        wait_for_producers: bool = False,
+        locked_by: str | None = None,
+    ) -> list[Dispatch]:
+        """Take the lease of each given queue (or of due queues, found through
+        ``queuetopia_queues.due_at``, when ``queues`` is None) whose head job is due
+        and which nobody holds. Returns the leases taken: send a message for each."""
+        with self._tx() as conn:
+            if wait_for_producers and queues and self.is_postgres:
+                for queue in sorted(set(queues)):
+                    conn.execute(sa.select(func.pg_advisory_xact_lock(self._queue_key(queue))))
+            if max_concurrent is not None:
+                if self.is_postgres:
+                    key = func.hashtextextended(sa.literal(f"queuetopia-scope\x1f{self.scope}"), 0)
+                    conn.execute(sa.select(func.pg_advisory_xact_lock(key)))
+                held = conn.execute(
+                    sa.select(func.count()).select_from(L).where(L.c.scope == self.scope)
+                ).scalar_one()
+                limit = min(limit, max(max_concurrent - int(held), 0))
+                if limit == 0:
+                    return []
+            if queues is None:
+                candidates = self._due_queues(conn, limit)
+            else:
+                candidates = list(dict.fromkeys(queues))
+            if not candidates:
+                return []
+            taken: list[Dispatch] = []
+            for chunk in _chunks(candidates, 500):
+                if len(taken) >= limit:
+                    break
+                taken.extend(self._take_leases(conn, chunk, grace, limit - len(taken), locked_by))
+            if queues is None:
+                stale = sorted(set(candidates) - {d.queue for d in taken})
+                if stale:
+                    self._refresh_due(conn, stale)
+        return taken
+
+    def _due_queues(self, conn: Connection, limit: int) -> list[str]:
+        held = sa.select(L.c.queue).where(L.c.scope == Q.c.scope, L.c.queue == Q.c.queue)
+        query = (
+            sa.select(Q.c.queue)
+            .where(Q.c.scope == self.scope, Q.c.due_at <= self._now(), ~held.exists())
+            .order_by(Q.c.due_at)
+            .limit(limit)
+        )
+        return list(conn.execute(query).scalars())
+
+    def _take_leases(
+        self, conn: Connection, queues: Sequence[str], grace: float, limit: int, locked_by: str | None
+    ) -> list[Dispatch]:
+        if self.is_postgres:
+            wanted = sa.func.unnest(sa.literal(list(queues), postgresql.ARRAY(sa.String()))).table_valued(
+                "queue"
+            ).render_derived(name="wanted")
+            head = self._open_head(wanted.c.queue).lateral("head")
+            due = sa.func.coalesce(head.c.next_attempt_at, head.c.scheduled_at)
+            select = (
+                sa.select(
+                    sa.literal(self.scope),
+                    wanted.c.queue,
+                    sa.cast(func.gen_random_uuid(), sa.String()),
+                    head.c.id,
+                    self._now(),
+                    self._after(grace),
+                    sa.literal(locked_by, sa.String()),
+                )
+                .select_from(wanted.join(head, sa.true()))
+                .where(head.c.status == STATUS_PENDING, due <= self._now())
+                .limit(limit)
+            )
+            insert = (
+                self._insert(L)
+                .from_select(["scope", "queue", "token", "job_id", "locked_at", "expires_at", "locked_by"], select)
+                .on_conflict_do_nothing(index_elements=[L.c.scope, L.c.queue])
+                .returning(L.c.queue, L.c.job_id, L.c.token)
+            )
+            rows = conn.execute(insert).all()
+            if not rows:
+                return []
+            timeouts = dict(
+                conn.execute(
+                    sa.select(J.c.id, J.c.timeout).where(J.c.id.in_([row.job_id for row in rows]))
+                ).all()
+            )
+            return [Dispatch(row.queue, row.job_id, row.token, timeouts[row.job_id]) for row in rows]
+        # SQLite: one writer at a time, so a plain loop is as safe as the statement above.
+        taken = []
+        now = utcnow()
+        for queue in queues:
+            if len(taken) >= limit:
+                break
+            head = conn.execute(self._open_head(queue)).first()
+            if head is None or head.status != STATUS_PENDING:
+                continue
+            if (head.next_attempt_at or head.scheduled_at) > now:
+                continue
+            token = new_token()
+            inserted = conn.execute(
+                self._insert(L)
+                .values(
+                    scope=self.scope,
+                    queue=queue,
+                    token=token,
+                    job_id=head.id,
+                    locked_at=self._now(),
+                    expires_at=self._after(grace),
+                    locked_by=locked_by,
+                )
+                .on_conflict_do_nothing(index_elements=[L.c.scope, L.c.queue])
+            )
+            if inserted.rowcount:
+                taken.append(Dispatch(queue, head.id, token, head.timeout))
+        return taken
+
+    def _refresh_due(self, conn: Connection, queues: Sequence[str]) -> None:
+        """Raise ``due_at`` of queues found not due to their head's real due time
+        (NULL when empty). Rows a producer holds are skipped: that producer lowers
+        ``due_at`` itself."""
+        lock = sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.queue.in_(queues))
+        if self.is_postgres:
+            lock = lock.with_for_update(skip_locked=True)
+        locked = list(conn.execute(lock).scalars())
+        if not locked:
+            return
+        head = (
+            sa.select(sa.func.coalesce(J.c.next_attempt_at, J.c.scheduled_at))
+            .where(J.c.scope == Q.c.scope, J.c.queue == Q.c.queue, J.c.status.in_(OPEN_STATUSES))
+            .order_by(J.c.scheduled_at, J.c.sequence)
+            .limit(1)
+            .scalar_subquery()
+        )
+        conn.execute(
+            sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue.in_(locked)).values(due_at=head)
+        )
+
+    # ------------------------------------------------------------------ running jobs
+
+    def start(
+        self, queue: str, job_id: int, token: str, *, worker: str, lease: float
+    ) -> Job | None:
+        """Begin an attempt if ``token`` still holds the queue's lease for ``job_id``
+        and no attempt was begun under it. Counts the attempt now, so a job that kills
+        its worker still runs out of attempts. Returns the job, or None (stale message:
+        drop it)."""
+        with self._tx() as conn:
+            started = conn.execute(
+                sa.update(L)
+                .where(
+                    L.c.scope == self.scope,
+                    L.c.queue == queue,
+                    L.c.token == token,
+                    L.c.job_id == job_id,
+                    L.c.started_at.is_(None),
+                )
+                .values(started_at=self._now(), expires_at=self._after(lease), locked_by=worker)
+            )
+            if started.rowcount != 1:
+                return None
+            row = conn.execute(
+                sa.update(J)
+                .where(J.c.id == job_id, J.c.scope == self.scope, J.c.status == STATUS_PENDING)
+                .values(
+                    status=STATUS_RUNNING,
+                    attempts=J.c.attempts + 1,
+                    attempted_at=self._now(),
+                    attempted_by=worker,
+                )
+                .returning(*_JOB_COLUMNS)
+            ).mappings().first()
+            if row is None:
+                # The lease points at a job that is no longer open: release the queue.
+                conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token))
+                return None
+        return Job.from_row(row)
+
+    def finish(
+        self, job: Job, token: str, outcome: Outcome, *, grace: float, hand_off: bool = True
+    ) -> tuple[bool, Dispatch | None]:
+        """Write an attempt's outcome under ``token`` and pass the lease on.
+
+        Returns ``(written, next)``: ``written`` is False when the token was no longer
+        valid (the lease expired and was recovered; the outcome is dropped). ``next``
+        is the lease handed to the queue's next due job (send it), or None when the
+        queue was released (the caller then re-checks it with :meth:`dispatch`).
+        """
+        with self._tx() as conn:
+            lease = sa.select(L.c.job_id).where(
+                L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token
+            )
+            if self.is_postgres:
+                lease = lease.with_for_update()
+            if conn.execute(lease).first() is None:
+                return False, None
+            values: dict[str, Any]
+            if outcome.succeeded:
+                values = {
+                    "status": STATUS_DONE,
+                    "done_at": self._now(),
+                    "result": outcome.result,
+                    "error": None,
+                    "next_attempt_at": None,
+                }
+            else:
+                exhausted = job.attempts >= job.max_attempts
+                values = {
+                    "status": STATUS_EXHAUSTED if exhausted else STATUS_PENDING,
+                    "error": outcome.error,
+                    "next_attempt_at": None if exhausted else self._after(outcome.backoff),
+                }
+            written = conn.execute(
+                sa.update(J)
+                .where(J.c.id == job.id, J.c.scope == self.scope, J.c.status == STATUS_RUNNING)
+                .values(**values)
+            )
+            if written.rowcount != 1:
+                conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token))
+                return False, None
+            nxt = self._pass_on(conn, job.queue, token, grace) if hand_off else None
+            if nxt is None:
+                conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token))
+            return True, nxt
+
+    def _pass_on(self, conn: Connection, queue: str, token: str, grace: float) -> Dispatch | None:
+        head = conn.execute(self._open_head(queue)).first()
+        if head is None or head.status != STATUS_PENDING:
+            return None
+        due = head.next_attempt_at or head.scheduled_at
+        now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
+        if due > now:
+            return None
+        fresh = new_token()
+        moved = conn.execute(
+            sa.update(L)
+            .where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
+            .values(token=fresh, job_id=head.id, started_at=None, locked_at=self._now(), expires_at=self._after(grace))
+        )
+        if moved.rowcount != 1:
+            return None
+        return Dispatch(queue, head.id, fresh, head.timeout)
+
+    def recover(self, *, limit: int = 1000) -> tuple[list[LostAttempt], int]:
+        """Find expired leases. Un-started ones (a message lost or stuck in the broker)
+        are dropped now; started ones (a worker died mid-job) are returned, still held:
+        record each with :meth:`record_lost`. Returns (lost attempts, leases dropped)."""
+        with self._tx() as conn:
+            query = (
+                sa.select(L.c.queue, L.c.token, L.c.job_id, L.c.started_at)
+                .where(L.c.scope == self.scope, L.c.expires_at < self._now())
+                .limit(limit)
+            )
+            if self.is_postgres:
+                query = query.with_for_update(skip_locked=True)
+            expired = conn.execute(query).all()
+            unstarted = [row.token for row in expired if row.started_at is None]
+            if unstarted:
+                conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.token.in_(unstarted)))
+            started = {row.job_id: row.token for row in expired if row.started_at is not None}
+            lost = []
+            if started:
+                rows = conn.execute(sa.select(*_JOB_COLUMNS).where(J.c.id.in_(list(started)))).mappings()
+                lost = [LostAttempt(Job.from_row(row), started[row["id"]]) for row in rows]
+        return lost, len(unstarted)
+
+    def record_lost(self, lost: LostAttempt, outcome: Outcome) -> bool:
+        """Record the failed attempt of a job whose worker died, and drop its lease,
+        if the lease is still expired and held by the same token."""
+        job = lost.job
+        with self._tx() as conn:
+            lease = sa.select(L.c.token).where(
+                L.c.scope == self.scope,
+                L.c.queue == job.queue,
+                L.c.token == lost.token,
+                L.c.expires_at < self._now(),
+            )
+            if self.is_postgres:
+                lease = lease.with_for_update(skip_locked=True)
+            if conn.execute(lease).first() is None:
+                return False
+            exhausted = job.attempts >= job.max_attempts
+            conn.execute(
+                sa.update(J)
+                .where(J.c.id == job.id, J.c.status == STATUS_RUNNING)
+                .values(
+                    status=STATUS_EXHAUSTED if exhausted else STATUS_PENDING,
+                    error=outcome.error,
+                    next_attempt_at=None if exhausted else self._after(outcome.backoff),
+                )
+            )
+            conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == lost.token))
+        return True
+
+    def lease_of(self, queue: str) -> dict[str, Any] | None:
+        """The lease row of a queue, for inspection (tests, status)."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(L).where(L.c.scope == self.scope, L.c.queue == queue)).mappings().first()
+        return dict(row) if row else None
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,277 @@
+"""The Celery side: the tasks a Queuetopia registers, and how a worker runs jobs.
+
+Three tasks per scope, all carrying only names, ids and tokens (JSON):
+
+* ``queuetopia.<scope>.perform(queue, job_id, token)``: run a dispatched job, then the
+  queue's next due jobs in the same task within a burst budget, then hand the queue on
+  through the broker or release it.
+* ``queuetopia.<scope>.scan()``: sent by beat every ``poll_interval``: recover expired
+  leases, dispatch every queue whose head job is due.
+* ``queuetopia.<scope>.kick(queues)``: dispatch these queues now (sent by producers
+  whose transaction commits through a plain SQLAlchemy Connection).
+
+Messages are only wake-ups: every decision is taken in the database under a token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import JobTimeoutError, ResultNotJSONError
+from .jobs import STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
+from .performer import PerformerProtocol, safe_backoff
+from .store import Dispatch, LostAttempt, Outcome
+
+if TYPE_CHECKING:
+    from .app import Queuetopia
+
+logger = logging.getLogger(__name__)
+
+#: Longest error text stored on a job.
+MAX_ERROR_LENGTH = 8000
+
+
+def worker_name(hostname: str | None = None) -> str:
+    """Who is attempting: ``host/pid``."""
+    return f"{hostname or socket.gethostname()}/{os.getpid()}"
+
+
+def format_error(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if exc.__traceback__ is not None and not isinstance(exc, JobTimeoutError):
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        text = f"{text}\n\n{tb}"
+    if len(text) > MAX_ERROR_LENGTH:
+        text = text[: MAX_ERROR_LENGTH - 20] + "\n... (truncated)"
+    return text
+
+
+class _SoftLimit:
+    """The job's soft time limit: SIGALRM raises :class:`JobTimeoutError` inside the
+    performer. Only possible in the main thread (prefork children and the solo pool);
+    elsewhere the hard limit (Celery's ``time_limit``) and the lease are all there is."""
+
+    def __init__(self) -> None:
+        self.job: Job | None = None
+
+    def _fire(self, signum: int, frame: Any) -> None:
+        job = self.job
+        if job is not None:
+            self.job = None
+            raise JobTimeoutError(job.id, job.timeout)
+
+    @contextlib.contextmanager
+    def running(self, job: Job) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGALRM, self._fire)
+        self.job = job
+        signal.setitimer(signal.ITIMER_REAL, job.timeout)
+        try:
+            yield
+        finally:
+            self.job = None
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+@dataclasses.dataclass
+class Runner:
+    """Runs the perform, scan and kick tasks of one Queuetopia."""
+
+    qt: Queuetopia
+    soft_limit: _SoftLimit = dataclasses.field(default_factory=_SoftLimit)
+
+    # ------------------------------------------------------------------ perform
+
+    def perform(self, queue: str, job_id: int, token: str, *, hostname: str | None, time_limit: float | None) -> int:
+        """Run a dispatched job and, within the burst budget, the queue's next due jobs.
+        Returns how many jobs were attempted."""
+        qt = self.qt
+        store = qt.store
+        began = time.monotonic()
+        deadline = began + time_limit if time_limit else None
+        worker = worker_name(hostname)
+        job = store.start(queue, job_id, token, worker=worker, lease=self._lease(None, deadline))
+        if job is None:
+            logger.info(
+                "dropped a stale perform message",
+                extra={"scope": qt.scope, "queue": queue, "job_id": job_id},
+            )
+            return 0
+        attempted = 0
+        while True:
+            outcome = self._attempt(job)
+            attempted += 1
+            written, nxt = store.finish(job, token, outcome, grace=qt.dispatch_grace)
+            if not written:
+                logger.warning(
+                    "lost the lease of queue %r before job %s ended; its outcome was dropped",
+                    queue,
+                    job.id,
+                    extra={"scope": qt.scope, "queue": queue, "job_id": job.id, "attempt": job.attempts},
+                )
+                return attempted
+            if nxt is None:
+                # Released: a job committed meanwhile may have missed us. Look again.
+                qt.send(store.dispatch([queue], grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues))
+                return attempted
+            now = time.monotonic()
+            fits = deadline is None or now + nxt.timeout + qt.time_limit_grace <= deadline
+            if attempted < qt.burst_jobs and now - began < qt.burst_seconds and fits:
+                job_or_none = store.start(queue, nxt.job_id, nxt.token, worker=worker, lease=self._lease(nxt.timeout, deadline))
+                if job_or_none is None:
+                    return attempted
+                job, token = job_or_none, nxt.token
+                continue
+            qt.send([nxt])
+            return attempted
+
+    def _lease(self, timeout: float | None, deadline: float | None) -> float:
+        """Seconds the running lease must last: past the job's own limit and past the
+        task's hard time limit (when Celery kills the child), plus a margin."""
+        qt = self.qt
+        needed = (timeout or 0.0) + qt.time_limit_grace
+        if deadline is not None:
+            needed = max(needed, deadline - time.monotonic())
+        return needed + qt.lease_margin
+
+    def _attempt(self, job: Job) -> Outcome:
+        qt = self.qt
+        performer: PerformerProtocol | None = None
+        try:
+            performer = qt.registry.resolve(job.action)
+            with self.soft_limit.running(job):
+                result = performer.perform(job)
+            try:
+                validate_json("result", result)
+            except ValueError as exc:
+                raise ResultNotJSONError(f"performer returned a value that is not JSON: {exc}") from None
+            return Outcome(True, result=result)
+        except Exception as exc:
+            return self._failure(job, performer, exc)
+
+    def _failure(self, job: Job, performer: PerformerProtocol | None, exc: BaseException) -> Outcome:
+        qt = self.qt
+        error = format_error(exc)
+        backoff, problem = safe_backoff(performer, job)
+        if problem:
+            error = f"{error}\n{problem}"
+        exhausted = job.attempts >= job.max_attempts
+        logger.warning(
+            "job %s of queue %r failed attempt %s/%s: %s",
+            job.id,
+            job.queue,
+            job.attempts,
+            job.max_attempts,
+            f"{type(exc).__name__}: {exc}",
+            extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
+        )
+        if performer is not None:
+            failed = dataclasses.replace(
+                job, error=error, status=STATUS_EXHAUSTED if exhausted else STATUS_PENDING
+            )
+            try:
+                performer.handle_failed_job(failed)
+            except Exception as hook_exc:
+                error = f"{error}\nhandle_failed_job raised {format_error(hook_exc)}"
+        return Outcome(False, error=qt.store.redact(error), backoff=backoff)
+
+    # ------------------------------------------------------------------ scan and kick
+
+    def scan(self) -> int:
+        """Recover expired leases and dispatch due queues. Returns leases taken."""
+        qt = self.qt
+        store = qt.store
+        lost, dropped = store.recover(limit=qt.scan_limit)
+        for item in lost:
+            self._record_lost(item)
+        if dropped:
+            logger.info("released %s expired dispatch leases", dropped, extra={"scope": qt.scope})
+        total = 0
+        while True:
+            taken = store.dispatch(grace=qt.dispatch_grace, limit=qt.scan_limit, max_concurrent=qt.max_concurrent_queues)
+            qt.send(taken)
+            total += len(taken)
+            if len(taken) < qt.scan_limit:
+                return total
+
+    def _record_lost(self, lost: LostAttempt) -> None:
+        qt = self.qt
+        job = lost.job
+        error = (
+            f"WorkerLostError: attempt {job.attempts} of job {job.id} did not finish: "
+            f"{job.attempted_by or 'its worker'} died or was killed (its lease expired)"
+        )
+        try:
+            performer: PerformerProtocol | None = qt.registry.resolve(job.action)
+        except LookupError:
+            performer = None
+        outcome = self._failure(job, performer, _Lost(error))
+        if qt.store.record_lost(lost, outcome):
+            logger.warning(error, extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts})
+
+    def kick(self, queues: Sequence[str]) -> int:
+        qt = self.qt
+        taken = qt.store.dispatch(
+            list(queues), grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues, wait_for_producers=True
+        )
+        qt.send(taken)
+        return len(taken)
+
+
+class _Lost(Exception):
+    """Stands for a worker that died mid-job (no traceback to show)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register(qt: Queuetopia) -> tuple[Any, Any, Any]:
+    """Register the perform, scan and kick tasks of ``qt`` on its Celery app."""
+    app = qt.app
+    runner = Runner(qt)
+    prefix = f"queuetopia.{qt.scope}"
+
+    @app.task(name=f"{prefix}.perform", bind=True, ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
+    def perform(self: Any, queue: str, job_id: int, token: str) -> int:
+        limit = self.request.timelimit[0] if self.request.timelimit else None
+        return runner.perform(queue, job_id, token, hostname=self.request.hostname, time_limit=limit)
+
+    @app.task(name=f"{prefix}.scan", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
+    def scan() -> int:
+        return runner.scan()
+
+    @app.task(name=f"{prefix}.kick", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
+    def kick(queues: list[str]) -> int:
+        return runner.kick(queues)
+
+    return perform, scan, kick
+
+
+def publish(qt: Queuetopia, perform_task: Any, dispatches: Sequence[Dispatch]) -> None:
+    """Send one perform message per lease, with the hard time limit set for the job."""
+    if not dispatches:
+        return
+    with qt.app.producer_or_acquire() as producer:
+        for d in dispatches:
+            perform_task.apply_async(
+                args=(d.queue, d.job_id, d.token),
+                queue=qt.celery_queue,
+                time_limit=d.timeout + qt.burst_seconds + qt.time_limit_grace,
+                producer=producer,
+            )

@@ -1,0 +1,156 @@
+"""A Celery app with one Queuetopia, used by the tests' worker and beat processes.
+
+Configured by environment variables (QT_TEST_*), so that each test runs its own
+scope on its own Celery queue. Performers record what they do in ``qt_test_events``,
+stamped with the database clock, so tests can check order and overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from celery import Celery, signals
+
+from queuetopia_celery import Job, JobTimeoutError, Queuetopia
+
+EVENTS_DDL = """
+CREATE TABLE IF NOT EXISTS qt_test_events (
+    id bigserial PRIMARY KEY,
+    scope text NOT NULL,
+    queue text NOT NULL,
+    job_id bigint NOT NULL,
+    sequence bigint NOT NULL,
+    attempt int NOT NULL,
+    pid int NOT NULL,
+    kind text NOT NULL,
+    started_at timestamptz NOT NULL,
+    ended_at timestamptz
+)
+"""
+
+
+def build(
+    scope: str,
+    *,
+    database_url: str,
+    broker_url: str,
+    celery_queue: str,
+    poll_interval: float = 0.5,
+    dispatch_grace: float = 20,
+    lease_margin: float = 2,
+    time_limit_grace: float = 1,
+    max_concurrent_queues: int | None = None,
+    burst_jobs: int = 50,
+    with_performers: bool = True,
+) -> tuple[Celery, Queuetopia]:
+    app = Celery(f"qt-test-{scope}", broker=broker_url)
+    app.conf.update(
+        task_default_queue=celery_queue,
+        broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=1,
+        timezone="UTC",
+        worker_hijack_root_logger=False,
+    )
+    qt = Queuetopia(
+        scope,
+        app=app,
+        database_url=database_url,
+        poll_interval=poll_interval,
+        celery_queue=celery_queue,
+        dispatch_grace=dispatch_grace,
+        lease_margin=lease_margin,
+        time_limit_grace=time_limit_grace,
+        max_concurrent_queues=max_concurrent_queues,
+        burst_jobs=burst_jobs,
+    )
+    if with_performers:
+        _register(qt)
+    return app, qt
+
+
+def _record(qt: Queuetopia, job: Job, kind: str, started: bool) -> int:
+    with qt.engine.begin() as conn:
+        if started:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO qt_test_events (scope, queue, job_id, sequence, attempt, pid, kind, started_at)"
+                        " VALUES (:s, :q, :j, :seq, :a, :p, :k, clock_timestamp()) RETURNING id"
+                    ),
+                    {"s": job.scope, "q": job.queue, "j": job.id, "seq": job.sequence, "a": job.attempts, "p": os.getpid(), "k": kind},
+                ).scalar_one()
+            )
+        return 0
+
+
+def _end(qt: Queuetopia, event_id: int, kind: str) -> None:
+    with qt.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE qt_test_events SET ended_at = clock_timestamp(), kind = :k WHERE id = :i"),
+            {"i": event_id, "k": kind},
+        )
+
+
+def _register(qt: Queuetopia) -> None:
+    @qt.performer("work")
+    def work(job: Job) -> Any:
+        """params: sleep (s), fail_times (fail while attempts <= n), crash_times
+        (kill own process while attempts <= n), hang (ignore the soft time limit)."""
+        params = job.params
+        event = _record(qt, job, "started", True)
+        try:
+            if job.attempts <= params.get("crash_times", 0):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if params.get("sleep"):
+                if params.get("hang"):
+                    deadline = time.monotonic() + params["sleep"]
+                    while time.monotonic() < deadline:
+                        try:
+                            time.sleep(0.05)
+                        except JobTimeoutError:
+                            pass
+                else:
+                    time.sleep(params["sleep"])
+            if job.attempts <= params.get("fail_times", 0):
+                raise RuntimeError(f"planned failure {job.attempts}")
+        except BaseException:
+            _end(qt, event, "failed")
+            raise
+        _end(qt, event, "succeeded")
+        return {"attempt": job.attempts, "echo": params.get("echo")}
+
+    @qt.performer("fast_retry", backoff=lambda job: 0.2)
+    def fast_retry(job: Job) -> Any:
+        return work(job)
+
+
+if os.environ.get("QT_TEST_SCOPE"):
+    app, qt = build(
+        os.environ["QT_TEST_SCOPE"],
+        database_url=os.environ["QT_TEST_DATABASE_URL"],
+        broker_url=os.environ["QT_TEST_BROKER_URL"],
+        celery_queue=os.environ["QT_TEST_CELERY_QUEUE"],
+        poll_interval=float(os.environ.get("QT_TEST_POLL", "0.5")),
+        dispatch_grace=float(os.environ.get("QT_TEST_DISPATCH_GRACE", "20")),
+        lease_margin=float(os.environ.get("QT_TEST_LEASE_MARGIN", "2")),
+        max_concurrent_queues=int(os.environ["QT_TEST_MAX_CONCURRENT"]) if os.environ.get("QT_TEST_MAX_CONCURRENT") else None,
+        burst_jobs=int(os.environ.get("QT_TEST_BURST_JOBS", "50")),
+        with_performers=os.environ.get("QT_TEST_NO_PERFORMERS") != "1",
+    )
+
+    @signals.worker_ready.connect
+    def _ready(**_: Any) -> None:
+        path = os.environ.get("QT_TEST_READY_FILE")
+        if path:
+            Path(path).write_text(str(os.getpid()))
+
+    @signals.beat_init.connect
+    def _beat_ready(**_: Any) -> None:
+        path = os.environ.get("QT_TEST_BEAT_READY_FILE")
+        if path:
+            Path(path).write_text(str(os.getpid()))
