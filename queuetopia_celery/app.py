@@ -83,7 +83,9 @@ class Queuetopia:
         if (database_url is None) == (engine is None):
             raise ConfigurationError("give exactly one of database_url= and engine=")
         if max_concurrent_queues is not None and (
-            isinstance(max_concurrent_queues, bool) or not isinstance(max_concurrent_queues, int) or max_concurrent_queues < 1
+            isinstance(max_concurrent_queues, bool)
+            or not isinstance(max_concurrent_queues, int)
+            or max_concurrent_queues < 1
         ):
             raise ConfigurationError("max_concurrent_queues must be None or an int >= 1")
         for name, value in (("burst_jobs", burst_jobs), ("scan_limit", scan_limit)):
@@ -109,7 +111,8 @@ class Queuetopia:
             )
 
     def __repr__(self) -> str:
-        return f"<Queuetopia scope={self.scope!r} database={self.engine.url.render_as_string(hide_password=True)!r}>"
+        url = self.engine.url.render_as_string(hide_password=True)
+        return f"<Queuetopia scope={self.scope!r} database={url!r}>"
 
     # ------------------------------------------------------------------ performers
 
@@ -166,7 +169,9 @@ class Queuetopia:
         )
         return self.create_jobs([spec], connection=connection)[0]
 
-    def create_jobs(self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None) -> list[Job]:
+    def create_jobs(
+        self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None
+    ) -> list[Job]:
         """Create many jobs in one transaction; each queue is woken once.
 
         Each item is a :class:`~queuetopia_celery.jobs.NewJob` or a dict of
@@ -194,12 +199,18 @@ class Queuetopia:
             return
         try:
             if committed:
-                self.send(self.store.dispatch(queues, grace=self.dispatch_grace, max_concurrent=self.max_concurrent_queues))
+                self.send(
+                    self.store.dispatch(
+                        queues, grace=self.dispatch_grace, max_concurrent=self.max_concurrent_queues
+                    )
+                )
             else:
                 self.kick_task.apply_async(args=(list(queues),), queue=self.celery_queue)
         except Exception:
             # The jobs are committed; the next scan will start them.
-            logger.exception("could not wake queues %s; the next scan will", list(queues), extra={"scope": self.scope})
+            logger.exception(
+                "could not wake queues %s; the next scan will", list(queues), extra={"scope": self.scope}
+            )
 
     def send(self, dispatches: Sequence[Dispatch]) -> None:
         """Publish one perform message per lease taken."""
@@ -237,7 +248,9 @@ class Queuetopia:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidJobError(name, "must be an int >= 1")
         st = _state(state)
-        items = self.store.list_jobs(queue=queue, action=action, state=st, limit=page_size, offset=(page_number - 1) * page_size)
+        items = self.store.list_jobs(
+            queue=queue, action=action, state=st, limit=page_size, offset=(page_number - 1) * page_size
+        )
         total = self.store.count_jobs(queue=queue, action=action, state=st)
         return Page(items=items, total=total, page_number=page_number, page_size=page_size)
 
@@ -245,7 +258,7 @@ class Queuetopia:
 
     def scan(self) -> int:
         """Run one scan here, now (what beat triggers every ``poll_interval``)."""
-        return self.perform_runner.scan()
+        return int(self.perform_runner.scan())
 
     @property
     def perform_runner(self) -> Any:

@@ -43,7 +43,9 @@ def _fail(message: str) -> None:
 @click.pass_context
 def cli(ctx: click.Context, database_url: str | None, scope: str | None, verbose: bool) -> None:
     """Persistent, ordered, blocking job queues for Celery."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     ctx.obj = _Context(database_url, scope)
 
 

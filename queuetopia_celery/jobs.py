@@ -79,7 +79,7 @@ class Job:
     status: str
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Job:
+    def from_row(cls, row: Mapping[str, Any] | Any) -> Job:
         """Build a job from a ``queuetopia_jobs`` row mapping."""
         return cls(**{field.name: row[field.name] for field in _FIELDS})
 

@@ -47,7 +47,9 @@ def current(engine: Engine) -> str | None:
     """The version the database is at, or None before the first migration."""
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+            return MigrationContext.configure(
+                conn, opts={"version_table": VERSION_TABLE}
+            ).get_current_revision()
     except SQLAlchemyError as exc:
         raise DatabaseError(_safe(engine, exc)) from exc
 

@@ -258,7 +258,9 @@ class Store:
                             "inserted_at": now,
                         }
                     )
-                result = conn.execute(sa.insert(J).returning(*_JOB_COLUMNS, sort_by_parameter_order=True), rows)
+                result = conn.execute(
+                    sa.insert(J).returning(*_JOB_COLUMNS, sort_by_parameter_order=True), rows
+                )
                 for i, row in zip(indexes, result.mappings(), strict=True):
                     created[i] = Job.from_row(row)
         return [job for job in created if job is not None]
@@ -288,14 +290,14 @@ class Store:
 
     def get_job(self, job_id: int, *, connection: Executor | None = None) -> Job | None:
         with self._tx(connection) as conn:
-            row = conn.execute(
-                sa.select(*_JOB_COLUMNS).where(J.c.scope == self.scope, J.c.id == job_id)
-            ).mappings().first()
+            row = (
+                conn.execute(sa.select(*_JOB_COLUMNS).where(J.c.scope == self.scope, J.c.id == job_id))
+                .mappings()
+                .first()
+            )
         return Job.from_row(row) if row else None
 
-    def _filtered(
-        self, query: Any, queue: str | None, action: str | None, state: JobState | None
-    ) -> Any:
+    def _filtered(self, query: Any, queue: str | None, action: str | None, state: JobState | None) -> Any:
         query = query.where(J.c.scope == self.scope)
         if queue is not None:
             query = query.where(J.c.queue == queue)
@@ -371,10 +373,7 @@ class Store:
                 limit = min(limit, max(max_concurrent - int(held), 0))
                 if limit == 0:
                     return []
-            if queues is None:
-                candidates = self._due_queues(conn, limit)
-            else:
-                candidates = list(dict.fromkeys(queues))
+            candidates = self._due_queues(conn, limit) if queues is None else list(dict.fromkeys(queues))
             if not candidates:
                 return []
             taken: list[Dispatch] = []
@@ -402,9 +401,11 @@ class Store:
         self, conn: Connection, queues: Sequence[str], grace: float, limit: int, locked_by: str | None
     ) -> list[Dispatch]:
         if self.is_postgres:
-            wanted = sa.func.unnest(sa.literal(list(queues), postgresql.ARRAY(sa.String()))).table_valued(
-                "queue"
-            ).render_derived(name="wanted")
+            wanted = (
+                sa.func.unnest(sa.literal(list(queues), postgresql.ARRAY(sa.String())))
+                .table_valued("queue")
+                .render_derived(name="wanted")
+            )
             head = self._open_head(wanted.c.queue).lateral("head")
             due = sa.func.coalesce(head.c.next_attempt_at, head.c.scheduled_at)
             select = (
@@ -423,7 +424,9 @@ class Store:
             )
             insert = (
                 self._insert(L)
-                .from_select(["scope", "queue", "token", "job_id", "locked_at", "expires_at", "locked_by"], select)
+                .from_select(
+                    ["scope", "queue", "token", "job_id", "locked_at", "expires_at", "locked_by"], select
+                )
                 .on_conflict_do_nothing(index_elements=[L.c.scope, L.c.queue])
                 .returning(L.c.queue, L.c.job_id, L.c.token)
             )
@@ -437,15 +440,15 @@ class Store:
             )
             return [Dispatch(row.queue, row.job_id, row.token, timeouts[row.job_id]) for row in rows]
         # SQLite: one writer at a time, so a plain loop is as safe as the statement above.
-        taken = []
+        taken: list[Dispatch] = []
         now = utcnow()
         for queue in queues:
             if len(taken) >= limit:
                 break
-            head = conn.execute(self._open_head(queue)).first()
-            if head is None or head.status != STATUS_PENDING:
+            first = conn.execute(self._open_head(queue)).first()
+            if first is None or first.status != STATUS_PENDING:
                 continue
-            if (head.next_attempt_at or head.scheduled_at) > now:
+            if (first.next_attempt_at or first.scheduled_at) > now:
                 continue
             token = new_token()
             inserted = conn.execute(
@@ -454,7 +457,7 @@ class Store:
                     scope=self.scope,
                     queue=queue,
                     token=token,
-                    job_id=head.id,
+                    job_id=first.id,
                     locked_at=self._now(),
                     expires_at=self._after(grace),
                     locked_by=locked_by,
@@ -462,7 +465,7 @@ class Store:
                 .on_conflict_do_nothing(index_elements=[L.c.scope, L.c.queue])
             )
             if inserted.rowcount:
-                taken.append(Dispatch(queue, head.id, token, head.timeout))
+                taken.append(Dispatch(queue, first.id, token, first.timeout))
         return taken
 
     def _refresh_due(self, conn: Connection, queues: Sequence[str]) -> None:
@@ -482,15 +485,11 @@ class Store:
             .limit(1)
             .scalar_subquery()
         )
-        conn.execute(
-            sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue.in_(locked)).values(due_at=head)
-        )
+        conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue.in_(locked)).values(due_at=head))
 
     # ------------------------------------------------------------------ running jobs
 
-    def start(
-        self, queue: str, job_id: int, token: str, *, worker: str, lease: float
-    ) -> Job | None:
+    def start(self, queue: str, job_id: int, token: str, *, worker: str, lease: float) -> Job | None:
         """Begin an attempt if ``token`` still holds the queue's lease for ``job_id``
         and no attempt was begun under it. Counts the attempt now, so a job that kills
         its worker still runs out of attempts. Returns the job, or None (stale message:
@@ -509,20 +508,26 @@ class Store:
             )
             if started.rowcount != 1:
                 return None
-            row = conn.execute(
-                sa.update(J)
-                .where(J.c.id == job_id, J.c.scope == self.scope, J.c.status == STATUS_PENDING)
-                .values(
-                    status=STATUS_RUNNING,
-                    attempts=J.c.attempts + 1,
-                    attempted_at=self._now(),
-                    attempted_by=worker,
+            row = (
+                conn.execute(
+                    sa.update(J)
+                    .where(J.c.id == job_id, J.c.scope == self.scope, J.c.status == STATUS_PENDING)
+                    .values(
+                        status=STATUS_RUNNING,
+                        attempts=J.c.attempts + 1,
+                        attempted_at=self._now(),
+                        attempted_by=worker,
+                    )
+                    .returning(*_JOB_COLUMNS)
                 )
-                .returning(*_JOB_COLUMNS)
-            ).mappings().first()
+                .mappings()
+                .first()
+            )
             if row is None:
                 # The lease points at a job that is no longer open: release the queue.
-                conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token))
+                conn.execute(
+                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
+                )
                 return None
         return Job.from_row(row)
 
@@ -566,11 +571,15 @@ class Store:
                 .values(**values)
             )
             if written.rowcount != 1:
-                conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token))
+                conn.execute(
+                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token)
+                )
                 return False, None
             nxt = self._pass_on(conn, job.queue, token, grace) if hand_off else None
             if nxt is None:
-                conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token))
+                conn.execute(
+                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token)
+                )
             return True, nxt
 
     def _pass_on(self, conn: Connection, queue: str, token: str, grace: float) -> Dispatch | None:
@@ -585,7 +594,13 @@ class Store:
         moved = conn.execute(
             sa.update(L)
             .where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
-            .values(token=fresh, job_id=head.id, started_at=None, locked_at=self._now(), expires_at=self._after(grace))
+            .values(
+                token=fresh,
+                job_id=head.id,
+                started_at=None,
+                locked_at=self._now(),
+                expires_at=self._after(grace),
+            )
         )
         if moved.rowcount != 1:
             return None
@@ -639,13 +654,19 @@ class Store:
                     next_attempt_at=None if exhausted else self._after(outcome.backoff),
                 )
             )
-            conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == lost.token))
+            conn.execute(
+                sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == lost.token)
+            )
         return True
 
     def lease_of(self, queue: str) -> dict[str, Any] | None:
         """The lease row of a queue, for inspection (tests, status)."""
         with self._tx() as conn:
-            row = conn.execute(sa.select(L).where(L.c.scope == self.scope, L.c.queue == queue)).mappings().first()
+            row = (
+                conn.execute(sa.select(L).where(L.c.scope == self.scope, L.c.queue == queue))
+                .mappings()
+                .first()
+            )
         return dict(row) if row else None
 
 

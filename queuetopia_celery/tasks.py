@@ -95,7 +95,9 @@ class Runner:
 
     # ------------------------------------------------------------------ perform
 
-    def perform(self, queue: str, job_id: int, token: str, *, hostname: str | None, time_limit: float | None) -> int:
+    def perform(
+        self, queue: str, job_id: int, token: str, *, hostname: str | None, time_limit: float | None
+    ) -> int:
         """Run a dispatched job and, within the burst budget, the queue's next due jobs.
         Returns how many jobs were attempted."""
         qt = self.qt
@@ -125,12 +127,16 @@ class Runner:
                 return attempted
             if nxt is None:
                 # Released: a job committed meanwhile may have missed us. Look again.
-                qt.send(store.dispatch([queue], grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues))
+                qt.send(
+                    store.dispatch([queue], grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues)
+                )
                 return attempted
             now = time.monotonic()
             fits = deadline is None or now + nxt.timeout + qt.time_limit_grace <= deadline
             if attempted < qt.burst_jobs and now - began < qt.burst_seconds and fits:
-                job_or_none = store.start(queue, nxt.job_id, nxt.token, worker=worker, lease=self._lease(nxt.timeout, deadline))
+                job_or_none = store.start(
+                    queue, nxt.job_id, nxt.token, worker=worker, lease=self._lease(nxt.timeout, deadline)
+                )
                 if job_or_none is None:
                     return attempted
                 job, token = job_or_none, nxt.token
@@ -201,7 +207,9 @@ class Runner:
             logger.info("released %s expired dispatch leases", dropped, extra={"scope": qt.scope})
         total = 0
         while True:
-            taken = store.dispatch(grace=qt.dispatch_grace, limit=qt.scan_limit, max_concurrent=qt.max_concurrent_queues)
+            taken = store.dispatch(
+                grace=qt.dispatch_grace, limit=qt.scan_limit, max_concurrent=qt.max_concurrent_queues
+            )
             qt.send(taken)
             total += len(taken)
             if len(taken) < qt.scan_limit:
@@ -220,12 +228,18 @@ class Runner:
             performer = None
         outcome = self._failure(job, performer, _Lost(error))
         if qt.store.record_lost(lost, outcome):
-            logger.warning(error, extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts})
+            logger.warning(
+                error,
+                extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
+            )
 
     def kick(self, queues: Sequence[str]) -> int:
         qt = self.qt
         taken = qt.store.dispatch(
-            list(queues), grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues, wait_for_producers=True
+            list(queues),
+            grace=qt.dispatch_grace,
+            max_concurrent=qt.max_concurrent_queues,
+            wait_for_producers=True,
         )
         qt.send(taken)
         return len(taken)

@@ -7,6 +7,7 @@ missing service is a failure, never a skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -28,7 +29,9 @@ PG_ADMIN_URL = os.environ.get("QT_TEST_PG_ADMIN_URL", "postgresql+psycopg://post
 REDIS_URL = os.environ.get("QT_TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
 
 
-def wait_for(condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.05, message: str = "") -> Any:
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float = 30, interval: float = 0.05, message: str = ""
+) -> Any:
     """Poll ``condition`` until it returns a truthy value; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -122,13 +125,17 @@ class Proc:
     def wait_ready(self, timeout: float = 60) -> None:
         def ready() -> bool:
             if self.handle.poll() is not None:
-                pytest.fail(f"{self.args[3:5]} exited with {self.handle.returncode}:\n{self.output()[-3000:]}")
+                pytest.fail(
+                    f"{self.args[3:5]} exited with {self.handle.returncode}:\n{self.output()[-3000:]}"
+                )
             return self.ready.exists()
 
         wait_for(ready, timeout=timeout, message=f"{' '.join(self.args[3:5])} to be ready")
 
     def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.pid)], check=False, capture_output=True, text=True
+        ).stdout
         return [int(pid) for pid in out.split()]
 
     def output(self) -> str:
@@ -141,10 +148,8 @@ class Proc:
                 self.handle.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.handle.wait(10)
 
 
@@ -178,9 +183,23 @@ def start_worker(
             **(env or {}),
         }
         args = [
-            sys.executable, "-m", "celery", "-A", "tests.apps.testapp", "worker",
-            "-P", pool, "-c", str(concurrency), "-Q", queue_ or celery_queue,
-            "-n", f"w{n}-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO", "--without-mingle",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.apps.testapp",
+            "worker",
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-Q",
+            queue_ or celery_queue,
+            "-n",
+            f"w{n}-{uuid.uuid4().hex[:6]}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
             "--without-gossip",
         ]
         if beat:
@@ -197,7 +216,9 @@ def start_worker(
 
 
 @pytest.fixture
-def start_beat(database_url: str, scope: str, celery_queue: str, tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+def start_beat(
+    database_url: str, scope: str, celery_queue: str, tmp_path: Path
+) -> Iterator[Callable[..., Proc]]:
     """Start standalone ``celery beat`` processes for this test's scope."""
     procs: list[Proc] = []
 
@@ -214,8 +235,16 @@ def start_beat(database_url: str, scope: str, celery_queue: str, tmp_path: Path)
             **(env or {}),
         }
         args = [
-            sys.executable, "-m", "celery", "-A", "tests.apps.testapp", "beat",
-            "-s", str(tmp_path / f"standalone-beat-{n}"), "--loglevel", "INFO",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.apps.testapp",
+            "beat",
+            "-s",
+            str(tmp_path / f"standalone-beat-{n}"),
+            "--loglevel",
+            "INFO",
         ]
         proc = Proc(args, run_env, tmp_path / f"beat-{n}.log", ready)
         procs.append(proc)

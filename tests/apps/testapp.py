@@ -7,6 +7,7 @@ stamped with the database clock, so tests can check order and overlap.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -79,10 +80,19 @@ def _record(qt: Queuetopia, job: Job, kind: str, started: bool) -> int:
             return int(
                 conn.execute(
                     sa.text(
-                        "INSERT INTO qt_test_events (scope, queue, job_id, sequence, attempt, pid, kind, started_at)"
+                        "INSERT INTO qt_test_events"
+                        " (scope, queue, job_id, sequence, attempt, pid, kind, started_at)"
                         " VALUES (:s, :q, :j, :seq, :a, :p, :k, clock_timestamp()) RETURNING id"
                     ),
-                    {"s": job.scope, "q": job.queue, "j": job.id, "seq": job.sequence, "a": job.attempts, "p": os.getpid(), "k": kind},
+                    {
+                        "s": job.scope,
+                        "q": job.queue,
+                        "j": job.id,
+                        "seq": job.sequence,
+                        "a": job.attempts,
+                        "p": os.getpid(),
+                        "k": kind,
+                    },
                 ).scalar_one()
             )
         return 0
@@ -110,10 +120,8 @@ def _register(qt: Queuetopia) -> None:
                 if params.get("hang"):
                     deadline = time.monotonic() + params["sleep"]
                     while time.monotonic() < deadline:
-                        try:
+                        with contextlib.suppress(JobTimeoutError):
                             time.sleep(0.05)
-                        except JobTimeoutError:
-                            pass
                 else:
                     time.sleep(params["sleep"])
             if job.attempts <= params.get("fail_times", 0):
@@ -138,7 +146,9 @@ if os.environ.get("QT_TEST_SCOPE"):
         poll_interval=float(os.environ.get("QT_TEST_POLL", "0.5")),
         dispatch_grace=float(os.environ.get("QT_TEST_DISPATCH_GRACE", "20")),
         lease_margin=float(os.environ.get("QT_TEST_LEASE_MARGIN", "2")),
-        max_concurrent_queues=int(os.environ["QT_TEST_MAX_CONCURRENT"]) if os.environ.get("QT_TEST_MAX_CONCURRENT") else None,
+        max_concurrent_queues=int(os.environ["QT_TEST_MAX_CONCURRENT"])
+        if os.environ.get("QT_TEST_MAX_CONCURRENT")
+        else None,
         burst_jobs=int(os.environ.get("QT_TEST_BURST_JOBS", "50")),
         with_performers=os.environ.get("QT_TEST_NO_PERFORMERS") != "1",
     )

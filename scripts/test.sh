@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The test command: start PostgreSQL and Redis when they are not reachable, build a
+# fresh virtual environment with the package and its test extras, lint, type-check,
+# and run pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_HOST=127.0.0.1 PG_PORT=5432
+VENV=${QT_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+pg_up() { pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; }
+redis_up() { "$PYTHON" - <<'PY' 2>/dev/null
+import socket
+s = socket.create_connection(("127.0.0.1", 6379), timeout=1)
+s.sendall(b"PING\r\n")
+assert s.recv(16).startswith(b"+PONG")
+PY
+}
+
+if ! pg_up; then
+  echo "PostgreSQL is not reachable: starting it"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+  for _ in $(seq 1 60); do pg_up && break; sleep 0.5; done
+  pg_up || { echo "PostgreSQL did not start" >&2; exit 1; }
+fi
+if ! redis_up; then
+  echo "Redis is not reachable: starting it"
+  mkdir -p /var/lib/redis /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/ci.log
+  for _ in $(seq 1 60); do redis_up && break; sleep 0.5; done
+  redis_up || { echo "Redis did not start" >&2; exit 1; }
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import queuetopia_celery" 
+
+echo "== ruff";        "$VENV/bin/ruff" check .
+echo "== mypy";        "$VENV/bin/mypy"
+echo "== import-linter"; "$VENV/bin/lint-imports"
+echo "== pytest"
+exec "$VENV/bin/python" -m pytest "$@"
