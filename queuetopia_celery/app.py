@@ -93,6 +93,10 @@ class Queuetopia:
                 raise ConfigurationError(f"{name} must be an int >= 1")
         if app is None:
             raise ConfigurationError("app= must be a Celery app")
+        scopes: set[str] = app.__dict__.setdefault("_queuetopia_scopes", set())
+        if scope in scopes:
+            raise ConfigurationError(f"a Queuetopia with scope {scope!r} is already registered on this Celery app")
+        scopes.add(scope)
         self.app = app
         self.engine = engine if engine is not None else make_engine(str(database_url))
         self.store = Store(self.engine, self.scope)

@@ -1,0 +1,146 @@
+"""The migrations build exactly the declared tables, run idempotently, and ship in the wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from queuetopia_celery import DatabaseError, make_engine, migrate
+from queuetopia_celery.schema import VERSION_TABLE, metadata
+from tests.conftest import PG_ADMIN_URL, ROOT
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    name = f"qt_migrate_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _differences(engine: sa.Engine) -> list[object]:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        return [
+            diff
+            for diff in compare_metadata(context, metadata)
+            if not (diff[0] == "remove_table" and diff[1].name == VERSION_TABLE)
+        ]
+
+
+def test_migrations_build_the_declared_schema(empty_database: str) -> None:
+    engine = make_engine(empty_database)
+    assert migrate.current(engine) is None
+    migrate.upgrade(engine)
+    assert migrate.current(engine) == migrate.head()
+    assert _differences(engine) == []
+    engine.dispose()
+
+
+def test_migrate_is_idempotent_and_reversible(empty_database: str) -> None:
+    engine = make_engine(empty_database)
+    migrate.upgrade(engine)
+    migrate.upgrade(engine)
+    migrate.downgrade(engine, "base")
+    assert not {"queuetopia_jobs", "queuetopia_queues", "queuetopia_leases"} & set(
+        sa.inspect(engine).get_table_names()
+    )
+    migrate.upgrade(engine)
+    assert _differences(engine) == []
+    engine.dispose()
+
+
+def test_migrations_on_sqlite_build_the_declared_schema(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'qt.db'}")
+    migrate.upgrade(engine)
+    assert _differences(engine) == []
+    engine.dispose()
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "queuetopia_celery", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd or ROOT,
+        timeout=120,
+    )
+
+
+def test_cli_migrate_creates_then_reports_up_to_date(empty_database: str, tmp_path: Path) -> None:
+    first = _cli("migrate", "--database-url", empty_database, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "migrated from nothing to" in first.stdout
+    second = _cli("migrate", "--database-url", empty_database, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "already at version" in second.stdout
+
+
+def test_cli_migrate_dry_run_prints_sql_and_writes_nothing(empty_database: str) -> None:
+    out = _cli("migrate", "--database-url", empty_database, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "CREATE TABLE queuetopia_jobs" in out.stdout
+    engine = make_engine(empty_database)
+    assert migrate.current(engine) is None
+    engine.dispose()
+
+
+def test_cli_migrate_unreachable_database_is_one_line_without_password() -> None:
+    out = _cli("migrate", "--database-url", "postgresql://someone:s3cr3t-pw@127.0.0.1:1/nowhere")
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: ")
+    assert "s3cr3t-pw" not in out.stderr + out.stdout
+
+
+def test_cli_migrate_without_url_is_a_usage_error() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "queuetopia_celery", "migrate"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "QUEUETOPIA_DATABASE_URL" in out.stderr
+
+
+def test_database_errors_never_show_the_password() -> None:
+    engine = make_engine("postgresql://someone:s3cr3t-pw@127.0.0.1:1/nowhere")
+    with pytest.raises(DatabaseError) as info:
+        migrate.upgrade(engine)
+    engine.dispose()
+    assert "s3cr3t-pw" not in str(info.value)
+
+
+def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("queuetopia_celery-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in (
+        "queuetopia_celery/migrations/env.py",
+        "queuetopia_celery/migrations/steps.py",
+        "queuetopia_celery/migrations/versions/0001_initial.py",
+        "queuetopia_celery/py.typed",
+    ):
+        assert path in names
