@@ -176,13 +176,13 @@ def validate_name(field: str, value: object) -> str:
     return value
 
 
-def _check_text(field: str, value: str) -> None:
+def _check_text(field: str, value: str, where: str = "") -> None:
     if "\x00" in value:
-        raise InvalidJobError(field, "must not contain the NUL character")
+        raise InvalidJobError(field, f"{where}must not contain the NUL character")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise InvalidJobError(field, "must be valid Unicode (no lone surrogates)") from exc
+        raise InvalidJobError(field, f"{where}must be valid Unicode (no lone surrogates)") from exc
 
 
 def validate_duration(field: str, value: object, *, allow_zero: bool) -> float:
@@ -253,7 +253,7 @@ def _check_json(field: str, value: object, path: str, depth: int) -> int:
             raise InvalidJobError(field, f"{value!r} at {path} is not valid JSON")
         return 24
     if isinstance(value, str):
-        _check_text(f"{field} (string at {path})", value)
+        _check_text(field, value, f"string at {path} ")
         return len(value) + 2
     if isinstance(value, list):
         return 2 + sum(_check_json(field, item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
@@ -262,7 +262,7 @@ def _check_json(field: str, value: object, path: str, depth: int) -> int:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidJobError(field, f"key {key!r} at {path} is not a string")
-            _check_text(f"{field} (key at {path})", key)
+            _check_text(field, key, f"key at {path} ")
             total += len(key) + 3 + _check_json(field, item, f"{path}[{key!r}]", depth + 1)
         return total
     raise InvalidJobError(
