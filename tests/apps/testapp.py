@@ -106,6 +106,13 @@ def _end(qt: Queuetopia, event_id: int, kind: str) -> None:
         )
 
 
+def _heartbeat(qt: Queuetopia, event_id: int) -> None:
+    with qt.engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE qt_test_events SET ended_at = clock_timestamp() WHERE id = :i"), {"i": event_id}
+        )
+
+
 def _register(qt: Queuetopia) -> None:
     @qt.performer("work")
     def work(job: Job) -> Any:
@@ -122,6 +129,9 @@ def _register(qt: Queuetopia) -> None:
                     while time.monotonic() < deadline:
                         with contextlib.suppress(JobTimeoutError):
                             time.sleep(0.05)
+                            if params.get("heartbeat"):
+                                # ended_at = last sign of life while hanging
+                                _heartbeat(qt, event)
                 else:
                     time.sleep(params["sleep"])
             if job.attempts <= params.get("fail_times", 0):
@@ -134,6 +144,17 @@ def _register(qt: Queuetopia) -> None:
 
     @qt.performer("fast_retry", backoff=lambda job: 0.2)
     def fast_retry(job: Job) -> Any:
+        return work(job)
+
+    def on_failure(job: Job) -> None:
+        """Records kind "hook" with the failed attempt; raises when params hook_raises."""
+        _record(qt, job, "hook", True)
+        if job.params.get("hook_raises"):
+            raise RuntimeError(f"hook boom {job.attempts}")
+
+    @qt.performer("hooked", backoff=lambda job: float(job.params["backoff"]), on_failure=on_failure)
+    def hooked(job: Job) -> Any:
+        """work, retried after params backoff seconds, with the on_failure hook above."""
         return work(job)
 
 
@@ -152,6 +173,19 @@ if os.environ.get("QT_TEST_SCOPE"):
         burst_jobs=int(os.environ.get("QT_TEST_BURST_JOBS", "50")),
         with_performers=os.environ.get("QT_TEST_NO_PERFORMERS") != "1",
     )
+    if os.environ.get("QT_TEST_EXTRA_SCOPE"):
+        # A second scope on the same Celery app and Celery queue.
+        extra_qt = Queuetopia(
+            os.environ["QT_TEST_EXTRA_SCOPE"],
+            app=app,
+            database_url=os.environ["QT_TEST_DATABASE_URL"],
+            poll_interval=float(os.environ.get("QT_TEST_POLL", "0.5")),
+            celery_queue=os.environ["QT_TEST_CELERY_QUEUE"],
+            dispatch_grace=float(os.environ.get("QT_TEST_DISPATCH_GRACE", "20")),
+            lease_margin=float(os.environ.get("QT_TEST_LEASE_MARGIN", "2")),
+            time_limit_grace=1,
+        )
+        _register(extra_qt)
 
     @signals.worker_ready.connect
     def _ready(**_: Any) -> None:
