@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -17,13 +18,17 @@ from .jobs import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_BACKOFF,
     DEFAULT_TIMEOUT,
+    ON_EXHAUSTED_SKIP,
+    DrainResult,
     Job,
     JobState,
     NewJob,
     Page,
+    QueueStatus,
     new_job,
     validate_duration,
     validate_name,
+    validate_on_exhausted,
 )
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
 from .store import Dispatch, Executor, Store
@@ -32,6 +37,9 @@ from .tasks import publish, register
 logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=PerformFn)
+
+#: How long done jobs are kept by the periodic cleanup (Queuetopia's default: 7 days).
+DEFAULT_JOB_RETENTION = 7 * 24 * 3600.0
 
 
 def make_engine(database_url: str, **options: Any) -> Engine:
@@ -70,6 +78,9 @@ class Queuetopia:
         burst_seconds: float | dt.timedelta = 0.25,
         scan_limit: int = 1000,
         disabled: bool = False,
+        on_exhausted: str = ON_EXHAUSTED_SKIP,
+        cleanup_interval: float | dt.timedelta | None = None,
+        job_retention: float | dt.timedelta = DEFAULT_JOB_RETENTION,
     ) -> None:
         try:
             self.scope = validate_name("scope", scope)
@@ -78,6 +89,13 @@ class Queuetopia:
             self.time_limit_grace = validate_duration("time_limit_grace", time_limit_grace, allow_zero=True)
             self.lease_margin = validate_duration("lease_margin", lease_margin, allow_zero=True)
             self.burst_seconds = validate_duration("burst_seconds", burst_seconds, allow_zero=True)
+            self.on_exhausted = validate_on_exhausted(on_exhausted)
+            self.job_retention = validate_duration("job_retention", job_retention, allow_zero=False)
+            self.cleanup_interval = (
+                None
+                if cleanup_interval is None
+                else validate_duration("cleanup_interval", cleanup_interval, allow_zero=False)
+            )
         except InvalidJobError as exc:
             raise ConfigurationError(str(exc)) from None
         if (database_url is None) == (engine is None):
@@ -113,6 +131,7 @@ class Queuetopia:
                 self.scan_task.s().set(queue=celery_queue) if celery_queue else self.scan_task.s(),
                 name=f"queuetopia.{self.scope}.scan",
             )
+        self.cleanup_task = self._register_cleanup()
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
@@ -153,6 +172,7 @@ class Queuetopia:
         timeout: float | dt.timedelta = DEFAULT_TIMEOUT,
         max_backoff: float | dt.timedelta = DEFAULT_MAX_BACKOFF,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        on_exhausted: str | None = None,
         connection: Executor | None = None,
     ) -> Job:
         """Create a job at the end of ``queue``; the queue exists from its first job.
@@ -170,6 +190,7 @@ class Queuetopia:
             timeout=timeout,
             max_backoff=max_backoff,
             max_attempts=max_attempts,
+            on_exhausted=self.on_exhausted if on_exhausted is None else on_exhausted,
         )
         return self.create_jobs([spec], connection=connection)[0]
 
@@ -182,7 +203,7 @@ class Queuetopia:
         ``create_job``'s arguments (``queue``, ``action``, ``params``, options). If one
         item is invalid, nothing is written.
         """
-        specs = [item if isinstance(item, NewJob) else _spec(item) for item in jobs]
+        specs = [item if isinstance(item, NewJob) else _spec(item, self.on_exhausted) for item in jobs]
         if not specs:
             return []
         created = self.store.create_jobs(specs, connection=connection)
@@ -270,6 +291,121 @@ class Queuetopia:
 
         return Runner(self)
 
+    # ------------------------------------------------------------------ operator
+    # Tools for the person on call and for tests: status, retry, abort, purge, drain.
+
+    def queue_statuses(self, *, queue: str | None = None) -> list[QueueStatus]:
+        """One row per queue with jobs in it (or a lease): pending count, head job,
+        lease holder, oldest pending job. Blocked queues come first."""
+        return self.store.queue_statuses(queue=queue)
+
+    def blocked_queues(self) -> list[QueueStatus]:
+        """Queues whose head job is failing (waiting for a retry, or being retried) or
+        held, longest blocked first: ``status.error`` and ``status.blocked_since`` say
+        why and since when. For alerts and dashboards."""
+        return self.store.queue_statuses(blocked_only=True)
+
+    def retry_job(self, job_id: int) -> Job:
+        """Make a retrying, held, exhausted or scheduled job due now, and wake its
+        queue. Raises :class:`~queuetopia_celery.JobNotFoundError` (no such job in
+        this scope) or :class:`~queuetopia_celery.JobStateError` (running, done, aborted)."""
+        job = self.store.retry(_job_id(job_id))
+        self._kick([job.queue], committed=True)
+        return job
+
+    def abort_job(self, job_id: int, reason: str) -> Job:
+        """Take a job out of its queue for good so that the queue moves on; the job is
+        kept with status ``aborted``, the reason and the time. A running job cannot be
+        aborted (its queue must not run two jobs at once): abort it once its attempt
+        ended. Raises :class:`~queuetopia_celery.JobNotFoundError` or
+        :class:`~queuetopia_celery.JobStateError`."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidJobError("reason", "must be a non-empty string")
+        job = self.store.abort(_job_id(job_id), reason.strip())
+        self._kick([job.queue], committed=True)
+        return job
+
+    def purge_jobs(self, *, older_than: float | dt.timedelta | None = None) -> int:
+        """Delete done jobs that finished more than ``older_than`` ago (default
+        ``job_retention``). Exhausted and aborted jobs are kept. Returns the count."""
+        seconds = (
+            self.job_retention
+            if older_than is None
+            else validate_duration("older_than", older_than, allow_zero=True)
+        )
+        deleted = self.store.purge(seconds)
+        if deleted:
+            logger.info("purged %s done jobs", deleted, extra={"scope": self.scope})
+        return deleted
+
+    def _register_cleanup(self) -> Any:
+        """The periodic cleanup task (only with ``cleanup_interval=``, not disabled)."""
+        if self.cleanup_interval is None or self.disabled:
+            return None
+
+        @self.app.task(name=f"queuetopia.{self.scope}.cleanup", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
+        def cleanup() -> int:
+            return self.purge_jobs()
+
+        self.app.add_periodic_task(
+            dt.timedelta(seconds=self.cleanup_interval),
+            cleanup.s().set(queue=self.celery_queue) if self.celery_queue else cleanup.s(),
+            name=f"queuetopia.{self.scope}.cleanup",
+        )
+        return cleanup
+
+    def drain(self, queue: str | None = None, *, with_scheduled: bool = False) -> DrainResult:
+        """Run jobs now, in this process, without Celery workers: for tests.
+
+        Goes through the same steps as a worker (lease, token-checked start, outcome,
+        hand-on), so queue order, blocking and retries behave as in production: a job
+        that fails blocks its queue until its retry is due. Runs the due jobs of every
+        queue (or of ``queue``) until none is due. With ``with_scheduled=True``, jobs
+        scheduled later and retries waiting for their backoff are run too: the clock is
+        moved forward for them (their ``scheduled_at`` and retry times are shifted back
+        by the same amount, keeping each queue's order), until every job succeeded,
+        exhausted or is held. Unstarted leases taken by kicks are released first.
+        """
+        from .tasks import Runner
+
+        if queue is not None:
+            validate_name("queue", queue)
+        runner = Runner(self)
+        store = self.store
+        worker = f"drain/{os.getpid()}"
+        succeeded = failed = exhausted = 0
+        store.release_unstarted(queue)
+        while True:
+            taken = store.dispatch(
+                [queue] if queue is not None else None, grace=self.dispatch_grace, limit=self.scan_limit
+            )
+            if not taken:
+                if with_scheduled and store.advance(queue):
+                    continue
+                return DrainResult(succeeded=succeeded, failed=failed, exhausted=exhausted)
+            for lease in taken:
+                nxt: Dispatch | None = lease
+                while nxt is not None:
+                    job = store.start(
+                        nxt.queue, nxt.job_id, nxt.token, worker=worker, lease=nxt.timeout + self.lease_margin
+                    )
+                    if job is None:
+                        break
+                    outcome = runner._attempt(job)
+                    if outcome.succeeded:
+                        succeeded += 1
+                    elif job.attempts >= job.max_attempts:
+                        exhausted += 1
+                    else:
+                        failed += 1
+                    _, nxt = store.finish(job, nxt.token, outcome, grace=self.dispatch_grace)
+
+
+def _job_id(job_id: object) -> int:
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
+        raise InvalidJobError("job_id", f"must be a positive int, got {job_id!r}")
+    return job_id
+
 
 def _state(state: JobState | str | None) -> JobState | None:
     if state is None:
@@ -281,10 +417,19 @@ def _state(state: JobState | str | None) -> JobState | None:
         raise InvalidJobError("state", f"{state!r} is not one of {choices}") from None
 
 
-def _spec(item: dict[str, Any]) -> NewJob:
+def _spec(item: dict[str, Any], on_exhausted: str = ON_EXHAUSTED_SKIP) -> NewJob:
     if not isinstance(item, dict):
         raise InvalidJobError("jobs", f"each job must be a dict or NewJob, got {type(item).__name__}")
-    known = {"queue", "action", "params", "scheduled_at", "timeout", "max_backoff", "max_attempts"}
+    known = {
+        "queue",
+        "action",
+        "params",
+        "scheduled_at",
+        "timeout",
+        "max_backoff",
+        "max_attempts",
+        "on_exhausted",
+    }
     unknown = set(item) - known
     if unknown:
         raise InvalidJobError("jobs", f"unknown keys {sorted(unknown)}")
@@ -300,4 +445,5 @@ def _spec(item: dict[str, Any]) -> NewJob:
         timeout=item.get("timeout", DEFAULT_TIMEOUT),
         max_backoff=item.get("max_backoff", DEFAULT_MAX_BACKOFF),
         max_attempts=item.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
+        on_exhausted=item.get("on_exhausted") or on_exhausted,
     )

@@ -83,3 +83,16 @@ class DatabaseError(QueuetopiaError):
     The driver's exception is chained as ``__cause__``; the message never contains
     the database password.
     """
+
+
+class JobStateError(QueuetopiaError):
+    """Raised when an operator action (``retry_job``, ``abort_job``) does not apply to
+    the job in its current state: ``job_id``, ``state`` (what it is) and ``action``
+    (what was asked) say which."""
+
+    def __init__(self, job_id: int, state: str, action: str, hint: str = "") -> None:
+        self.job_id = job_id
+        self.state = state
+        self.action = action
+        message = f"cannot {action} job {job_id}: it is {state}"
+        super().__init__(f"{message}; {hint}" if hint else message)

@@ -40,6 +40,8 @@ class JobState(str, enum.Enum):
     RETRYING = "retrying"  #: failed at least once; will be retried
     DONE = "done"  #: succeeded
     EXHAUSTED = "exhausted"  #: failed ``max_attempts`` times; no longer blocks its queue
+    HELD = "held"  #: failed ``max_attempts`` times with ``on_exhausted="hold"``: blocks its queue
+    ABORTED = "aborted"  #: taken out of its queue by an operator (``abort_job``); kept, never run
 
     def __str__(self) -> str:
         return self.value
@@ -50,8 +52,19 @@ STATUS_PENDING = "pending"
 STATUS_RUNNING = "running"
 STATUS_DONE = "done"
 STATUS_EXHAUSTED = "exhausted"
+STATUS_ABORTED = "aborted"
 #: Statuses of jobs that still hold a place in their queue.
 OPEN_STATUSES = (STATUS_PENDING, STATUS_RUNNING)
+
+#: What happens when a job fails its last attempt: the queue moves on (Queuetopia's
+#: behaviour), or the job stays at the head, blocking its queue, until an operator
+#: retries or aborts it.
+ON_EXHAUSTED_SKIP = "skip"
+ON_EXHAUSTED_HOLD = "hold"
+ON_EXHAUSTED_CHOICES = (ON_EXHAUSTED_SKIP, ON_EXHAUSTED_HOLD)
+#: ``next_attempt_at`` of a held job: never due until retried. A held job stays
+#: ``pending`` so that it keeps its place at the head of its queue.
+HELD_UNTIL = dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +90,9 @@ class Job:
     error: str | None
     inserted_at: dt.datetime
     status: str
+    on_exhausted: str = ON_EXHAUSTED_SKIP
+    abort_reason: str | None = None
+    aborted_at: dt.datetime | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | Any) -> Job:
@@ -86,7 +102,12 @@ class Job:
     @property
     def state(self) -> JobState:
         """The job's state, judged against the current time."""
-        return state_of(self.status, self.attempts, self.scheduled_at, utcnow())
+        return state_of(self.status, self.attempts, self.scheduled_at, utcnow(), held=self.held)
+
+    @property
+    def held(self) -> bool:
+        """Whether the job failed its last attempt and holds its queue (``on_exhausted="hold"``)."""
+        return self.next_attempt_at is not None and self.next_attempt_at >= HELD_UNTIL
 
     @property
     def due_at(self) -> dt.datetime:
@@ -117,13 +138,27 @@ class Page:
         return max(1, -(-self.total // self.page_size))
 
 
-def state_of(status: str, attempts: int, scheduled_at: dt.datetime, now: dt.datetime) -> JobState:
-    if status == STATUS_DONE:
-        return JobState.DONE
-    if status == STATUS_EXHAUSTED:
-        return JobState.EXHAUSTED
-    if status == STATUS_RUNNING:
-        return JobState.RUNNING
+_STATE_OF_STATUS = {
+    STATUS_DONE: JobState.DONE,
+    STATUS_EXHAUSTED: JobState.EXHAUSTED,
+    STATUS_ABORTED: JobState.ABORTED,
+    STATUS_RUNNING: JobState.RUNNING,
+}
+
+
+def state_of(
+    status: str,
+    attempts: int,
+    scheduled_at: dt.datetime,
+    now: dt.datetime,
+    *,
+    held: bool = False,
+) -> JobState:
+    fixed = _STATE_OF_STATUS.get(status)
+    if fixed is not None:
+        return fixed
+    if held:
+        return JobState.HELD
     if attempts > 0:
         return JobState.RETRYING
     if scheduled_at > now:
@@ -161,6 +196,13 @@ class NewJob:
     timeout: float
     max_backoff: float
     max_attempts: int
+    on_exhausted: str = ON_EXHAUSTED_SKIP
+
+
+def validate_on_exhausted(value: object) -> str:
+    if value not in ON_EXHAUSTED_CHOICES:
+        raise InvalidJobError("on_exhausted", f"must be 'skip' or 'hold', got {value!r}")
+    return str(value)
 
 
 def validate_name(field: str, value: object) -> str:
@@ -279,6 +321,7 @@ def new_job(
     timeout: object = DEFAULT_TIMEOUT,
     max_backoff: object = DEFAULT_MAX_BACKOFF,
     max_attempts: object = DEFAULT_MAX_ATTEMPTS,
+    on_exhausted: object = ON_EXHAUSTED_SKIP,
 ) -> NewJob:
     """Validate the arguments of ``create_job``; raise :class:`InvalidJobError` on bad input."""
     return NewJob(
@@ -289,4 +332,93 @@ def new_job(
         timeout=validate_duration("timeout", timeout, allow_zero=False),
         max_backoff=validate_duration("max_backoff", max_backoff, allow_zero=True),
         max_attempts=validate_max_attempts(max_attempts),
+        on_exhausted=validate_on_exhausted(on_exhausted),
     )
+
+
+# --------------------------------------------------------------------------- operator views
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueStatus:
+    """One queue as an operator sees it (:meth:`Queuetopia.queue_statuses`)."""
+
+    queue: str
+    #: Jobs still in the queue (pending, running or held).
+    pending: int
+    #: The first open job, in queue order: the one that runs next or is running.
+    head: Job | None
+    #: The head failed at least once and has not succeeded yet (retrying or held).
+    blocked: bool
+    #: Since when the head has been holding the queue (estimate: when it became head).
+    blocked_since: dt.datetime | None
+    #: Who holds the queue's lease (``host/pid``), when it was started and until when.
+    locked_by: str | None
+    locked_at: dt.datetime | None
+    locked_until: dt.datetime | None
+    #: When the oldest job still in the queue was created.
+    oldest_pending_at: dt.datetime | None
+
+    @property
+    def error(self) -> str | None:
+        """The head job's last error, first line only."""
+        return first_line(self.head.error) if self.head is not None and self.head.error else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (datetimes as ISO 8601 strings)."""
+        head = self.head
+        return {
+            "queue": self.queue,
+            "pending": self.pending,
+            "blocked": self.blocked,
+            "blocked_since": _iso(self.blocked_since),
+            "head": None
+            if head is None
+            else {
+                "id": head.id,
+                "action": head.action,
+                "state": head.state.value,
+                "attempts": head.attempts,
+                "max_attempts": head.max_attempts,
+                "error": self.error,
+                "next_attempt_at": _iso(head.due_at) if not head.held else None,
+            },
+            "locked_by": self.locked_by,
+            "locked_at": _iso(self.locked_at),
+            "locked_until": _iso(self.locked_until),
+            "oldest_pending_at": _iso(self.oldest_pending_at),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainResult:
+    """What :meth:`Queuetopia.drain` ran: attempts that succeeded, failed attempts that
+    will be retried, and jobs that failed their last attempt (exhausted or held)."""
+
+    succeeded: int = 0
+    failed: int = 0
+    exhausted: int = 0
+
+    @property
+    def attempted(self) -> int:
+        return self.succeeded + self.failed + self.exhausted
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def job_to_dict(job: Job) -> dict[str, Any]:
+    """A JSON-ready view of a job, with its derived state."""
+    out: dict[str, Any] = {}
+    for field in _FIELDS:
+        value = getattr(job, field.name)
+        out[field.name] = _iso(value) if isinstance(value, dt.datetime) else value
+    if job.held:
+        out["next_attempt_at"] = None
+    out["state"] = job.state.value
+    return out
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -95,6 +95,10 @@ jobs = Table(
     Column("done_at", UTCDateTime(), nullable=True),
     Column("error", Text(), nullable=True),
     Column("inserted_at", UTCDateTime(), nullable=False),
+    # Version 2 (operator tools): what happens at the last failed attempt, and aborts.
+    Column("on_exhausted", String(8), nullable=False, server_default=text("'skip'")),
+    Column("abort_reason", Text(), nullable=True),
+    Column("aborted_at", UTCDateTime(), nullable=True),
     UniqueConstraint("scope", "queue", "sequence", name="uq_queuetopia_jobs_scope_queue_sequence"),
 )
 

@@ -36,9 +36,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import schema
-from .errors import DatabaseError
+from .errors import DatabaseError, JobNotFoundError, JobStateError
 from .jobs import (
+    HELD_UNTIL,
+    ON_EXHAUSTED_HOLD,
     OPEN_STATUSES,
+    STATUS_ABORTED,
     STATUS_DONE,
     STATUS_EXHAUSTED,
     STATUS_PENDING,
@@ -47,6 +50,7 @@ from .jobs import (
     Job,
     JobState,
     NewJob,
+    QueueStatus,
     utcnow,
 )
 
@@ -252,6 +256,7 @@ class Store:
                             "timeout": spec.timeout,
                             "max_backoff": spec.max_backoff,
                             "max_attempts": spec.max_attempts,
+                            "on_exhausted": spec.on_exhausted,
                             "scheduled_at": spec.scheduled_at or now,
                             "status": STATUS_PENDING,
                             "attempts": 0,
@@ -309,14 +314,19 @@ class Store:
 
     def _state_clause(self, state: JobState) -> sa.ColumnElement[bool]:
         pending = J.c.status == STATUS_PENDING
-        if state is JobState.DONE:
-            return J.c.status == STATUS_DONE
-        if state is JobState.EXHAUSTED:
-            return J.c.status == STATUS_EXHAUSTED
-        if state is JobState.RUNNING:
-            return J.c.status == STATUS_RUNNING
+        by_status = {
+            JobState.DONE: STATUS_DONE,
+            JobState.EXHAUSTED: STATUS_EXHAUSTED,
+            JobState.ABORTED: STATUS_ABORTED,
+            JobState.RUNNING: STATUS_RUNNING,
+        }
+        if state in by_status:
+            return J.c.status == by_status[state]
+        if state is JobState.HELD:
+            return sa.and_(pending, J.c.next_attempt_at >= HELD_UNTIL)
         if state is JobState.RETRYING:
-            return sa.and_(pending, J.c.attempts > 0)
+            not_held = sa.or_(J.c.next_attempt_at.is_(None), J.c.next_attempt_at < HELD_UNTIL)
+            return sa.and_(pending, J.c.attempts > 0, not_held)
         if state is JobState.SCHEDULED:
             return sa.and_(pending, J.c.attempts == 0, J.c.scheduled_at > self._now())
         return sa.and_(pending, J.c.attempts == 0, J.c.scheduled_at <= self._now())
@@ -559,12 +569,7 @@ class Store:
                     "next_attempt_at": None,
                 }
             else:
-                exhausted = job.attempts >= job.max_attempts
-                values = {
-                    "status": STATUS_EXHAUSTED if exhausted else STATUS_PENDING,
-                    "error": outcome.error,
-                    "next_attempt_at": None if exhausted else self._after(outcome.backoff),
-                }
+                values = {"error": outcome.error, **self._failed_values(job, outcome)}
             written = conn.execute(
                 sa.update(J)
                 .where(J.c.id == job.id, J.c.scope == self.scope, J.c.status == STATUS_RUNNING)
@@ -644,15 +649,10 @@ class Store:
                 lease = lease.with_for_update(skip_locked=True)
             if conn.execute(lease).first() is None:
                 return False
-            exhausted = job.attempts >= job.max_attempts
             conn.execute(
                 sa.update(J)
                 .where(J.c.id == job.id, J.c.status == STATUS_RUNNING)
-                .values(
-                    status=STATUS_EXHAUSTED if exhausted else STATUS_PENDING,
-                    error=outcome.error,
-                    next_attempt_at=None if exhausted else self._after(outcome.backoff),
-                )
+                .values(error=outcome.error, **self._failed_values(job, outcome))
             )
             conn.execute(
                 sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == lost.token)
@@ -668,6 +668,275 @@ class Store:
                 .first()
             )
         return dict(row) if row else None
+
+    # ------------------------------------------------------------------ operator
+    # Everything below serves operators and tests (status, retry, abort, purge, drain);
+    # none of it is on the workers' hot path, except _failed_values.
+
+    def _failed_values(self, job: Job, outcome: Outcome) -> dict[str, Any]:
+        """Status and next attempt of a job whose attempt failed: retried after the
+        backoff; past ``max_attempts``, exhausted (the queue moves on) or held (it stays
+        at the head, never due, until an operator retries or aborts it)."""
+        if job.attempts < job.max_attempts:
+            return {"status": STATUS_PENDING, "next_attempt_at": self._after(outcome.backoff)}
+        if job.on_exhausted == ON_EXHAUSTED_HOLD:
+            return {"status": STATUS_PENDING, "next_attempt_at": HELD_UNTIL}
+        return {"status": STATUS_EXHAUSTED, "next_attempt_at": None}
+
+    def _get_for_update(self, conn: Connection, job_id: int) -> Job:
+        query = sa.select(*_JOB_COLUMNS).where(J.c.scope == self.scope, J.c.id == job_id)
+        if self.is_postgres:
+            query = query.with_for_update()
+        row = conn.execute(query).mappings().first()
+        if row is None:
+            raise JobNotFoundError(self.scope, job_id)
+        return Job.from_row(row)
+
+    def _lower_due(self, conn: Connection, queues: Sequence[str] | None) -> None:
+        """Make queues due for the next scan (``due_at`` is only a lower bound)."""
+        now = self._now()
+        query = sa.update(Q).where(
+            Q.c.scope == self.scope, sa.or_(Q.c.due_at.is_(None), Q.c.due_at > now)
+        )
+        if queues is not None:
+            query = query.where(Q.c.queue.in_(list(queues)))
+        conn.execute(query.values(due_at=now))
+
+    def retry(self, job_id: int) -> Job:
+        """Make a job that waits for a retry, is held or exhausted, or is scheduled,
+        due now. An exhausted job comes back to its place in its queue for one more
+        attempt (failing it exhausts or holds it again). Raises
+        :class:`JobNotFoundError` or :class:`JobStateError`."""
+        with self._tx() as conn:
+            job = self._get_for_update(conn, job_id)
+            if job.status not in (STATUS_PENDING, STATUS_EXHAUSTED):
+                hint = "its attempt is in progress" if job.status == STATUS_RUNNING else ""
+                raise JobStateError(job_id, job.state.value, "retry", hint)
+            row = (
+                conn.execute(
+                    sa.update(J)
+                    .where(J.c.id == job_id, J.c.scope == self.scope)
+                    .values(status=STATUS_PENDING, next_attempt_at=self._now())
+                    .returning(*_JOB_COLUMNS)
+                )
+                .mappings()
+                .one()
+            )
+            self._lower_due(conn, [job.queue])
+        return Job.from_row(row)
+
+    def abort(self, job_id: int, reason: str) -> Job:
+        """Take a job that is not running out of its queue, for good: status
+        ``aborted``, with the reason and time recorded; the row is kept. A dispatched
+        but unstarted lease on it is released so that the queue moves on. Raises
+        :class:`JobNotFoundError` or :class:`JobStateError`."""
+        with self._tx() as conn:
+            found = conn.execute(
+                sa.select(J.c.queue).where(J.c.scope == self.scope, J.c.id == job_id)
+            ).first()
+            if found is None:
+                raise JobNotFoundError(self.scope, job_id)
+            # Lock in the workers' order (lease, then job) so that we never deadlock with them.
+            lease = sa.select(L.c.token).where(L.c.scope == self.scope, L.c.queue == found.queue)
+            if self.is_postgres:
+                conn.execute(lease.with_for_update())
+            job = self._get_for_update(conn, job_id)
+            if job.status != STATUS_PENDING:
+                hint = (
+                    "its attempt is in progress; abort it once the attempt has ended"
+                    if job.status == STATUS_RUNNING
+                    else "it is no longer in its queue"
+                )
+                raise JobStateError(job_id, job.state.value, "abort", hint)
+            row = (
+                conn.execute(
+                    sa.update(J)
+                    .where(J.c.id == job_id, J.c.scope == self.scope, J.c.status == STATUS_PENDING)
+                    .values(
+                        status=STATUS_ABORTED,
+                        abort_reason=reason,
+                        aborted_at=self._now(),
+                        next_attempt_at=None,
+                    )
+                    .returning(*_JOB_COLUMNS)
+                )
+                .mappings()
+                .one()
+            )
+            conn.execute(
+                sa.delete(L).where(
+                    L.c.scope == self.scope,
+                    L.c.queue == job.queue,
+                    L.c.job_id == job_id,
+                    L.c.started_at.is_(None),
+                )
+            )
+            self._lower_due(conn, [job.queue])
+        return Job.from_row(row)
+
+    def purge(self, older_than: float, *, batch: int = 5000) -> int:
+        """Delete done jobs of this scope that finished more than ``older_than``
+        seconds ago, in batches (one transaction each). Exhausted and aborted jobs are
+        kept. Returns how many were deleted."""
+        total = 0
+        while True:
+            with self._tx() as conn:
+                old = (
+                    sa.select(J.c.id)
+                    .where(
+                        J.c.scope == self.scope,
+                        J.c.status == STATUS_DONE,
+                        J.c.done_at < self._after(-older_than),
+                    )
+                    .limit(batch)
+                )
+                ids = list(conn.execute(old).scalars())
+                if ids:
+                    conn.execute(sa.delete(J).where(J.c.id.in_(ids)))
+            total += len(ids)
+            if len(ids) < batch:
+                return total
+
+    def _heads(self, conn: Connection, queue: str | None) -> dict[str, Job]:
+        """The head (first open job) of each queue of the scope."""
+        rank = (
+            sa.func.row_number()
+            .over(partition_by=J.c.queue, order_by=(J.c.scheduled_at, J.c.sequence))
+            .label("rank")
+        )
+        ranked = sa.select(*_JOB_COLUMNS, rank).where(
+            J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES)
+        )
+        if queue is not None:
+            ranked = ranked.where(J.c.queue == queue)
+        sub = ranked.subquery()
+        rows = conn.execute(
+            sa.select(*[sub.c[c.name] for c in _JOB_COLUMNS]).where(sub.c.rank == 1)
+        ).mappings()
+        return {row["queue"]: Job.from_row(row) for row in rows}
+
+    def _blocked_since(self, conn: Connection, head: Job) -> dt.datetime:
+        """When ``head`` became its queue's head: when the job before it ended, or
+        when it was scheduled, whichever is later."""
+        ended = sa.func.coalesce(J.c.done_at, J.c.aborted_at, J.c.attempted_at)
+        previous = conn.execute(
+            sa.select(ended)
+            .where(
+                J.c.scope == self.scope,
+                J.c.queue == head.queue,
+                J.c.sequence < head.sequence,
+                J.c.status.not_in(OPEN_STATUSES),
+            )
+            .order_by(J.c.sequence.desc())
+            .limit(1)
+        ).scalar()
+        if isinstance(previous, str):  # SQLite loses the type through coalesce()
+            previous = dt.datetime.fromisoformat(previous)
+        if previous is not None and previous.tzinfo is None:
+            previous = previous.replace(tzinfo=UTC)
+        return max(head.scheduled_at, previous) if previous is not None else head.scheduled_at
+
+    def queue_statuses(self, *, queue: str | None = None, blocked_only: bool = False) -> list[QueueStatus]:
+        """One row per queue that has open jobs or a lease: blocked queues first
+        (longest blocked first), then by queue name."""
+        with self._tx() as conn:
+            counts = sa.select(J.c.queue, func.count(), func.min(J.c.inserted_at)).where(
+                J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES)
+            )
+            if queue is not None:
+                counts = counts.where(J.c.queue == queue)
+            pending = {row[0]: (int(row[1]), row[2]) for row in conn.execute(counts.group_by(J.c.queue))}
+            heads = self._heads(conn, queue)
+            lease_q = sa.select(L).where(L.c.scope == self.scope)
+            if queue is not None:
+                lease_q = lease_q.where(L.c.queue == queue)
+            held = {row["queue"]: row for row in conn.execute(lease_q).mappings()}
+            out = []
+            for name in sorted(set(pending) | set(held)):
+                head = heads.get(name)
+                blocked = head is not None and head.error is not None
+                if blocked_only and not blocked:
+                    continue
+                count, oldest = pending.get(name, (0, None))
+                lease = held.get(name)
+                if isinstance(oldest, str):
+                    oldest = dt.datetime.fromisoformat(oldest)
+                if oldest is not None and oldest.tzinfo is None:
+                    oldest = oldest.replace(tzinfo=UTC)
+                out.append(
+                    QueueStatus(
+                        queue=name,
+                        pending=count,
+                        head=head,
+                        blocked=blocked,
+                        blocked_since=self._blocked_since(conn, head)
+                        if blocked and head is not None
+                        else None,
+                        locked_by=lease["locked_by"] if lease else None,
+                        locked_at=lease["locked_at"] if lease else None,
+                        locked_until=lease["expires_at"] if lease else None,
+                        oldest_pending_at=oldest,
+                    )
+                )
+        far = dt.datetime.max.replace(tzinfo=UTC)
+        out.sort(key=lambda s: (not s.blocked, s.blocked_since or far, s.queue))
+        return out
+
+    def release_unstarted(self, queue: str | None = None) -> int:
+        """Drop the dispatched-but-unstarted leases of the scope (their messages are
+        only wake-ups and will be dropped as stale). Used by ``drain``."""
+        with self._tx() as conn:
+            query = sa.delete(L).where(L.c.scope == self.scope, L.c.started_at.is_(None))
+            if queue is not None:
+                query = query.where(L.c.queue == queue)
+            return int(conn.execute(query).rowcount or 0)
+
+    def advance(self, queue: str | None = None) -> bool:
+        """Move time forward for the open jobs of the scope (or of one queue), for a
+        test's ``drain(with_scheduled=True)``: if no queue head is due, shift every
+        pending job's ``scheduled_at`` and retry time back by the same amount so that
+        the earliest head becomes due now. Order within each queue is kept. Held
+        jobs stay held. Returns False when there is nothing to advance to."""
+        with self._tx() as conn:
+            now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
+            leased = set(conn.execute(sa.select(L.c.queue).where(L.c.scope == self.scope)).scalars())
+            due_times = [
+                head.due_at
+                for head in self._heads(conn, queue).values()
+                if head.status == STATUS_PENDING and not head.held and head.queue not in leased
+            ]
+            if not due_times:
+                return False
+            earliest = min(due_times)
+            if earliest > now:
+                delta = earliest - now
+                select = sa.select(J.c.id, J.c.scheduled_at, J.c.next_attempt_at).where(
+                    J.c.scope == self.scope, J.c.status == STATUS_PENDING
+                )
+                if queue is not None:
+                    select = select.where(J.c.queue == queue)
+                rows = [
+                    {
+                        "b_id": row.id,
+                        "b_scheduled_at": row.scheduled_at - delta,
+                        "b_next": row.next_attempt_at
+                        if row.next_attempt_at is None or row.next_attempt_at >= HELD_UNTIL
+                        else row.next_attempt_at - delta,
+                    }
+                    for row in conn.execute(select)
+                ]
+                if rows:
+                    conn.execute(
+                        sa.update(J)
+                        .where(J.c.id == sa.bindparam("b_id"))
+                        .values(
+                            scheduled_at=sa.bindparam("b_scheduled_at", type_=schema.UTCDateTime()),
+                            next_attempt_at=sa.bindparam("b_next", type_=schema.UTCDateTime()),
+                        ),
+                        rows,
+                    )
+            self._lower_due(conn, [queue] if queue is not None else None)
+        return True
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

@@ -86,3 +86,21 @@ def v1_downgrade() -> None:
     op.drop_table("queuetopia_leases")
     op.drop_table("queuetopia_queues")
     op.drop_table("queuetopia_jobs")
+
+
+def v2_upgrade() -> None:
+    """Operator tools: ``on_exhausted`` per job ('skip' or 'hold'), and the reason and
+    time of an operator's abort (status 'aborted')."""
+    op.add_column(
+        "queuetopia_jobs",
+        sa.Column("on_exhausted", sa.String(8), nullable=False, server_default=sa.text("'skip'")),
+    )
+    op.add_column("queuetopia_jobs", sa.Column("abort_reason", sa.Text(), nullable=True))
+    op.add_column("queuetopia_jobs", sa.Column("aborted_at", UTCDateTime(), nullable=True))
+
+
+def v2_downgrade() -> None:
+    with op.batch_alter_table("queuetopia_jobs") as batch:
+        batch.drop_column("aborted_at")
+        batch.drop_column("abort_reason")
+        batch.drop_column("on_exhausted")
