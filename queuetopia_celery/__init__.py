@@ -11,28 +11,32 @@ from .errors import (
     DuplicatePerformerError,
     InvalidJobError,
     JobNotFoundError,
+    JobStateError,
     JobTimeoutError,
     NoPerformerError,
     QueuetopiaError,
     ResultNotJSONError,
 )
-from .jobs import Job, JobState, NewJob, Page, default_backoff
+from .jobs import DrainResult, Job, JobState, NewJob, Page, QueueStatus, default_backoff
 from .performer import Performer
 
 __all__ = [
     "ConfigurationError",
     "DatabaseError",
+    "DrainResult",
     "DuplicatePerformerError",
     "InvalidJobError",
     "Job",
     "JobNotFoundError",
     "JobState",
+    "JobStateError",
     "JobTimeoutError",
     "NewJob",
     "NoPerformerError",
     "Page",
     "Performer",
     "Queuetopia",
+    "QueueStatus",
     "QueuetopiaError",
     "ResultNotJSONError",
     "default_backoff",

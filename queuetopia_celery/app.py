@@ -31,7 +31,7 @@ from .jobs import (
     validate_on_exhausted,
 )
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
-from .store import Dispatch, Executor, Store
+from .store import Dispatch, Executor, Store, configure_sqlite
 from .tasks import publish, register
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,14 @@ def make_engine(database_url: str, **options: Any) -> Engine:
         url = url.set(drivername="postgresql+psycopg")
     if url.get_backend_name() == "postgresql":
         options.setdefault("pool_pre_ping", True)
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise ConfigurationError(
+                "an in-memory SQLite database cannot be shared by workers: use a file, sqlite:///jobs.db"
+            )
+        engine = sa.create_engine(url, **options)
+        configure_sqlite(engine)
+        return engine
     return sa.create_engine(url, **options)
 
 

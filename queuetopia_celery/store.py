@@ -942,3 +942,24 @@ class Store:
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def configure_sqlite(engine: Engine, *, busy_timeout: float = 30.0) -> None:
+    """Make a SQLite engine safe for several threads and processes of one machine:
+    write-ahead log, a busy timeout, and ``BEGIN IMMEDIATE`` for every transaction, so
+    that a read-then-write transaction (dispatch, finish) takes the write lock first
+    instead of failing with "database is locked" halfway. Transactions are serialized:
+    SQLite has one writer at a time."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
