@@ -52,9 +52,7 @@ def assert_job_created(qt: Queuetopia, count: int | None = 1, **attrs: Any) -> l
     if (count is None and found) or len(found) == count:
         return found
     wanted = "at least 1 job" if count is None else f"{count} job{'s' if count != 1 else ''}"
-    message = (
-        f"Expected {wanted} matching {_describe(expected)} in scope {qt.scope!r}, found {len(found)}."
-    )
+    message = f"Expected {wanted} matching {_describe(expected)} in scope {qt.scope!r}, found {len(found)}."
     raise AssertionError(message + "\n" + _listing(found if found else scope_jobs, expected, bool(found)))
 
 
