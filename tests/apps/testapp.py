@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from celery import Celery, signals
 
-from queuetopia_celery import Job, JobTimeoutError, Queuetopia
+from queuetopia_celery import Job, JobTimeoutError, Queuetopia, make_engine
 
 EVENTS_DDL = """
 CREATE TABLE IF NOT EXISTS qt_test_events (
@@ -48,6 +48,7 @@ def build(
     max_concurrent_queues: int | None = None,
     burst_jobs: int = 50,
     with_performers: bool = True,
+    application_name: str | None = None,
 ) -> tuple[Celery, Queuetopia]:
     app = Celery(f"qt-test-{scope}", broker=broker_url)
     app.conf.update(
@@ -60,7 +61,11 @@ def build(
     qt = Queuetopia(
         scope,
         app=app,
-        database_url=database_url,
+        **(
+            {"engine": make_engine(database_url, connect_args={"application_name": application_name})}
+            if application_name
+            else {"database_url": database_url}
+        ),
         poll_interval=poll_interval,
         celery_queue=celery_queue,
         dispatch_grace=dispatch_grace,
@@ -158,6 +163,104 @@ def _register(qt: Queuetopia) -> None:
         return work(job)
 
 
+# --------------------------------------------------------------------------- fault knobs
+# Used by tests/chaos: each knob is off unless its QT_TEST_* variable is set.
+
+
+def _install_faults(app: Celery, qt: Queuetopia) -> None:
+    """Install the fault-injection knobs read from the environment.
+
+    * QT_TEST_ACKS_LATE=1, QT_TEST_VISIBILITY_TIMEOUT=s: ack after the task, and let
+      Redis redeliver a message unacked for that long (duplicate delivery).
+    * QT_TEST_DUPLICATE_SENDS=1: publish every perform message twice.
+    * QT_TEST_PG_KILL="dispatch=0.1,start=0.1,finish=0.1": while the store runs that
+      call, terminate its own PostgreSQL backend before a statement with that
+      probability (logged in qt_test_faults).
+    * QT_TEST_BREAK_FENCING=1: deliberately broken worker that runs a job even when
+      its message's token is stale. Only for proving that the chaos checker sees it.
+    """
+    env = os.environ
+    if env.get("QT_TEST_ACKS_LATE") == "1":
+        app.conf.task_acks_late = True
+    if env.get("QT_TEST_VISIBILITY_TIMEOUT"):
+        app.conf.broker_transport_options = {"visibility_timeout": float(env["QT_TEST_VISIBILITY_TIMEOUT"])}
+    if env.get("QT_TEST_DUPLICATE_SENDS") == "1":
+        send = qt.send
+
+        def send_twice(dispatches: Any) -> None:
+            send(dispatches)
+            send(dispatches)
+
+        qt.send = send_twice  # type: ignore[method-assign]
+    if env.get("QT_TEST_PG_KILL"):
+        _install_pg_kill(qt, env["QT_TEST_PG_KILL"])
+    if env.get("QT_TEST_BREAK_FENCING") == "1":
+        store = qt.store
+        start = store.start
+
+        def start_ignoring_token(queue: str, job_id: int, token: str, **kwargs: Any) -> Job | None:
+            job = start(queue, job_id, token, **kwargs)
+            return job if job is not None else store.get_job(job_id)
+
+        store.start = start_ignoring_token  # type: ignore[method-assign]
+
+
+FAULTS_DDL = """
+CREATE TABLE IF NOT EXISTS qt_test_faults (
+    id bigserial PRIMARY KEY,
+    scope text NOT NULL,
+    kind text NOT NULL,
+    pid int NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+
+def _install_pg_kill(qt: Queuetopia, spec: str) -> None:
+    import random
+    import threading
+
+    import psycopg
+
+    rates = {name: float(rate) for name, rate in (part.split("=") for part in spec.split(","))}
+    phase = threading.local()
+    admin: dict[int, Any] = {}
+    url = qt.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def terminate(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        name = getattr(phase, "name", None)
+        if name is None or random.random() >= rates.get(name, 0.0):
+            return
+        phase.name = None  # once per call
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        killer = admin.get(os.getpid())
+        if killer is None:
+            killer = admin[os.getpid()] = psycopg.connect(url, autocommit=True)
+        killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        for _ in range(100):
+            if killer.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
+                break
+            time.sleep(0.01)
+        killer.execute(
+            "INSERT INTO qt_test_faults (scope, kind, pid) VALUES (%s, %s, %s)",
+            (qt.scope, f"pg-kill-{name}", os.getpid()),
+        )
+
+    sa.event.listen(qt.engine, "before_cursor_execute", terminate)
+    store = qt.store
+    for name in rates:
+        method = getattr(store, name)
+
+        def wrapped(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            phase.name = _name
+            try:
+                return _method(*args, **kwargs)
+            finally:
+                phase.name = None
+
+        setattr(store, name, wrapped)
+
+
 if os.environ.get("QT_TEST_SCOPE"):
     app, qt = build(
         os.environ["QT_TEST_SCOPE"],
@@ -172,7 +275,10 @@ if os.environ.get("QT_TEST_SCOPE"):
         else None,
         burst_jobs=int(os.environ.get("QT_TEST_BURST_JOBS", "50")),
         with_performers=os.environ.get("QT_TEST_NO_PERFORMERS") != "1",
+        time_limit_grace=float(os.environ.get("QT_TEST_TIME_LIMIT_GRACE", "1")),
+        application_name=os.environ.get("QT_TEST_APP_NAME") or None,
     )
+    _install_faults(app, qt)
     if os.environ.get("QT_TEST_EXTRA_SCOPE"):
         # A second scope on the same Celery app and Celery queue.
         extra_qt = Queuetopia(

@@ -1,0 +1,156 @@
+"""Fixtures of the chaos suite: a private redis-server, the faults table, and a
+``chaos`` object bundling a scope's producer, workers and checker."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from queuetopia_celery import Queuetopia
+from tests.apps import testapp
+from tests.chaos import harness
+from tests.conftest import Proc
+
+
+@pytest.fixture(scope="session")
+def chaos_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[harness.RedisServer]:
+    server = harness.RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.cli("SHUTDOWN", "NOSAVE")
+
+
+@pytest.fixture(scope="session")
+def faults_table(database_url: str) -> None:
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(testapp.FAULTS_DDL))
+    engine.dispose()
+
+
+@dataclasses.dataclass
+class Chaos:
+    """One chaos scenario: its scope, services, processes and findings."""
+
+    scope: str
+    celery_queue: str
+    engine: sa.Engine
+    redis: harness.RedisServer
+    qt: Queuetopia
+    rng: random.Random
+    _start_worker: Callable[..., Proc]
+    _start_beat: Callable[..., Proc]
+    kills: dict[int, dt.datetime] = dataclasses.field(default_factory=dict)
+    faults: int = 0
+
+    @property
+    def app_name(self) -> str:
+        return f"qt-chaos-{self.scope}"[:63]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **harness.FAST_ENV,
+            "QT_TEST_BROKER_URL": self.redis.url,
+            "QT_TEST_APP_NAME": self.app_name,
+            **extra,
+        }
+
+    def worker(self, *, concurrency: int = 3, beat: bool = False, **extra: str) -> Proc:
+        return self._start_worker(concurrency=concurrency, beat=beat, env=self.env(**extra))
+
+    def beat(self, **extra: str) -> Proc:
+        return self._start_beat(env=self.env(**extra))
+
+    def kill(self, pid: int, sig: int) -> None:
+        """Send ``sig`` to ``pid`` and note when (database clock)."""
+        import os
+
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        self.kills[pid] = harness.db_now(self.engine)
+        self.faults += 1
+
+    def finish(
+        self,
+        fault: str,
+        expect: dict[int, str] | None,
+        *,
+        crashes: bool,
+        expected_jobs: int | None = None,
+        snapshots: list[tuple[dt.datetime, list[dict[str, Any]]]] | None = None,
+        timeout: float = 90,
+    ) -> harness.Verdict:
+        """Settle, check the invariants, write the report line, return the verdict."""
+        expected = expected_jobs if expected_jobs is not None else len(expect or {})
+        waited = harness.settle(self.engine, self.scope, expected, timeout=timeout)
+        verdict = harness.check(self.engine, self.scope, expect, crashes=crashes, kills=self.kills)
+        if expect is not None and verdict.jobs != len(expect):
+            verdict.violations.append(f"[1] {verdict.jobs} jobs in the table, {len(expect)} created")
+        _, events, _ = harness.load(self.engine, self.scope)
+        recovery = None
+        for taken_at, snapshot in snapshots or []:
+            wait = harness.recovery_seconds(snapshot, events, taken_at)
+            if wait is not None:
+                recovery = wait if recovery is None else max(recovery, wait)
+        faults = self.faults + len(harness.fault_rows(self.engine, self.scope))
+        harness.Record(
+            fault=fault,
+            jobs=verdict.jobs,
+            faults=faults,
+            recovery_s=None if recovery is None else round(recovery, 2),
+            violations=len(verdict.violations),
+            repeats=verdict.repeated_side_effects,
+            settle_s=round(waited, 1),
+        ).write()
+        return verdict
+
+    def snapshot(self) -> tuple[dt.datetime, list[dict[str, Any]]]:
+        """The scope's leases now, to measure recovery after a fault."""
+        return harness.db_now(self.engine), harness.leases(self.engine, self.scope)
+
+
+@pytest.fixture
+def chaos(  # noqa: PLR0917
+    scope: str,
+    celery_queue: str,
+    engine: sa.Engine,
+    database_url: str,
+    chaos_redis: harness.RedisServer,
+    faults_table: None,
+    start_worker: Callable[..., Proc],
+    start_beat: Callable[..., Proc],
+    tmp_path: Path,
+) -> Iterator[Chaos]:
+    if not chaos_redis.up():  # a previous test's outage must never leak
+        chaos_redis.start()
+    _, qt = testapp.build(
+        scope,
+        database_url=database_url,
+        broker_url=chaos_redis.url,
+        celery_queue=celery_queue,
+        **harness.FAST_OPTIONS,  # type: ignore[arg-type]
+    )
+    yield Chaos(
+        scope=scope,
+        celery_queue=celery_queue,
+        engine=engine,
+        redis=chaos_redis,
+        qt=qt,
+        rng=random.Random(scope),
+        _start_worker=start_worker,
+        _start_beat=start_beat,
+    )
+    qt.engine.dispose()
+    if not chaos_redis.up():
+        chaos_redis.start()

@@ -1,0 +1,500 @@
+"""The chaos harness: a workload, a settle wait, and the invariant checker.
+
+The checker reads only what the performers logged (``qt_test_events``) and the
+public tables (``queuetopia_jobs``, ``queuetopia_leases``): it does not depend on how
+the engine reaches its result, only on what it promises.
+
+Invariants (numbered as in issue 3):
+
+1. every job ends ``done`` (or ``exhausted`` where the workload said so); none lost;
+2. no two runs of one queue overlap in time;
+3. within a queue, successful completions follow (scheduled_at, sequence) order;
+4. no job succeeds twice under one attempt, no attempt starts twice, no job runs
+   more than ``max_attempts`` attempts; a success whose outcome was lost (the job ran
+   again) is a *repeated side effect*: allowed only where the fault may crash a job
+   mid-way, and always counted;
+5. no lease left behind, no queue left blocked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import random
+import socket
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from queuetopia_celery import Queuetopia
+
+UTC = dt.timezone.utc
+
+#: Env knobs every chaos worker gets: short poll, grace and margins, so that a lost
+#: message or a dead worker is recovered within seconds.
+FAST_ENV = {
+    "QT_TEST_POLL": "0.3",
+    "QT_TEST_DISPATCH_GRACE": "4",
+    "QT_TEST_LEASE_MARGIN": "1",
+    "QT_TEST_TIME_LIMIT_GRACE": "0.5",
+}
+#: The producer side uses the same timings.
+FAST_OPTIONS = {"poll_interval": 0.3, "dispatch_grace": 4.0, "lease_margin": 1.0, "time_limit_grace": 0.5}
+#: Job timeout used by the workload (keeps the running lease, hence recovery, short).
+JOB_TIMEOUT = 3.0
+
+
+def scale() -> float:
+    """QT_CHAOS_SCALE multiplies the workload sizes (the report runs bigger ones)."""
+    return float(os.environ.get("QT_CHAOS_SCALE", "1"))
+
+
+# --------------------------------------------------------------------------- workload
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One planned job and how it must end."""
+
+    queue: str
+    params: dict[str, Any]
+    action: str = "fast_retry"
+    delay: float = 0.0  # scheduled this many seconds after creation
+    timeout: float = JOB_TIMEOUT
+    max_attempts: int = 5
+    expect: str = "done"
+
+    def as_create(self) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "queue": self.queue,
+            "action": self.action,
+            "params": self.params,
+            "timeout": self.timeout,
+            "max_attempts": self.max_attempts,
+        }
+        if self.delay:
+            item["scheduled_at"] = dt.datetime.now(UTC) + dt.timedelta(seconds=self.delay)
+        return item
+
+
+def mixed_workload(
+    rng: random.Random,
+    jobs: int,
+    queues: int,
+    *,
+    slow: float = 0.08,
+    slow_sleep: tuple[float, float] = (0.2, 0.6),
+    failing: float = 0.15,
+    scheduled: float = 0.05,
+    prefix: str = "q",
+) -> list[Spec]:
+    """Many queues; most jobs quick, some slow, some failing once or twice at random
+    before succeeding, some scheduled a little in the future."""
+    specs = []
+    for i in range(int(jobs * scale())):
+        params: dict[str, Any] = {"echo": i}
+        roll = rng.random()
+        if roll < slow:
+            params["sleep"] = round(rng.uniform(*slow_sleep), 2)
+        elif roll < slow + failing:
+            params["fail_times"] = rng.choice((1, 1, 2))
+        delay = round(rng.uniform(0.5, 2.5), 2) if rng.random() < scheduled else 0.0
+        specs.append(Spec(queue=f"{prefix}{rng.randrange(queues)}", params=params, delay=delay))
+    return specs
+
+
+class Feeder:
+    """Creates the planned jobs from a background thread, in batches (one
+    transaction each) and singly, spread over ``spread`` seconds."""
+
+    def __init__(self, qt: Queuetopia, specs: Sequence[Spec], *, spread: float = 4.0, seed: int = 0) -> None:
+        self.qt = qt
+        self.specs = list(specs)
+        self.spread = spread
+        self.rng = random.Random(seed)
+        self.expect: dict[int, str] = {}
+        self.errors: list[BaseException] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> Feeder:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            chunks: list[list[Spec]] = []
+            rest = list(self.specs)
+            while rest:
+                size = 1 if self.rng.random() < 0.3 else self.rng.randint(5, 60)
+                chunks.append(rest[:size])
+                rest = rest[size:]
+            pause = self.spread / max(len(chunks), 1)
+            for chunk in chunks:
+                self.create(chunk)
+                time.sleep(pause)
+        except BaseException as exc:  # reported by join()
+            self.errors.append(exc)
+        finally:
+            self.done.set()
+
+    def create(self, chunk: Sequence[Spec]) -> None:
+        for attempt in range(50):
+            try:
+                jobs = self.qt.create_jobs([spec.as_create() for spec in chunk])
+                break
+            except Exception:  # the database may be under attack: try again
+                if attempt == 49:
+                    raise
+                time.sleep(0.2)
+        for job, spec in zip(jobs, chunk, strict=True):
+            self.expect[job.id] = spec.expect
+
+    def join(self, timeout: float = 120) -> dict[int, str]:
+        self.thread.join(timeout)
+        if self.errors:
+            raise self.errors[0]
+        assert not self.thread.is_alive(), "the feeder did not finish"
+        return self.expect
+
+
+# --------------------------------------------------------------------------- observing
+
+
+def db_now(engine: sa.Engine) -> dt.datetime:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
+
+
+def open_runs(engine: sa.Engine, scope: str) -> list[dict[str, Any]]:
+    """Events started and not ended: jobs running now (or killed)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT job_id, queue, pid, started_at FROM qt_test_events"
+                " WHERE scope = :s AND ended_at IS NULL ORDER BY started_at"
+            ),
+            {"s": scope},
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def leases(engine: sa.Engine, scope: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT * FROM queuetopia_leases WHERE scope = :s"), {"s": scope}
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def settle(engine: sa.Engine, scope: str, expected: int, *, timeout: float = 90) -> float:
+    """Wait until ``expected`` jobs exist, none is open and no lease is held (or the
+    deadline passes: the checker then names what is stuck). Returns seconds waited."""
+    began = time.monotonic()
+    query = sa.text(
+        "SELECT (SELECT count(*) FROM queuetopia_jobs WHERE scope = :s),"
+        " (SELECT count(*) FROM queuetopia_jobs WHERE scope = :s AND status IN ('pending', 'running')),"
+        " (SELECT count(*) FROM queuetopia_leases WHERE scope = :s)"
+    )
+    while time.monotonic() - began < timeout:
+        try:
+            with engine.connect() as conn:
+                total, open_, held = conn.execute(query, {"s": scope}).one()
+        except sa.exc.OperationalError:
+            total, open_, held = -1, -1, -1
+        if total >= expected and open_ == 0 and held == 0:
+            break
+        time.sleep(0.2)
+    return time.monotonic() - began
+
+
+def fault_rows(engine: sa.Engine, scope: str) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT kind, pid, at FROM qt_test_faults WHERE scope = :s ORDER BY at"), {"s": scope}
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What the checker found."""
+
+    jobs: int = 0
+    runs: int = 0
+    violations: list[str] = dataclasses.field(default_factory=list)
+    repeated_side_effects: int = 0
+
+    def summary(self, limit: int = 25) -> str:
+        lines = [f"{len(self.violations)} invariant violations in {self.jobs} jobs / {self.runs} runs:"]
+        lines += [f"  - {v}" for v in self.violations[:limit]]
+        if len(self.violations) > limit:
+            lines.append(f"  ... and {len(self.violations) - limit} more")
+        return "\n".join(lines)
+
+
+def load(engine: sa.Engine, scope: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    with engine.connect() as conn:
+        jobs = [
+            dict(r)
+            for r in conn.execute(
+                sa.text(
+                    "SELECT id, queue, sequence, scheduled_at, status, attempts, max_attempts"
+                    " FROM queuetopia_jobs WHERE scope = :s"
+                ),
+                {"s": scope},
+            ).mappings()
+        ]
+        events = [
+            dict(r)
+            for r in conn.execute(
+                sa.text("SELECT * FROM qt_test_events WHERE scope = :s ORDER BY started_at, id"),
+                {"s": scope},
+            ).mappings()
+        ]
+        held = conn.execute(
+            sa.text("SELECT count(*) FROM queuetopia_leases WHERE scope = :s"), {"s": scope}
+        ).scalar_one()
+    return jobs, events, int(held)
+
+
+def check(
+    engine: sa.Engine,
+    scope: str,
+    expect: dict[int, str] | None = None,
+    *,
+    crashes: bool,
+    kills: dict[int, dt.datetime] | None = None,
+) -> Verdict:
+    """Check the five invariants for ``scope`` (see the module docstring).
+
+    ``expect`` maps job ids to ``done``/``exhausted`` (jobs not in it must be done).
+    ``crashes`` says whether the fault may crash a job mid-way (so that a success may
+    have been lost and the job run again). ``kills`` maps killed pids to when they
+    were killed (database clock): a run they left open ended then at the latest.
+    """
+    jobs, events, held = load(engine, scope)
+    return judge(jobs, events, held, expect or {}, crashes=crashes, kills=kills or {})
+
+
+def judge(
+    jobs: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+    held_leases: int,
+    expect: dict[int, str],
+    *,
+    crashes: bool,
+    kills: dict[int, dt.datetime],
+) -> Verdict:
+    """The pure part of :func:`check`: judge rows already read."""
+    verdict = Verdict(jobs=len(jobs), runs=len(events))
+    bad = verdict.violations
+    by_id = {job["id"]: job for job in jobs}
+
+    # 1. every job ends as planned; none lost
+    for job_id in sorted(set(expect) - set(by_id)):
+        bad.append(f"[1] job {job_id} was created but is gone from the table")
+    for job in jobs:
+        wanted = expect.get(job["id"], "done")
+        if job["status"] != wanted:
+            bad.append(
+                f"[1] job {job['id']} (queue {job['queue']}, seq {job['sequence']}) ended "
+                f"{job['status']} after {job['attempts']} attempts, expected {wanted}"
+            )
+
+    # 2. no overlap within a queue
+    runs_by_queue: dict[str, list[tuple[dt.datetime, dt.datetime, dict[str, Any]]]] = defaultdict(list)
+    for ev in events:
+        end = ev["ended_at"]
+        if end is None:
+            killed = kills.get(ev["pid"])
+            end = killed if killed is not None and killed > ev["started_at"] else ev["started_at"]
+        runs_by_queue[ev["queue"]].append((ev["started_at"], end, ev))
+    for queue, runs in runs_by_queue.items():
+        runs.sort(key=lambda r: (r[0], r[1]))
+        latest_end, latest = None, None
+        for start, end, ev in runs:
+            if latest_end is not None and start < latest_end and latest is not None:
+                bad.append(
+                    f"[2] queue {queue}: job {ev['job_id']} (attempt {ev['attempt']}, pid {ev['pid']}) "
+                    f"started while job {latest['job_id']} (attempt {latest['attempt']}, "
+                    f"pid {latest['pid']}) still ran"
+                )
+            if latest_end is None or end > latest_end:
+                latest_end, latest = end, ev
+
+    # 4. attempts start once; success once; never past max_attempts
+    events_by_job: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for ev in events:
+        events_by_job[ev["job_id"]].append(ev)
+    finals: dict[str, list[tuple[dt.datetime, dict[str, Any]]]] = defaultdict(list)
+    for job_id, evs in events_by_job.items():
+        job = by_id.get(job_id)
+        if job is None:
+            bad.append(f"[4] job {job_id} ran but is not in the table")
+            continue
+        seen: dict[int, int] = defaultdict(int)
+        for ev in evs:
+            seen[ev["attempt"]] += 1
+        for attempt, count in seen.items():
+            if count > 1:
+                bad.append(f"[4] job {job_id}: attempt {attempt} started {count} times")
+            if attempt > job["max_attempts"] or attempt > job["attempts"]:
+                bad.append(
+                    f"[4] job {job_id}: ran attempt {attempt}, recorded {job['attempts']}"
+                    f" of max {job['max_attempts']}"
+                )
+        succeeded = [ev for ev in evs if ev["kind"] == "succeeded"]
+        final = [ev for ev in succeeded if job["status"] == "done" and ev["attempt"] == job["attempts"]]
+        if job["status"] == "done":
+            if len(final) != 1:
+                bad.append(f"[4] job {job_id} is done but {len(final)} runs of its last attempt succeeded")
+            else:
+                finals[job["queue"]].append((final[0]["ended_at"], job))
+        repeats = len(succeeded) - len(final)
+        if repeats:
+            verdict.repeated_side_effects += repeats
+            if not crashes:
+                bad.append(f"[4] job {job_id} succeeded {len(succeeded)} times without a crash")
+    for job in jobs:
+        if job["attempts"] > job["max_attempts"]:
+            bad.append(f"[4] job {job['id']}: {job['attempts']} attempts > max {job['max_attempts']}")
+        if job["status"] == "done" and job["id"] not in events_by_job:
+            bad.append(f"[4] job {job['id']} is done but never ran")
+
+    # 3. completions in (scheduled_at, sequence) order within each queue
+    for queue, done in finals.items():
+        done.sort(key=lambda item: item[0])
+        previous = None
+        for _, job in done:
+            key = (job["scheduled_at"], job["sequence"])
+            if previous is not None and key < (previous["scheduled_at"], previous["sequence"]):
+                bad.append(
+                    f"[3] queue {queue}: job {job['id']} (seq {job['sequence']}) completed after "
+                    f"job {previous['id']} (seq {previous['sequence']}) that comes later"
+                )
+            previous = job
+
+    # 5. nothing left held or blocked
+    if held_leases:
+        bad.append(f"[5] {held_leases} leases left behind")
+    return verdict
+
+
+def recovery_seconds(
+    snapshot: Iterable[dict[str, Any]], events: Iterable[dict[str, Any]], taken_at: dt.datetime
+) -> float | None:
+    """Longest wait, over the leases held when a fault hit, from the lease's expiry
+    to the next start in its queue (None when no lease had to expire)."""
+    starts: dict[str, list[dt.datetime]] = defaultdict(list)
+    for ev in events:
+        if ev["started_at"] > taken_at:
+            starts[ev["queue"]].append(ev["started_at"])
+    worst: float | None = None
+    for lease in snapshot:
+        later = [s for s in starts.get(lease["queue"], []) if s > lease["expires_at"]]
+        before = [s for s in starts.get(lease["queue"], []) if s <= lease["expires_at"]]
+        if later and not before:
+            wait = (min(later) - lease["expires_at"]).total_seconds()
+            worst = wait if worst is None else max(worst, wait)
+    return worst
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclasses.dataclass
+class Record:
+    """One line of the reliability report."""
+
+    fault: str
+    jobs: int
+    faults: int
+    recovery_s: float | None
+    violations: int
+    repeats: int
+    settle_s: float
+
+    def write(self) -> None:
+        path = os.environ.get("QT_CHAOS_REPORT")
+        if path:
+            with open(path, "a", encoding="utf-8") as out:
+                out.write(json.dumps(dataclasses.asdict(self)) + "\n")
+
+
+# --------------------------------------------------------------------------- a private Redis
+
+
+class RedisServer:
+    """A redis-server of our own (no persistence), so that restarting it or letting it
+    redeliver messages never disturbs anyone else's tests."""
+
+    def __init__(self, workdir: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.restarts = 0
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout.strip()
+
+    def up(self) -> bool:
+        return self.cli("PING") == "PONG"
+
+    def start(self) -> None:
+        subprocess.run(
+            [
+                "redis-server",
+                "--daemonize", "yes",
+                "--bind", "127.0.0.1",
+                "--port", str(self.port),
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.workdir),
+                "--logfile", str(self.workdir / "redis.log"),
+                "--pidfile", str(self.workdir / "redis.pid"),
+            ],
+            check=True,
+            timeout=10,
+        )  # fmt: skip
+        _wait(self.up, 10, "redis-server to answer")
+
+    def stop(self) -> None:
+        """Shut down losing every message (SHUTDOWN NOSAVE)."""
+        self.cli("SHUTDOWN", "NOSAVE")
+        _wait(lambda: not self.up(), 10, "redis-server to stop")
+
+    def restart(self, down: float = 0.0) -> None:
+        self.stop()
+        try:
+            time.sleep(down)  # the outage itself, not a wait for a result
+        finally:
+            self.start()
+            self.restarts += 1
+
+
+def _wait(condition: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
