@@ -218,18 +218,19 @@ class Runner:
     def _record_lost(self, lost: LostAttempt) -> None:
         qt = self.qt
         job = lost.job
-        error = (
-            f"WorkerLostError: attempt {job.attempts} of job {job.id} did not finish: "
+        lost_error = WorkerLostError(
+            f"attempt {job.attempts} of job {job.id} did not finish: "
             f"{job.attempted_by or 'its worker'} died or was killed (its lease expired)"
         )
         try:
             performer: PerformerProtocol | None = qt.registry.resolve(job.action)
         except LookupError:
             performer = None
-        outcome = self._failure(job, performer, _Lost(error))
+        outcome = self._failure(job, performer, lost_error)
         if qt.store.record_lost(lost, outcome):
             logger.warning(
-                error,
+                "WorkerLostError: %s",
+                lost_error,
                 extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
             )
 
@@ -245,14 +246,9 @@ class Runner:
         return len(taken)
 
 
-class _Lost(Exception):
-    """Stands for a worker that died mid-job (no traceback to show)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        return str(self.args[0])
+class WorkerLostError(Exception):
+    """Stands for a worker that died mid-job (never raised: no traceback to show).
+    Its name starts the error text stored on the job."""
 
 
 def register(qt: Queuetopia) -> tuple[Any, Any, Any]:
