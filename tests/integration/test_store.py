@@ -1,0 +1,309 @@
+"""The store and the Runner against real PostgreSQL (and Redis for the messages they
+publish): leases, fencing tokens, recovery of lost attempts, listing and scopes.
+No worker runs here: the Runner is called in this process."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+from queuetopia_celery import Job, JobState, Performer, Queuetopia
+from queuetopia_celery.store import Outcome
+from tests.conftest import REDIS_URL
+
+UTC = dt.timezone.utc
+GRACE = 20.0
+
+
+def expire_leases(engine: sa.Engine, scope: str) -> None:
+    """Pretend the leases of this scope ran out (a worker died, a message got stuck)."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE queuetopia_leases SET expires_at = now() - interval '1 second' WHERE scope = :s"),
+            {"s": scope},
+        )
+
+
+def take(qt: Queuetopia, queue: str) -> Any:
+    (dispatch,) = qt.store.dispatch([queue], grace=GRACE)
+    return dispatch
+
+
+# --------------------------------------------------------------------------- leases
+
+
+def test_dispatch_takes_a_queue_once_and_only_for_a_due_head(qt):
+    job = qt.create_job("q", "work", {})
+    lease = qt.store.lease_of("q")  # the kick after create_job took it
+    assert lease is not None and lease["job_id"] == job.id and lease["started_at"] is None
+    assert qt.store.dispatch(["q"], grace=GRACE) == []
+    assert qt.store.dispatch(grace=GRACE) == []
+
+    later = qt.create_job("scheduled", "work", {}, scheduled_at=dt.datetime.now(UTC) + dt.timedelta(hours=1))
+    assert qt.store.dispatch(["scheduled"], grace=GRACE) == []
+    assert qt.store.dispatch(grace=GRACE) == []
+    assert qt.store.lease_of("scheduled") is None
+    assert qt.get_job(later.id).state is JobState.SCHEDULED
+
+
+def test_a_scheduled_job_is_dispatched_by_the_scan_once_due(qt, engine, scope):
+    job = qt.create_job("s", "work", {}, scheduled_at=dt.datetime.now(UTC) + dt.timedelta(hours=1))
+    assert qt.store.dispatch(grace=GRACE) == []
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE queuetopia_jobs SET scheduled_at = now() - interval '1 second' WHERE id = :i"),
+            {"i": job.id},
+        )
+        # What a producer of an earlier job would do: lower the queue's due time.
+        conn.execute(
+            sa.text("UPDATE queuetopia_queues SET due_at = now() WHERE scope = :s AND queue = 's'"),
+            {"s": scope},
+        )
+    (taken,) = qt.store.dispatch(grace=GRACE)
+    assert (taken.queue, taken.job_id) == ("s", job.id)
+
+
+def test_start_needs_the_current_token_and_counts_the_attempt_once(qt):
+    job = qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    assert qt.store.start("q", job.id, "not-the-token", worker="w/1", lease=30) is None
+    assert qt.get_job(job.id).attempts == 0
+
+    started = qt.store.start("q", job.id, token, worker="w/1", lease=30)
+    assert started is not None
+    assert (started.attempts, started.attempted_by, started.state) == (1, "w/1", JobState.RUNNING)
+    assert started.attempted_at is not None
+    # The same message delivered twice: the second delivery is dropped.
+    assert qt.store.start("q", job.id, token, worker="w/2", lease=30) is None
+    assert qt.get_job(job.id).attempts == 1
+
+
+def test_finish_hands_the_lease_to_the_next_due_job_with_a_new_token(qt):
+    first = qt.create_job("q", "work", {})
+    second = qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    written, nxt = qt.store.finish(job, token, Outcome(True, result={"ok": 1}), grace=GRACE)
+    assert written and nxt is not None
+    assert (nxt.job_id, nxt.queue) == (second.id, "q") and nxt.token != token
+    assert qt.get_job(first.id).result == {"ok": 1}
+    # The old token neither starts the next job nor writes anything any more.
+    assert qt.store.start("q", second.id, token, worker="w/1", lease=30) is None
+    assert qt.store.finish(job, token, Outcome(False, error="late"), grace=GRACE) == (False, None)
+    assert qt.get_job(first.id).state is JobState.DONE
+    assert qt.store.start("q", second.id, nxt.token, worker="w/1", lease=30) is not None
+
+
+def test_a_failed_attempt_is_retried_later_and_keeps_the_head(qt):
+    first = qt.create_job("q", "work", {}, max_attempts=2)
+    qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    written, nxt = qt.store.finish(job, token, Outcome(False, error="boom", backoff=3600), grace=GRACE)
+    assert written and nxt is None, "the second job must not overtake a retrying head"
+    failed = qt.get_job(first.id)
+    assert (failed.state, failed.error, failed.attempts) == (JobState.RETRYING, "boom", 1)
+    assert failed.next_attempt_at > failed.attempted_at + dt.timedelta(seconds=3500)
+    assert qt.store.lease_of("q") is None
+    assert qt.store.dispatch(["q"], grace=GRACE) == []
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def test_a_stale_perform_message_is_dropped_without_running_the_job(qt, engine, scope):
+    job = qt.create_job("q", "work", {"echo": 1})
+    old = qt.store.lease_of("q")["token"]
+    expire_leases(engine, scope)
+    assert qt.scan() == 1  # re-dispatched with a new token
+    new = qt.store.lease_of("q")["token"]
+    assert new != old
+    runner = qt.perform_runner
+    assert runner.perform("q", job.id, old, hostname="test", time_limit=None) == 0
+    assert qt.get_job(job.id).attempts == 0
+    assert qt.store.lease_of("q")["token"] == new
+
+
+class Recorder(Performer):
+    """A class performer: fails while params fail is true; records hook calls."""
+
+    def __init__(self) -> None:
+        self.failed: list[Job] = []
+
+    def perform(self, job: Job) -> Any:
+        if job.params.get("fail"):
+            raise ValueError(f"refused {job.params['fail']}")
+        return {"done": job.id}
+
+    def backoff(self, job: Job) -> float:
+        return 1234.0
+
+    def handle_failed_job(self, job: Job) -> None:
+        self.failed.append(job)
+        if job.params.get("hook_raises"):
+            raise KeyError("hook exploded")
+
+
+@pytest.fixture
+def class_qt(database_url: str, scope: str, celery_queue: str) -> Iterator[tuple[Queuetopia, Recorder]]:
+    app = Celery(f"class-{scope}", broker=REDIS_URL)
+    recorder = Recorder()
+    qt = Queuetopia(scope, app=app, database_url=database_url, performer=recorder, celery_queue=celery_queue)
+    yield qt, recorder
+    qt.engine.dispose()
+
+
+def run_head(qt: Queuetopia, queue: str) -> int:
+    lease = qt.store.lease_of(queue)
+    assert lease is not None
+    return int(
+        qt.perform_runner.perform(queue, lease["job_id"], lease["token"], hostname="h", time_limit=None)
+    )
+
+
+def test_a_class_performer_runs_jobs_and_its_hooks_are_called_after_each_failed_attempt(class_qt):
+    qt, recorder = class_qt
+    ok = qt.create_job("q", "anything", {})
+    bad = qt.create_job("q", "anything", {"fail": "once"})
+    after = qt.create_job("q", "anything", {})
+    # One task runs the head, then the next due jobs within its burst, stopping at the failure.
+    assert run_head(qt, "q") == 2
+    assert qt.get_job(ok.id).result == {"done": ok.id}
+    failed = qt.get_job(bad.id)
+    assert failed.state is JobState.RETRYING
+    assert failed.error.startswith("ValueError: refused once")
+    waited = (failed.next_attempt_at - failed.attempted_at).total_seconds()
+    assert 1234 <= waited < 1234 + 30
+    (seen,) = recorder.failed
+    assert (seen.id, seen.attempts, seen.error) == (bad.id, 1, failed.error)
+    assert qt.get_job(after.id).state is JobState.AVAILABLE
+
+
+def test_an_exception_in_handle_failed_job_is_recorded_on_the_job(class_qt):
+    qt, recorder = class_qt
+    job = qt.create_job("q", "anything", {"fail": "always", "hook_raises": True}, max_attempts=1)
+    after = qt.create_job("q", "anything", {})
+    run_head(qt, "q")
+    failed = qt.get_job(job.id)
+    assert failed.state is JobState.EXHAUSTED
+    assert failed.error.startswith("ValueError: refused always")
+    assert "handle_failed_job raised KeyError: 'hook exploded'" in failed.error
+    assert len(recorder.failed) == 1
+    # Exhausted: the queue moved on; the next job ran in the same burst or was handed on.
+    lease = qt.store.lease_of("q")
+    assert qt.get_job(after.id).state is JobState.DONE or (lease is not None and lease["job_id"] == after.id)
+
+
+def test_a_result_that_is_not_json_fails_the_attempt(database_url, scope):
+    class Bad(Performer):
+        def perform(self, job: Job) -> Any:
+            return {1, 2}
+
+    other = Queuetopia(
+        f"{scope}-x", app=Celery("bad-result", broker=REDIS_URL), database_url=database_url, performer=Bad()
+    )
+    try:
+        job = other.create_job("q", "a", {})
+        run_head(other, "q")
+        failed = other.get_job(job.id)
+        assert failed.state is JobState.RETRYING
+        assert failed.error.startswith("ResultNotJSONError")
+    finally:
+        other.engine.dispose()
+
+
+# --------------------------------------------------------------------------- lost attempts
+
+
+def test_an_expired_started_lease_is_recovered_as_a_failed_attempt(qt, engine, scope):
+    job = qt.create_job("q", "work", {}, max_attempts=2)
+    nxt = qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    running = qt.store.start("q", job.id, token, worker="dead-host/4242", lease=30)
+    assert running is not None
+    assert qt.scan() == 0, "a live lease is left alone"
+    assert qt.get_job(job.id).state is JobState.RUNNING
+
+    expire_leases(engine, scope)
+    qt.scan()
+    lost = qt.get_job(job.id)
+    assert lost.state is JobState.RETRYING
+    assert lost.attempts == 1
+    assert lost.error.startswith("WorkerLostError: attempt 1 of job")
+    assert "dead-host/4242" in lost.error
+    assert lost.next_attempt_at is not None
+    assert qt.store.lease_of("q") is None
+    assert qt.get_job(nxt.id).state is JobState.AVAILABLE
+    # The dead worker's late outcome, if it ever comes, is dropped.
+    assert qt.store.finish(running, token, Outcome(True, result="late"), grace=GRACE) == (False, None)
+    assert qt.get_job(job.id).result is None
+
+
+def test_a_lost_last_attempt_exhausts_the_job_and_the_queue_moves_on(qt, engine, scope):
+    job = qt.create_job("q", "work", {}, max_attempts=1)
+    nxt = qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    assert qt.store.start("q", job.id, token, worker="w/1", lease=30) is not None
+    expire_leases(engine, scope)
+    assert qt.scan() == 1
+    assert qt.get_job(job.id).state is JobState.EXHAUSTED
+    assert qt.store.lease_of("q")["job_id"] == nxt.id
+
+
+# --------------------------------------------------------------------------- listing and scopes
+
+
+def test_list_and_paginate_jobs_filter_and_order_newest_sequence_first(qt, make_qt, scope):
+    created = [
+        qt.create_job("q1", "work", {"n": 0}),
+        qt.create_job("q1", "other", {"n": 1}),
+        qt.create_job("q2", "work", {"n": 2}),
+        qt.create_job("q1", "work", {"n": 3}),
+        qt.create_job("q2", "work", {"n": 4}, scheduled_at=dt.datetime.now(UTC) + dt.timedelta(hours=1)),
+    ]
+    # Make the head of q1 done.
+    token = qt.store.lease_of("q1")["token"]
+    head = qt.store.start("q1", created[0].id, token, worker="w/1", lease=30)
+    qt.store.finish(head, token, Outcome(True, result=None), grace=GRACE, hand_off=False)
+
+    def ns(jobs: list[Job]) -> list[int]:
+        return [j.params["n"] for j in jobs]
+
+    assert ns(qt.list_jobs(queue="q1")) == [3, 1, 0]
+    assert ns(qt.list_jobs(queue="q2")) == [4, 2]
+    assert ns(qt.list_jobs(action="other")) == [1]
+    assert ns(qt.list_jobs(state="done")) == [0]
+    assert ns(qt.list_jobs(state=JobState.SCHEDULED)) == [4]
+    assert ns(qt.list_jobs(queue="q1", state="available")) == [3, 1]
+    assert ns(qt.list_jobs(queue="q1", action="work", state="available")) == [3]
+    assert len(qt.list_jobs()) == 5
+    assert len(qt.list_jobs(limit=2)) == 2
+    with pytest.raises(ValueError, match="state"):
+        qt.list_jobs(state="bogus")
+
+    page = qt.paginate_jobs(2, 1, queue="q1")
+    assert (ns(page.items), page.total, page.page_number, page.page_size, page.total_pages) == (
+        [3, 1],
+        3,
+        1,
+        2,
+        2,
+    )
+    page2 = qt.paginate_jobs(2, 2, queue="q1")
+    assert (ns(page2.items), page2.total) == ([0], 3)
+    assert qt.paginate_jobs(10, 5).items == []
+    with pytest.raises(ValueError):
+        qt.paginate_jobs(0, 1)
+
+    other = make_qt(f"{scope}-other")
+    foreign = other.create_job("q1", "work", {"n": 99})
+    assert qt.get_job(foreign.id) is None
+    assert other.get_job(created[0].id) is None
+    assert ns(other.list_jobs()) == [99]
+    assert foreign.id not in {j.id for j in qt.list_jobs(queue="q1")}
+    assert other.paginate_jobs(10, 1).total == 1
