@@ -333,6 +333,26 @@ def purge(obj: _Context, older_than: str) -> None:
     click.echo(f"deleted {deleted} done job(s) older than {older_than}")
 
 
+@cli.command()
+@click.option(
+    "--database-url", "local_url", help="Run against this database (PostgreSQL) instead of a SQLite file."
+)
+@click.option("--broker", help="Run against this broker (Redis) with real worker processes.")
+@click.pass_obj
+def demo(obj: _Context, local_url: str | None, broker: str | None) -> None:
+    """Watch ordered, blocking queues run: no server, no configuration needed."""
+    from . import demo as _demo
+
+    _demo.quiet_logs()
+    try:
+        summary = _demo.run(database_url=local_url, broker=broker)
+    except (QueuetopiaError, sa.exc.ArgumentError) as exc:
+        _fail(str(exc))
+        return
+    if not summary.ok:
+        sys.exit(1)
+
+
 def _offline_url(url: str) -> str:
     parsed = sa.engine.make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
