@@ -56,6 +56,12 @@ def format_error(exc: BaseException) -> str:
     return text
 
 
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it: NUL characters and lone surrogates (possible
+    in any exception message) escaped, so the outcome write never fails on them."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class _SoftLimit:
     """The job's soft time limit: SIGALRM raises :class:`JobTimeoutError` inside the
     performer. Only possible in the main thread (prefork children and the solo pool);
@@ -192,7 +198,7 @@ class Runner:
                 performer.handle_failed_job(failed)
             except Exception as hook_exc:
                 error = f"{error}\nhandle_failed_job raised {format_error(hook_exc)}"
-        return Outcome(False, error=qt.store.redact(error), backoff=backoff)
+        return Outcome(False, error=storable_text(qt.store.redact(error)), backoff=backoff)
 
     # ------------------------------------------------------------------ scan and kick
 

@@ -307,3 +307,21 @@ def test_list_and_paginate_jobs_filter_and_order_newest_sequence_first(qt, make_
     assert ns(other.list_jobs()) == [99]
     assert foreign.id not in {j.id for j in qt.list_jobs(queue="q1")}
     assert other.paginate_jobs(10, 1).total == 1
+
+
+def test_an_error_message_with_nul_or_lone_surrogates_is_stored(database_url, scope):
+    class Nasty(Performer):
+        def perform(self, job: Job) -> Any:
+            raise ValueError("bad \x00 byte and \ud800 surrogate")
+
+    qt = Queuetopia(
+        scope, app=Celery("nasty", broker=REDIS_URL), database_url=database_url, performer=Nasty()
+    )
+    try:
+        job = qt.create_job("q", "a", {})
+        run_head(qt, "q")
+        failed = qt.get_job(job.id)
+        assert failed.state is JobState.RETRYING
+        assert failed.error.startswith("ValueError: bad \\x00 byte and \\ud800 surrogate")
+    finally:
+        qt.engine.dispose()
