@@ -106,6 +106,23 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
+class _CommitHook:
+    """Hands the items collected under ``key`` on a Session or Connection to
+    ``callback(items, committed)`` when its transaction commits; drops them on rollback."""
+
+    def __init__(self, key: str, callback: Callable[..., None]) -> None:
+        self.key = key
+        self.callback = callback
+
+    def committed(self, target: Any, *_: Any) -> None:
+        items = target.info.pop(self.key, None)
+        if items:
+            self.callback(items, isinstance(target, Session))
+
+    def rolled_back(self, target: Any, *_: Any) -> None:
+        target.info.pop(self.key, None)
+
+
 class Store:
     """All reads and writes of one scope."""
 
@@ -116,6 +133,7 @@ class Store:
         self.dialect = engine.dialect.name
         self.is_postgres = self.dialect == "postgresql"
         self._secrets = [engine.url.password if isinstance(engine.url.password, str) else None]
+        self._commit_hooks: dict[str, _CommitHook] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -193,7 +211,6 @@ class Store:
         wait for the commit. A rollback discards the items.
         """
         info = connection.info
-        first = key not in info
         pending: set[str] = info.setdefault(key, set())
         new = set(items) - pending
         pending.update(new)
@@ -202,24 +219,14 @@ class Store:
             with self._tx(connection) as conn:
                 for queue in sorted(new):
                     conn.execute(sa.select(func.pg_advisory_xact_lock_shared(self._queue_key(queue))))
-        if not first:
-            return
-        fire: Any = callback
-
-        def committed(*_: Any) -> None:
-            fire(info.pop(key, set()), is_session)
-
-        def rolled_back(*_: Any) -> None:
-            info.pop(key, None)
-            with contextlib.suppress(Exception):
-                event.remove(connection, "after_commit" if is_session else "commit", committed)
-
-        if is_session:
-            event.listen(connection, "after_commit", committed, once=True)
-            event.listen(connection, "after_rollback", rolled_back, once=True)
-        else:
-            event.listen(connection, "commit", committed, once=True)
-            event.listen(connection, "rollback", rolled_back, once=True)
+        # Listeners are registered once per Session or Connection, not per transaction:
+        # ``once=True`` listeners stay in the event list after firing, so a long-lived
+        # session would pile up one per committed transaction.
+        hook = self._commit_hooks.setdefault(key, _CommitHook(key, callback))
+        names = ("after_commit", "after_rollback") if is_session else ("commit", "rollback")
+        if not event.contains(connection, names[0], hook.committed):
+            event.listen(connection, names[0], hook.committed)
+            event.listen(connection, names[1], hook.rolled_back)
 
     def _queue_key(self, queue: str) -> sa.ColumnElement[int]:
         return func.hashtextextended(sa.literal(f"queuetopia\x1f{self.scope}\x1f{queue}"), 0)

@@ -132,6 +132,28 @@ def test_a_job_created_in_the_callers_session_commits_and_rolls_back_with_it(qt,
     assert lease is not None and lease["job_id"] == kept.id
 
 
+def test_a_long_lived_session_kicks_after_every_commit_without_piling_up_listeners(qt, engine):
+    with Session(engine) as session:
+        for i in range(6):
+            job = qt.create_job(f"s{i}", "work", {}, connection=session)
+            if i % 3 == 2:
+                session.rollback()
+                assert qt.get_job(job.id) is None
+                assert qt.store.lease_of(f"s{i}") is None
+                continue
+            session.commit()
+            lease = qt.store.lease_of(f"s{i}")
+            assert lease is not None and lease["job_id"] == job.id, f"commit {i} was not kicked"
+        assert len(session.dispatch.after_commit) == 1
+        assert len(session.dispatch.after_rollback) == 1
+    with engine.connect() as conn:
+        for i in range(4):
+            with conn.begin():
+                qt.create_job("c", "work", {"i": i}, connection=conn)
+        assert len(conn.dispatch.commit) == 1
+        assert len(conn.dispatch.rollback) == 1
+
+
 # --------------------------------------------------------------------------- commit order
 
 
