@@ -121,7 +121,9 @@ class Queuetopia:
             raise ConfigurationError("app= must be a Celery app")
         scopes: set[str] = app.__dict__.setdefault("_queuetopia_scopes", set())
         if scope in scopes:
-            raise ConfigurationError(f"a Queuetopia with scope {scope!r} is already registered on this Celery app")
+            raise ConfigurationError(
+                f"a Queuetopia with scope {scope!r} is already registered on this Celery app"
+            )
         scopes.add(scope)
         self.app = app
         self.engine = engine if engine is not None else make_engine(str(database_url))
@@ -453,5 +455,5 @@ def _spec(item: dict[str, Any], on_exhausted: str = ON_EXHAUSTED_SKIP) -> NewJob
         timeout=item.get("timeout", DEFAULT_TIMEOUT),
         max_backoff=item.get("max_backoff", DEFAULT_MAX_BACKOFF),
         max_attempts=item.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
-        on_exhausted=item.get("on_exhausted") or on_exhausted,
+        on_exhausted=on_exhausted if item.get("on_exhausted") is None else item["on_exhausted"],
     )

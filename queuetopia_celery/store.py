@@ -249,7 +249,7 @@ class Store:
             for queue in sorted(by_queue):
                 indexes = by_queue[queue]
                 first_due = min(specs[i].scheduled_at or now for i in indexes)
-                last = self._bump_sequence(conn, queue, len(indexes), first_due)
+                last, locked_at = self._bump_sequence(conn, queue, len(indexes), first_due)
                 rows = []
                 for offset, i in enumerate(indexes):
                     spec = specs[i]
@@ -264,10 +264,13 @@ class Store:
                             "max_backoff": spec.max_backoff,
                             "max_attempts": spec.max_attempts,
                             "on_exhausted": spec.on_exhausted,
-                            "scheduled_at": spec.scheduled_at or now,
+                            # Not ``now`` (our transaction's start): a producer that
+                            # started earlier but got the queue row later must not sort
+                            # before jobs committed ahead of it.
+                            "scheduled_at": spec.scheduled_at or locked_at,
                             "status": STATUS_PENDING,
                             "attempts": 0,
-                            "inserted_at": now,
+                            "inserted_at": locked_at,
                         }
                     )
                 result = conn.execute(
@@ -277,8 +280,12 @@ class Store:
                     created[i] = Job.from_row(row)
         return [job for job in created if job is not None]
 
-    def _bump_sequence(self, conn: Connection, queue: str, count: int, due: dt.datetime) -> int:
+    def _bump_sequence(
+        self, conn: Connection, queue: str, count: int, due: dt.datetime
+    ) -> tuple[int, dt.datetime]:
         """Upsert the queue's row: take ``count`` sequence numbers and lower ``due_at``.
+        Returns the last number taken and the time the row was locked (the default
+        ``scheduled_at``, so that (scheduled_at, sequence) follows commit order too).
 
         The row stays locked until the creating transaction ends, so producers of one
         queue commit in sequence order; producers of other queues do not wait.
@@ -295,8 +302,11 @@ class Store:
                     else_=Q.c.due_at,
                 ),
             },
-        ).returning(Q.c.last_sequence)
-        return int(conn.execute(upsert).scalar_one())
+        )
+        if not self.is_postgres:
+            return int(conn.execute(upsert.returning(Q.c.last_sequence)).scalar_one()), utcnow()
+        last, locked_at = conn.execute(upsert.returning(Q.c.last_sequence, func.clock_timestamp())).one()
+        return int(last), locked_at.astimezone(UTC)
 
     # ------------------------------------------------------------------ reading jobs
 
@@ -804,7 +814,7 @@ class Store:
             if len(ids) < batch:
                 return total
 
-    def _heads(self, conn: Connection, queue: str | None) -> dict[str, Job]:
+    def _heads(self, conn: Connection, queues: Sequence[str] | None) -> dict[str, Job]:
         """The head (first open job) of each queue of the scope."""
         rank = (
             sa.func.row_number()
@@ -814,8 +824,8 @@ class Store:
         ranked = sa.select(*_JOB_COLUMNS, rank).where(
             J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES)
         )
-        if queue is not None:
-            ranked = ranked.where(J.c.queue == queue)
+        if queues is not None:
+            ranked = ranked.where(J.c.queue.in_(list(queues)))
         sub = ranked.subquery()
         rows = conn.execute(
             sa.select(*[sub.c[c.name] for c in _JOB_COLUMNS]).where(sub.c.rank == 1)
@@ -847,16 +857,27 @@ class Store:
         """One row per queue that has open jobs or a lease: blocked queues first
         (longest blocked first), then by queue name."""
         with self._tx() as conn:
+            names: list[str] | None = None if queue is None else [queue]
+            if blocked_only:
+                # Only queues with a failing open job can be blocked: look at those alone.
+                failing = sa.select(J.c.queue).distinct().where(
+                    J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES), J.c.error.is_not(None)
+                )
+                if queue is not None:
+                    failing = failing.where(J.c.queue == queue)
+                names = list(conn.execute(failing).scalars())
+                if not names:
+                    return []
             counts = sa.select(J.c.queue, func.count(), func.min(J.c.inserted_at)).where(
                 J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES)
             )
-            if queue is not None:
-                counts = counts.where(J.c.queue == queue)
+            if names is not None:
+                counts = counts.where(J.c.queue.in_(names))
             pending = {row[0]: (int(row[1]), row[2]) for row in conn.execute(counts.group_by(J.c.queue))}
-            heads = self._heads(conn, queue)
+            heads = self._heads(conn, names)
             lease_q = sa.select(L).where(L.c.scope == self.scope)
-            if queue is not None:
-                lease_q = lease_q.where(L.c.queue == queue)
+            if names is not None:
+                lease_q = lease_q.where(L.c.queue.in_(names))
             held = {row["queue"]: row for row in conn.execute(lease_q).mappings()}
             out = []
             for name in sorted(set(pending) | set(held)):
@@ -909,7 +930,7 @@ class Store:
             leased = set(conn.execute(sa.select(L.c.queue).where(L.c.scope == self.scope)).scalars())
             due_times = [
                 head.due_at
-                for head in self._heads(conn, queue).values()
+                for head in self._heads(conn, None if queue is None else [queue]).values()
                 if head.status == STATUS_PENDING and not head.held and head.queue not in leased
             ]
             if not due_times:
