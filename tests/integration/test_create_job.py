@@ -217,8 +217,9 @@ def test_sequence_follows_commit_order_not_start_order(qt, engine):
     early.join(10)
     late.join(10)
     assert early.error is None and late.error is None
-    # Committed first, numbered first.
+    # Committed first, numbered first, and run first: jobs run by (scheduled_at, sequence).
     assert late.job.sequence < early.job.sequence
+    assert (late.job.scheduled_at, late.job.sequence) < (early.job.scheduled_at, early.job.sequence)
     assert [j.params["by"] for j in qt.list_jobs(queue="ordered")] == ["early", "late"]
 
 
