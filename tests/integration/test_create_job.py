@@ -259,3 +259,15 @@ def test_many_concurrent_producers_of_one_queue_get_gapless_sequences_in_commit_
     for t in threads:
         t.join(30)
     assert sorted(committed) == list(range(1, 21))
+
+
+def test_bulk_creation_numbers_each_queue_and_wakes_each_queue_once(qt):
+    created = qt.create_jobs(
+        [{"queue": f"b{i % 3}", "action": "work", "params": {"i": i}} for i in range(30)]
+    )
+    for q in range(3):
+        mine = [j for j in created if j.queue == f"b{q}"]
+        assert [j.sequence for j in mine] == list(range(1, 11))
+        assert [j.params["i"] for j in mine] == list(range(q, 30, 3))
+        lease = qt.store.lease_of(f"b{q}")
+        assert lease is not None and lease["job_id"] == mine[0].id
