@@ -221,3 +221,27 @@ def test_cleanup_runs_from_beat_when_configured(database_url, scope, engine):
 def test_on_exhausted_is_validated(make_qt):
     with pytest.raises(Exception, match="on_exhausted"):
         make_qt(on_exhausted="never")
+
+
+@pytest.mark.acceptance
+def test_held_job_on_a_real_worker_waits_for_retry_then_the_queue_goes_on(
+    database_url, scope, celery_queue, engine, start_worker
+):
+    from tests.conftest import events
+
+    start_worker(concurrency=2, beat=True)
+    app = Celery(f"t-{uuid.uuid4().hex[:6]}", broker=REDIS_URL)
+    qt = Queuetopia(scope, app=app, database_url=database_url, celery_queue=celery_queue, on_exhausted="hold")
+    try:
+        first = qt.create_job("q", "fast_retry", {"fail_times": 2}, max_attempts=2)
+        second = qt.create_job("q", "work", {})
+        wait_for(lambda: qt.get_job(first.id).state is JobState.HELD, timeout=60, message="held")
+        assert qt.get_job(second.id).state is JobState.AVAILABLE
+        assert [b.queue for b in qt.blocked_queues()] == ["q"]
+        qt.retry_job(first.id)  # attempt 3 succeeds
+        wait_for(lambda: qt.get_job(second.id).state is JobState.DONE, timeout=60, message="second done")
+        seen = [(e["sequence"], e["attempt"]) for e in events(engine, scope)]
+        assert seen == [(1, 1), (1, 2), (1, 3), (2, 1)]
+        assert qt.blocked_queues() == []
+    finally:
+        qt.engine.dispose()
