@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import JobTimeoutError, ResultNotJSONError
-from .jobs import STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
+from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
 from .performer import PerformerProtocol, safe_backoff
 from .store import Dispatch, LostAttempt, Outcome
 
@@ -181,6 +181,7 @@ class Runner:
         if problem:
             error = f"{error}\n{problem}"
         exhausted = job.attempts >= job.max_attempts
+        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD  # the hook sees job.state HELD
         logger.warning(
             "job %s of queue %r failed attempt %s/%s: %s",
             job.id,
@@ -192,7 +193,10 @@ class Runner:
         )
         if performer is not None:
             failed = dataclasses.replace(
-                job, error=error, status=STATUS_EXHAUSTED if exhausted else STATUS_PENDING
+                job,
+                error=error,
+                status=STATUS_EXHAUSTED if exhausted and not held else STATUS_PENDING,
+                next_attempt_at=HELD_UNTIL if held else job.next_attempt_at,
             )
             try:
                 performer.handle_failed_job(failed)

@@ -245,3 +245,18 @@ def test_held_job_on_a_real_worker_waits_for_retry_then_the_queue_goes_on(
         assert qt.blocked_queues() == []
     finally:
         qt.engine.dispose()
+
+
+def test_the_failure_hook_sees_the_state_the_job_will_have(make_qt):
+    qt = make_qt(on_exhausted="hold")
+    seen: list[JobState] = []
+
+    @qt.performer("hooked", on_failure=lambda job: seen.append(job.state))
+    def hooked(job: Job) -> None:
+        raise RuntimeError("no")
+
+    qt.create_job("q", "hooked", max_attempts=2)
+    qt.create_job("r", "hooked", max_attempts=1, on_exhausted="skip")
+    qt.drain("q", with_scheduled=True)
+    qt.drain("r")
+    assert seen == [JobState.RETRYING, JobState.HELD, JobState.EXHAUSTED]
