@@ -133,10 +133,16 @@ def run(
         qt.migrate()
         where = qt.engine.url.render_as_string(hide_password=True)
         if broker is None:
-            console.print(f"[bold]queuetopia-celery demo[/]: {where}, in-process Celery worker (threads)")
+            console.print(
+                f"[bold]queuetopia-celery demo[/] (scope {scope}): {where}, "
+                "in-process Celery worker (threads)"
+            )
             stack.enter_context(_thread_worker(qt))
         else:
-            console.print(f"[bold]queuetopia-celery demo[/]: {where}, broker {broker}, 2 worker processes")
+            console.print(
+                f"[bold]queuetopia-celery demo[/] (scope {scope}): {where}, broker {broker}, "
+                "2 worker processes"
+            )
             stack.enter_context(_worker_processes(qt, database_url, broker))
         total = sum(len(params) for _, params in PLAN)
         qt.create_jobs([{"queue": queue, "action": "step", "params": p} for queue, ps in PLAN for p in ps])
