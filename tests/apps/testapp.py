@@ -175,7 +175,8 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
     * QT_TEST_DUPLICATE_SENDS=1: publish every perform message twice.
     * QT_TEST_PG_KILL="dispatch=0.1,start=0.1,finish=0.1": while the store runs that
       call, terminate its own PostgreSQL backend before a statement with that
-      probability (logged in qt_test_faults).
+      probability (logged in qt_test_faults), until QT_TEST_PG_KILL_MAX kills are
+      logged for the scope.
     * QT_TEST_BREAK_FENCING=1: deliberately broken worker that runs a job even when
       its message's token is stale. Only for proving that the chaos checker sees it.
     """
@@ -223,19 +224,26 @@ def _install_pg_kill(qt: Queuetopia, spec: str) -> None:
     import psycopg
 
     rates = {name: float(rate) for name, rate in (part.split("=") for part in spec.split(","))}
+    budget = int(os.environ.get("QT_TEST_PG_KILL_MAX", "1000000"))
     phase = threading.local()
     admin: dict[int, Any] = {}
+    rngs: dict[int, random.Random] = {}
     url = qt.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     def terminate(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         name = getattr(phase, "name", None)
-        if name is None or random.random() >= rates.get(name, 0.0):
+        rng = rngs.setdefault(os.getpid(), random.Random(os.getpid()))  # forked children differ
+        if name is None or rng.random() >= rates.get(name, 0.0):
             return
         phase.name = None  # once per call
-        pid = conn.connection.dbapi_connection.info.backend_pid
         killer = admin.get(os.getpid())
         if killer is None:
             killer = admin[os.getpid()] = psycopg.connect(url, autocommit=True)
+        done = killer.execute("SELECT count(*) FROM qt_test_faults WHERE scope = %s", (qt.scope,)).fetchone()
+        if done[0] >= budget:
+            rates.clear()
+            return
+        pid = conn.connection.dbapi_connection.info.backend_pid
         killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
         for _ in range(100):
             if killer.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:

@@ -195,12 +195,12 @@ class Terminator:
     ],
 )
 def test_postgres_connections_terminated(chaos, phase, knob, external, crashes):
-    chaos.worker(beat=True, QT_TEST_PG_KILL=knob)
-    chaos.worker(QT_TEST_PG_KILL=knob)
+    chaos.worker(beat=True, QT_TEST_PG_KILL=knob, QT_TEST_PG_KILL_MAX="12")
+    chaos.worker(QT_TEST_PG_KILL=knob, QT_TEST_PG_KILL_MAX="12")
     specs = harness.mixed_workload(chaos.rng, 250, 10, slow=0.15, slow_sleep=(0.3, 0.8))
     feeder = harness.Feeder(chaos.qt, specs, spread=4).start()
     if external:
-        with Terminator(chaos, every=0.7) as terminator:
+        with Terminator(chaos, every=1.5) as terminator:
             feeder.join()
         chaos.faults += terminator.count
     expect = feeder.join()
@@ -251,8 +251,9 @@ def test_duplicate_delivery_of_perform_messages(chaos):
     workers = [chaos.worker(beat=True, **knobs), chaos.worker(**knobs)]
     specs = harness.mixed_workload(chaos.rng, 200, 8, slow=0.1, slow_sleep=(1.5, 2.5))
     expect = harness.Feeder(chaos.qt, specs, spread=12).start().join()
-    verdict = chaos.finish("duplicate delivery of perform messages", expect, crashes=False, timeout=120)
+    harness.settle(chaos.engine, chaos.scope, len(expect), timeout=120)
     chaos.faults = sum(w.output().count("dropped a stale perform message") for w in workers)
+    verdict = chaos.finish("duplicate delivery of perform messages", expect, crashes=False)
     assert_clean(verdict)
 
 
