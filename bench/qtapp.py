@@ -1,0 +1,81 @@
+"""The queuetopia-celery side of the benchmarks: one Celery app with one Queuetopia,
+configured by BENCH_* environment variables (so that worker and beat processes and the
+driver build the same app)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+
+from queuetopia_celery import Job, Queuetopia
+
+
+def build(
+    scope: str,
+    *,
+    database_url: str,
+    broker_url: str,
+    celery_queue: str,
+    poll_interval: float = 1.0,
+    burst_jobs: int = 50,
+    burst_seconds: float = 0.25,
+) -> tuple[Celery, Queuetopia]:
+    app = Celery(f"bench-qt-{scope}", broker=broker_url)
+    app.conf.update(
+        task_default_queue=celery_queue,
+        broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=1,
+        timezone="UTC",
+        worker_hijack_root_logger=False,
+    )
+    qt = Queuetopia(
+        scope,
+        app=app,
+        database_url=database_url,
+        poll_interval=poll_interval,
+        celery_queue=celery_queue,
+        dispatch_grace=60,
+        burst_jobs=burst_jobs,
+        burst_seconds=burst_seconds,
+    )
+
+    @qt.performer("noop")
+    def noop(job: Job) -> Any:
+        return None
+
+    @qt.performer("stamp")
+    def stamp(job: Job) -> Any:
+        # Wall clock of the performer's start: the driver runs on the same machine.
+        return {"t": time.time()}
+
+    @qt.performer("fail", backoff=lambda job: 1.0)
+    def fail(job: Job) -> Any:
+        raise RuntimeError("planned failure")
+
+    return app, qt
+
+
+if os.environ.get("BENCH_SCOPE"):
+    app, qt = build(
+        os.environ["BENCH_SCOPE"],
+        database_url=os.environ["BENCH_DATABASE_URL"],
+        broker_url=os.environ["BENCH_BROKER_URL"],
+        celery_queue=os.environ["BENCH_CELERY_QUEUE"],
+        poll_interval=float(os.environ.get("BENCH_POLL", "1.0")),
+        burst_jobs=int(os.environ.get("BENCH_BURST_JOBS", "50")),
+        burst_seconds=float(os.environ.get("BENCH_BURST_SECONDS", "0.25")),
+    )
+
+    @signals.worker_ready.connect
+    def _ready(**_: Any) -> None:
+        Path(os.environ["BENCH_READY_FILE"]).write_text(str(os.getpid()))
+
+    @signals.beat_init.connect
+    def _beat_ready(**_: Any) -> None:
+        path = os.environ.get("BENCH_BEAT_READY_FILE")
+        if path:
+            Path(path).write_text(str(os.getpid()))
