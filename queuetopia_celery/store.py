@@ -628,10 +628,14 @@ class Store:
             return None
         return Dispatch(queue, head.id, fresh, head.timeout)
 
-    def recover(self, *, limit: int = 1000) -> tuple[list[LostAttempt], int]:
+    def recover(self, *, limit: int = 1000, claim: float = 60.0) -> tuple[list[LostAttempt], int]:
         """Find expired leases. Un-started ones (a message lost or stuck in the broker)
-        are dropped now; started ones (a worker died mid-job) are returned, still held:
-        record each with :meth:`record_lost`. Returns (lost attempts, leases dropped)."""
+        are dropped now; started ones (a worker died mid-job) are claimed (a new token,
+        held ``claim`` more seconds) and returned: record each with :meth:`record_lost`.
+        The claim keeps a concurrent scan from handling the same attempt (and calling
+        the failure hook twice) and fences off the dead worker's late outcome; if this
+        scan dies before recording, the claim expires and a later scan takes over.
+        Returns (lost attempts, leases dropped)."""
         with self._tx() as conn:
             query = (
                 sa.select(L.c.queue, L.c.token, L.c.job_id, L.c.started_at)
@@ -644,7 +648,16 @@ class Store:
             unstarted = [row.token for row in expired if row.started_at is None]
             if unstarted:
                 conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.token.in_(unstarted)))
-            started = {row.job_id: row.token for row in expired if row.started_at is not None}
+            started: dict[int, str] = {}
+            for row in expired:
+                if row.started_at is None:
+                    continue
+                started[row.job_id] = claimed = new_token()
+                conn.execute(
+                    sa.update(L)
+                    .where(L.c.scope == self.scope, L.c.queue == row.queue, L.c.token == row.token)
+                    .values(token=claimed, expires_at=self._after(claim))
+                )
             lost = []
             if started:
                 rows = conn.execute(sa.select(*_JOB_COLUMNS).where(J.c.id.in_(list(started)))).mappings()
@@ -653,14 +666,13 @@ class Store:
 
     def record_lost(self, lost: LostAttempt, outcome: Outcome) -> bool:
         """Record the failed attempt of a job whose worker died, and drop its lease,
-        if the lease is still expired and held by the same token."""
+        if the lease is still held by the claim :meth:`recover` took."""
         job = lost.job
         with self._tx() as conn:
             lease = sa.select(L.c.token).where(
                 L.c.scope == self.scope,
                 L.c.queue == job.queue,
                 L.c.token == lost.token,
-                L.c.expires_at < self._now(),
             )
             if self.is_postgres:
                 lease = lease.with_for_update(skip_locked=True)

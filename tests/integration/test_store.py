@@ -325,3 +325,40 @@ def test_an_error_message_with_nul_or_lone_surrogates_is_stored(database_url, sc
         assert failed.error.startswith("ValueError: bad \\x00 byte and \\ud800 surrogate")
     finally:
         qt.engine.dispose()
+
+
+def test_two_racing_scans_record_a_lost_attempt_and_call_the_hook_once(class_qt, engine, scope):
+    qt, recorder = class_qt
+    job = qt.create_job("q", "anything", {})
+    token = qt.store.lease_of("q")["token"]
+    assert qt.store.start("q", job.id, token, worker="dead/1", lease=30) is not None
+    expire_leases(engine, scope)
+    # Scan 1 has found the lost attempt; scan 2 looks before scan 1 has recorded it.
+    first, _ = qt.store.recover()
+    second, _ = qt.store.recover()
+    assert [lost.job.id for lost in first] == [job.id]
+    assert second == [], "the same lost attempt was handed to two scans"
+    # The dead worker's late outcome is fenced off as soon as a scan claims the lease.
+    running = first[0].job
+    assert qt.store.finish(running, token, Outcome(True, result="late"), grace=GRACE) == (False, None)
+    qt.perform_runner._record_lost(first[0])
+    assert len(recorder.failed) == 1
+    lost = qt.get_job(job.id)
+    assert (lost.state, lost.attempts) == (JobState.RETRYING, 1)
+    assert lost.error.startswith("WorkerLostError")
+    assert qt.store.lease_of("q") is None
+
+
+def test_a_claimed_lost_attempt_whose_scan_died_is_recovered_by_a_later_scan(qt, engine, scope):
+    job = qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    qt.store.start("q", job.id, token, worker="dead/1", lease=30)
+    expire_leases(engine, scope)
+    claimed, _ = qt.store.recover()
+    assert len(claimed) == 1
+    # The scan that claimed it dies before recording; its claim expires in turn.
+    expire_leases(engine, scope)
+    qt.scan()
+    lost = qt.get_job(job.id)
+    assert (lost.state, lost.attempts) == (JobState.RETRYING, 1)
+    assert qt.store.lease_of("q") is None
