@@ -52,6 +52,7 @@ class Chaos:
     _start_worker: Callable[..., Proc]
     _start_beat: Callable[..., Proc]
     kills: dict[int, dt.datetime] = dataclasses.field(default_factory=dict)
+    visible: dict[int, dt.datetime] = dataclasses.field(default_factory=dict)
     faults: int = 0
 
     @property
@@ -66,8 +67,18 @@ class Chaos:
             **extra,
         }
 
-    def worker(self, *, concurrency: int = 3, beat: bool = False, **extra: str) -> Proc:
-        return self._start_worker(concurrency=concurrency, beat=beat, env=self.env(**extra))
+    def worker(self, *, concurrency: int = 3, beat: bool = False, wait: bool = True, **extra: str) -> Proc:
+        return self._start_worker(concurrency=concurrency, beat=beat, env=self.env(**extra), wait=wait)
+
+    def workers(self, count: int = 2, *, concurrency: int = 3, beat: bool = True, **extra: str) -> list[Proc]:
+        """Start ``count`` workers at once (the first with beat) and wait for all."""
+        procs = [
+            self.worker(concurrency=concurrency, beat=beat and i == 0, wait=False, **extra)
+            for i in range(count)
+        ]
+        for proc in procs:
+            proc.wait_ready()
+        return procs
 
     def beat(self, **extra: str) -> Proc:
         return self._start_beat(env=self.env(**extra))
@@ -94,7 +105,9 @@ class Chaos:
         """Settle, check the invariants, write the report line, return the verdict."""
         expected = expected_jobs if expected_jobs is not None else len(expect or {})
         waited = harness.settle(self.engine, self.scope, expected, timeout=timeout)
-        verdict = harness.check(self.engine, self.scope, expect, crashes=crashes, kills=self.kills)
+        verdict = harness.check(
+            self.engine, self.scope, expect, crashes=crashes, kills=self.kills, visible=self.visible
+        )
         if expect is not None and verdict.jobs != len(expect):
             verdict.violations.append(f"[1] {verdict.jobs} jobs in the table, {len(expect)} created")
         _, events, _ = harness.load(self.engine, self.scope)
@@ -114,6 +127,9 @@ class Chaos:
             settle_s=round(waited, 1),
         ).write()
         return verdict
+
+    def feeder(self, specs: list[harness.Spec], *, spread: float = 4.0) -> harness.Feeder:
+        return harness.Feeder(self.qt, specs, spread=spread, visible=self.visible)
 
     def snapshot(self) -> tuple[dt.datetime, list[dict[str, Any]]]:
         """The scope's leases now, to measure recovery after a fault."""

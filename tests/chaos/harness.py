@@ -48,6 +48,9 @@ FAST_ENV = {
 }
 #: The producer side uses the same timings.
 FAST_OPTIONS = {"poll_interval": 0.3, "dispatch_grace": 4.0, "lease_margin": 1.0, "time_limit_grace": 0.5}
+#: How long after its ``inserted_at`` a job is surely committed, for jobs whose
+#: producer did not say when it committed.
+COMMIT_SLACK = dt.timedelta(seconds=1)
 #: Job timeout used by the workload (keeps the running lease, hence recovery, short).
 JOB_TIMEOUT = 3.0
 
@@ -115,8 +118,18 @@ class Feeder:
     """Creates the planned jobs from a background thread, in batches (one
     transaction each) and singly, spread over ``spread`` seconds."""
 
-    def __init__(self, qt: Queuetopia, specs: Sequence[Spec], *, spread: float = 4.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        qt: Queuetopia,
+        specs: Sequence[Spec],
+        *,
+        spread: float = 4.0,
+        seed: int = 0,
+        visible: dict[int, dt.datetime] | None = None,
+    ) -> None:
         self.qt = qt
+        #: When each job was known committed (create_jobs returned): see :func:`judge`.
+        self.visible = visible if visible is not None else {}
         self.specs = list(specs)
         self.spread = spread
         self.rng = random.Random(seed)
@@ -155,8 +168,10 @@ class Feeder:
                 if attempt == 49:
                     raise
                 time.sleep(0.2)
+        committed = dt.datetime.now(UTC)
         for job, spec in zip(jobs, chunk, strict=True):
             self.expect[job.id] = spec.expect
+            self.visible[job.id] = committed
 
     def join(self, timeout: float = 120) -> dict[int, str]:
         self.thread.join(timeout)
@@ -250,7 +265,7 @@ def load(engine: sa.Engine, scope: str) -> tuple[list[dict[str, Any]], list[dict
             dict(r)
             for r in conn.execute(
                 sa.text(
-                    "SELECT id, queue, sequence, scheduled_at, status, attempts, max_attempts"
+                    "SELECT id, queue, sequence, scheduled_at, inserted_at, status, attempts, max_attempts"
                     " FROM queuetopia_jobs WHERE scope = :s"
                 ),
                 {"s": scope},
@@ -276,6 +291,7 @@ def check(
     *,
     crashes: bool,
     kills: dict[int, dt.datetime] | None = None,
+    visible: dict[int, dt.datetime] | None = None,
 ) -> Verdict:
     """Check the five invariants for ``scope`` (see the module docstring).
 
@@ -285,7 +301,7 @@ def check(
     were killed (database clock): a run they left open ended then at the latest.
     """
     jobs, events, held = load(engine, scope)
-    return judge(jobs, events, held, expect or {}, crashes=crashes, kills=kills or {})
+    return judge(jobs, events, held, expect or {}, crashes=crashes, kills=kills or {}, visible=visible)
 
 
 def judge(
@@ -296,8 +312,15 @@ def judge(
     *,
     crashes: bool,
     kills: dict[int, dt.datetime],
+    visible: dict[int, dt.datetime] | None = None,
 ) -> Verdict:
-    """The pure part of :func:`check`: judge rows already read."""
+    """The pure part of :func:`check`: judge rows already read.
+
+    ``visible`` says when each job was known committed (by its producer); for other
+    jobs, ``inserted_at`` + :data:`COMMIT_SLACK`. A job that comes earlier by
+    (scheduled_at, sequence) but was committed after a later one started (it was
+    created due in the past) does not count as overtaken."""
+    visible = visible or {}
     verdict = Verdict(jobs=len(jobs), runs=len(events))
     bad = verdict.violations
     by_id = {job["id"]: job for job in jobs}
@@ -338,7 +361,7 @@ def judge(
     events_by_job: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for ev in events:
         events_by_job[ev["job_id"]].append(ev)
-    finals: dict[str, list[tuple[dt.datetime, dict[str, Any]]]] = defaultdict(list)
+    finals: dict[str, list[tuple[dt.datetime, dt.datetime, dict[str, Any]]]] = defaultdict(list)
     for job_id, evs in events_by_job.items():
         job = by_id.get(job_id)
         if job is None:
@@ -361,7 +384,7 @@ def judge(
             if len(final) != 1:
                 bad.append(f"[4] job {job_id} is done but {len(final)} runs of its last attempt succeeded")
             else:
-                finals[job["queue"]].append((final[0]["ended_at"], job))
+                finals[job["queue"]].append((final[0]["ended_at"], final[0]["started_at"], job))
         repeats = len(succeeded) - len(final)
         if repeats:
             verdict.repeated_side_effects += repeats
@@ -376,15 +399,15 @@ def judge(
     # 3. completions in (scheduled_at, sequence) order within each queue
     for queue, done in finals.items():
         done.sort(key=lambda item: item[0])
-        previous = None
-        for _, job in done:
-            key = (job["scheduled_at"], job["sequence"])
-            if previous is not None and key < (previous["scheduled_at"], previous["sequence"]):
-                bad.append(
-                    f"[3] queue {queue}: job {job['id']} (seq {job['sequence']}) completed after "
-                    f"job {previous['id']} (seq {previous['sequence']}) that comes later"
-                )
-            previous = job
+        for i, (_, started, earlier) in enumerate(done):
+            key = (earlier["scheduled_at"], earlier["sequence"])
+            for _, _, job in done[i + 1 :]:
+                seen = visible.get(job["id"], job["inserted_at"] + COMMIT_SLACK)
+                if (job["scheduled_at"], job["sequence"]) < key and seen < started:
+                    bad.append(
+                        f"[3] queue {queue}: job {job['id']} (seq {job['sequence']}) completed after "
+                        f"job {earlier['id']} (seq {earlier['sequence']}) that comes later"
+                    )
 
     # 5. nothing left held or blocked
     if held_leases:

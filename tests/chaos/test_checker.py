@@ -20,6 +20,7 @@ def job(id_: int, seq: int, *, status="done", attempts=1, max_attempts=5, queue=
         "queue": queue,
         "sequence": seq,
         "scheduled_at": t(scheduled),
+        "inserted_at": t(scheduled),
         "status": status,
         "attempts": attempts,
         "max_attempts": max_attempts,
@@ -38,8 +39,8 @@ def run(job_id: int, start: float, end: float | None, *, attempt=1, kind="succee
     }
 
 
-def violations(jobs, events, *, held=0, expect=None, crashes=False, kills=None):
-    verdict = judge(jobs, events, held, expect or {}, crashes=crashes, kills=kills or {})
+def violations(jobs, events, *, held=0, expect=None, crashes=False, kills=None, visible=None):
+    verdict = judge(jobs, events, held, expect or {}, crashes=crashes, kills=kills or {}, visible=visible)
     return [v[:3] for v in verdict.violations], verdict
 
 
@@ -61,7 +62,11 @@ def test_each_broken_invariant_is_reported():
     events = [run(1, 0, None, pid=7, kind="started"), run(1, 1, 3, attempt=2)]
     assert "[2]" in violations([job(1, 1, attempts=2)], events, crashes=True, kills=kills)[0]
     # 3: completions out of order
-    assert "[3]" in violations(jobs, [run(2, 0, 1), run(1, 1, 2)])[0]
+    assert "[3]" in violations(jobs, [run(2, 2, 3), run(1, 3, 4)])[0]
+    # ... but not when the job that comes first was committed after the other started
+    late = [job(1, 1, scheduled=1), job(2, 2, scheduled=2)]
+    assert violations(late, [run(2, 2.5, 3), run(1, 3, 4)], visible={1: t(2.6)})[0] == []
+    assert "[3]" in violations(late, [run(2, 2.5, 3), run(1, 3, 4)], visible={1: t(2.4)})[0]
     # 4: one attempt started twice; a second success without a crash; too many attempts
     assert "[4]" in violations([job(1, 1)], [run(1, 0, 1), run(1, 1, 2)])[0]
     twice = [run(1, 0, 1), run(1, 1, 2, attempt=2)]

@@ -33,9 +33,9 @@ def running_in(chaos, pids: set[int]) -> list[dict]:
 
 
 def test_kill_9_of_a_worker_child_mid_job(chaos):
-    workers = [chaos.worker(beat=True), chaos.worker()]
+    workers = chaos.workers(2)
     specs = harness.mixed_workload(chaos.rng, 300, 12, slow=0.15, slow_sleep=(0.5, 1.2))
-    feeder = harness.Feeder(chaos.qt, specs, spread=5).start()
+    feeder = chaos.feeder(specs, spread=5).start()
     snapshots = []
     for _ in range(3):
         children = {pid for w in workers for pid in w.children()}
@@ -50,10 +50,9 @@ def test_kill_9_of_a_worker_child_mid_job(chaos):
 
 
 def test_kill_9_of_the_worker_main_process(chaos):
-    chaos.worker(beat=True)
-    victim = chaos.worker()
+    _, victim = chaos.workers(2)
     specs = harness.mixed_workload(chaos.rng, 300, 12, slow=0.15, slow_sleep=(0.5, 1.2))
-    feeder = harness.Feeder(chaos.qt, specs, spread=4).start()
+    feeder = chaos.feeder(specs, spread=4).start()
     wait_for(lambda: running_in(chaos, set(victim.children())), timeout=60, message="a job in the victim")
     children = victim.children()
     chaos.kill(victim.pid, signal.SIGKILL)
@@ -67,11 +66,10 @@ def test_kill_9_of_the_worker_main_process(chaos):
 
 
 def test_warm_shutdown_during_a_long_job(chaos):
-    chaos.worker(beat=True)
-    victim = chaos.worker()
+    _, victim = chaos.workers(2)
     specs = harness.mixed_workload(chaos.rng, 200, 8, slow=0.1)
     specs += [harness.Spec(queue=f"long{i}", params={"sleep": 2.5}) for i in range(4)]
-    feeder = harness.Feeder(chaos.qt, specs, spread=3).start()
+    feeder = chaos.feeder(specs, spread=3).start()
     run = wait_for(
         lambda: [r for r in running_in(chaos, set(victim.children())) if r["queue"].startswith("long")],
         timeout=60,
@@ -92,8 +90,7 @@ def test_warm_shutdown_during_a_long_job(chaos):
 
 
 def test_jobs_that_time_out_or_kill_their_process_every_time_end_exhausted(chaos):
-    chaos.worker(beat=True, concurrency=3)
-    chaos.worker(concurrency=2)
+    chaos.workers(2)
     specs = harness.mixed_workload(chaos.rng, 150, 6)
     bad = [
         # The soft limit raises JobTimeoutError in the performer.
@@ -106,7 +103,7 @@ def test_jobs_that_time_out_or_kill_their_process_every_time_end_exhausted(chaos
         harness.Spec(queue="crash", params={"crash_times": 99}, max_attempts=3, expect="exhausted"),
     ]
     after = [harness.Spec(queue=spec.queue, params={"echo": "after"}) for spec in bad]
-    feeder = harness.Feeder(chaos.qt, [], spread=0)
+    feeder = chaos.feeder([], spread=0)
     feeder.create(bad)
     feeder.create(after)
     feeder.specs = specs
@@ -124,10 +121,9 @@ def test_jobs_that_time_out_or_kill_their_process_every_time_end_exhausted(chaos
 
 
 def test_redis_restarted_losing_every_queued_message(chaos):
-    chaos.worker(beat=True)
-    chaos.worker()
+    chaos.workers(2)
     specs = harness.mixed_workload(chaos.rng, 300, 12)
-    feeder = harness.Feeder(chaos.qt, specs, spread=4).start()
+    feeder = chaos.feeder(specs, spread=4).start()
     wait_for(
         lambda: len(harness.open_runs(chaos.engine, chaos.scope)) or None, timeout=60, message="jobs running"
     )
@@ -142,10 +138,9 @@ def test_redis_restarted_losing_every_queued_message(chaos):
 
 
 def test_redis_unavailable_while_jobs_are_created_and_finished(chaos):
-    chaos.worker(beat=True)
-    chaos.worker()
+    chaos.workers(2)
     specs = harness.mixed_workload(chaos.rng, 300, 12, slow=0.1)
-    feeder = harness.Feeder(chaos.qt, specs, spread=6).start()
+    feeder = chaos.feeder(specs, spread=6).start()
     wait_for(
         lambda: len(harness.open_runs(chaos.engine, chaos.scope)) or None, timeout=60, message="jobs running"
     )
@@ -195,10 +190,9 @@ class Terminator:
     ],
 )
 def test_postgres_connections_terminated(chaos, phase, knob, external, crashes):
-    chaos.worker(beat=True, QT_TEST_PG_KILL=knob, QT_TEST_PG_KILL_MAX="12")
-    chaos.worker(QT_TEST_PG_KILL=knob, QT_TEST_PG_KILL_MAX="12")
+    chaos.workers(2, QT_TEST_PG_KILL=knob, QT_TEST_PG_KILL_MAX="12")
     specs = harness.mixed_workload(chaos.rng, 250, 10, slow=0.15, slow_sleep=(0.3, 0.8))
-    feeder = harness.Feeder(chaos.qt, specs, spread=4).start()
+    feeder = chaos.feeder(specs, spread=4).start()
     if external:
         with Terminator(chaos, every=1.5) as terminator:
             feeder.join()
@@ -214,23 +208,20 @@ def test_postgres_connections_terminated(chaos, phase, knob, external, crashes):
 
 @pytest.mark.parametrize("beats", [2, 3])
 def test_several_beat_processes_at_once(chaos, beats):
-    chaos.worker()
-    chaos.worker()
+    chaos.workers(2, beat=False)
     for _ in range(beats):
         chaos.beat()
     chaos.faults += beats - 1
     specs = harness.mixed_workload(chaos.rng, 250, 12)
-    expect = harness.Feeder(chaos.qt, specs, spread=3).start().join()
+    expect = chaos.feeder(specs, spread=3).start().join()
     verdict = chaos.finish(f"{beats} beat processes at once", expect, crashes=False)
     assert_clean(verdict)
 
 
 def test_scan_run_concurrently_from_several_workers(chaos):
-    chaos.worker(beat=True)
-    chaos.worker()
-    chaos.worker(concurrency=2)
+    chaos.workers(3, concurrency=2)
     specs = harness.mixed_workload(chaos.rng, 300, 12)
-    feeder = harness.Feeder(chaos.qt, specs, spread=4).start()
+    feeder = chaos.feeder(specs, spread=4).start()
     while not feeder.done.is_set():
         for _ in range(10):  # a burst of scans for every child to run at once
             chaos.qt.scan_task.apply_async(queue=chaos.celery_queue)
@@ -248,9 +239,9 @@ def test_duplicate_delivery_of_perform_messages(chaos):
     """Every perform message is sent twice, and Redis redelivers the ones left unacked
     (acks_late) past a 1 s visibility timeout while their job still runs."""
     knobs = {"QT_TEST_DUPLICATE_SENDS": "1", "QT_TEST_ACKS_LATE": "1", "QT_TEST_VISIBILITY_TIMEOUT": "1"}
-    workers = [chaos.worker(beat=True, **knobs), chaos.worker(**knobs)]
+    workers = chaos.workers(2, **knobs)
     specs = harness.mixed_workload(chaos.rng, 200, 8, slow=0.1, slow_sleep=(1.5, 2.5))
-    expect = harness.Feeder(chaos.qt, specs, spread=12).start().join()
+    expect = chaos.feeder(specs, spread=12).start().join()
     harness.settle(chaos.engine, chaos.scope, len(expect), timeout=120)
     chaos.faults = sum(w.output().count("dropped a stale perform message") for w in workers)
     verdict = chaos.finish("duplicate delivery of perform messages", expect, crashes=False)
@@ -261,7 +252,7 @@ def stale_messages_scenario(chaos, **knobs: str) -> harness.Verdict:
     """Leases are taken, their messages lost; the leases expire and are re-dispatched;
     then the old messages arrive (during the run and after it)."""
     specs = harness.mixed_workload(chaos.rng, 80, 8, failing=0.1, scheduled=0)
-    feeder = harness.Feeder(chaos.qt, [], spread=0)
+    feeder = chaos.feeder([], spread=0)
     feeder.create(specs)
     stale = [
         (lease["queue"], lease["job_id"], lease["token"])
