@@ -22,8 +22,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -134,6 +136,7 @@ class Store:
         self.is_postgres = self.dialect == "postgresql"
         self._secrets = [engine.url.password if isinstance(engine.url.password, str) else None]
         self._commit_hooks: dict[str, _CommitHook] = {}
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -163,6 +166,46 @@ class Store:
             else:
                 yield connection
         except SQLAlchemyError as exc:
+            raise DatabaseError(self.redact(f"database error: {exc}")) from exc
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Keep one autocommit connection for this thread while the block runs: the hot
+        path (:meth:`start`, :meth:`finish_and_start`) then costs one round trip per
+        statement, without a pool checkout (and its ping) or BEGIN/COMMIT each time."""
+        local = self._local
+        if getattr(local, "conn", None) is not None or not self.is_postgres:
+            yield
+            return
+        try:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as exc:
+            raise DatabaseError(self.redact(f"database error: {exc}")) from exc
+        local.conn = conn
+        try:
+            yield
+        finally:
+            local.conn = None
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
+
+    @contextlib.contextmanager
+    def _auto(self) -> Iterator[Connection]:
+        """An autocommit connection (PostgreSQL): each statement is its own transaction.
+        The pinned one when inside :meth:`pinned`."""
+        pinned = getattr(self._local, "conn", None)
+        try:
+            if pinned is not None:
+                yield pinned
+            else:
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    yield conn
+        except SQLAlchemyError as exc:
+            if pinned is not None:
+                # A broken connection must not be reused by the rest of the burst.
+                self._local.conn = None
+                with contextlib.suppress(SQLAlchemyError):
+                    pinned.invalidate()
             raise DatabaseError(self.redact(f"database error: {exc}")) from exc
 
     def _now(self) -> sa.ColumnElement[dt.datetime]:
@@ -521,6 +564,8 @@ class Store:
         and no attempt was begun under it. Counts the attempt now, so a job that kills
         its worker still runs out of attempts. Returns the job, or None (stale message:
         drop it)."""
+        if self.is_postgres:
+            return self._start_pg(queue, job_id, token, worker=worker, lease=lease)
         with self._tx() as conn:
             started = conn.execute(
                 sa.update(L)
@@ -557,6 +602,116 @@ class Store:
                 )
                 return None
         return Job.from_row(row)
+
+    def _start_pg(self, queue: str, job_id: int, token: str, *, worker: str, lease: float) -> Job | None:
+        """:meth:`start` in one statement (one round trip, autocommit)."""
+        params = {"s": self.scope, "q": queue, "tok": token, "jid": job_id, "w": worker, "lease": lease}
+        with self._auto() as conn:
+            row = conn.execute(_START_SQL, params).mappings().one()
+            if row["id"] is not None:
+                return Job.from_row(row)
+            if row["leased"]:
+                # The lease points at a job that is no longer open: release the queue.
+                conn.execute(
+                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
+                )
+        return None
+
+    def finish_and_start(
+        self,
+        job: Job,
+        token: str,
+        outcome: Outcome,
+        *,
+        grace: float,
+        worker: str,
+        start_next: bool,
+        time_limit_grace: float,
+        lease_margin: float,
+        deadline_left: float | None,
+    ) -> tuple[bool, Dispatch | None, Job | None]:
+        """:meth:`finish`, then, when ``start_next`` and the queue's next job is due and
+        fits in ``deadline_left`` seconds (with ``time_limit_grace``), :meth:`start` it
+        under the new token, running lease ``max(timeout + time_limit_grace,
+        deadline_left) + lease_margin``.
+
+        Returns ``(written, next, started)``. ``written`` and a ``next`` of None (the
+        queue released: re-check it) are as for :meth:`finish`. ``started`` is the next
+        job, begun here: run it under ``next.token``. A ``next`` without ``started`` is
+        a lease handed on: send it through the broker.
+
+        On PostgreSQL a success is one statement (one round trip): the lease check,
+        the outcome, the next-head lookup, the hand-on and the next start together.
+        """
+        if self.is_postgres and outcome.succeeded:
+            return self._finish_and_start_pg(
+                job,
+                token,
+                outcome,
+                grace=grace,
+                worker=worker,
+                start_next=start_next,
+                time_limit_grace=time_limit_grace,
+                lease_margin=lease_margin,
+                deadline_left=deadline_left,
+            )
+        written, nxt = self.finish(job, token, outcome, grace=grace)
+        if not written or nxt is None or not start_next:
+            return written, nxt, None
+        if deadline_left is not None and nxt.timeout + time_limit_grace > deadline_left:
+            return written, nxt, None
+        lease = max(nxt.timeout + time_limit_grace, deadline_left or 0.0) + lease_margin
+        started = self.start(job.queue, nxt.job_id, nxt.token, worker=worker, lease=lease)
+        if started is None:
+            # Taken over meanwhile (or no longer open: start released the queue).
+            return True, None, None
+        return True, nxt, started
+
+    def _finish_and_start_pg(
+        self,
+        job: Job,
+        token: str,
+        outcome: Outcome,
+        *,
+        grace: float,
+        worker: str,
+        start_next: bool,
+        time_limit_grace: float,
+        lease_margin: float,
+        deadline_left: float | None,
+    ) -> tuple[bool, Dispatch | None, Job | None]:
+        fresh = new_token()
+        params = {
+            "s": self.scope,
+            "q": job.queue,
+            "tok": token,
+            "jid": job.id,
+            "result": None if outcome.result is None else json.dumps(outcome.result),
+            "new": fresh,
+            "grace": grace,
+            "start": start_next,
+            "w": worker,
+            "tlg": time_limit_grace,
+            "margin": lease_margin,
+            "left": deadline_left,
+        }
+        with self._auto() as conn:
+            row = conn.execute(_FINISH_SQL, params).mappings().one()
+            if not row["written"]:
+                return False, None, None
+            if row["next_id"] is None:
+                return True, None, None
+            nxt = Dispatch(job.queue, int(row["next_id"]), fresh, float(row["next_timeout"]))
+            if not row["inline"]:
+                return True, nxt, None
+            if row["id"] is None:
+                # The next job was no longer pending (aborted meanwhile): let go of the
+                # queue; the caller re-checks it.
+                conn.execute(
+                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == fresh)
+                )
+                return True, None, None
+            return True, nxt, Job.from_row(row)
 
     def finish(
         self, job: Job, token: str, outcome: Outcome, *, grace: float, hand_off: bool = True
@@ -977,6 +1132,89 @@ class Store:
                     )
             self._lower_due(conn, [queue] if queue is not None else None)
         return True
+
+
+_JOB_FIELDS = ", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))
+#: Result types of the hand-written statements: timestamps come back as UTC, as through Core.
+_TIMES = {c.name: c.type for c in J.c if isinstance(c.type, schema.UTCDateTime)}
+
+#: Start an attempt (PostgreSQL): lease check and mark, attempt count, in one statement.
+_START_SQL = sa.text(
+    f"""
+WITH l AS (
+    UPDATE queuetopia_leases
+    SET started_at = now(), expires_at = now() + make_interval(secs => :lease), locked_by = :w
+    WHERE scope = :s AND queue = :q AND token = :tok AND job_id = :jid AND started_at IS NULL
+    RETURNING job_id
+), j AS (
+    UPDATE queuetopia_jobs AS j
+    SET status = 'running', attempts = j.attempts + 1, attempted_at = now(), attempted_by = :w
+    FROM l
+    WHERE j.id = l.job_id AND j.scope = :s AND j.status = 'pending'
+    RETURNING {_JOB_FIELDS}
+)
+SELECT (SELECT count(*) FROM l) AS leased, j.*
+FROM (SELECT 1) AS one LEFT JOIN j ON true
+"""
+).columns(**_TIMES)
+
+#: A success (PostgreSQL), in one statement: lock the lease under the token, write the
+#: outcome, find the queue's next head (this statement cannot see its own write, so
+#: the finished job is excluded by id), hand the lease to it with a new token when it
+#: is pending and due, and begin its attempt at once when asked and it fits;
+#: otherwise release the lease. The head is taken first and only then checked (due,
+#: pending), so a not-yet-due head still blocks the jobs behind it.
+_FINISH_SQL = sa.text(
+    f"""
+WITH lease AS (
+    SELECT token FROM queuetopia_leases
+    WHERE scope = :s AND queue = :q AND token = :tok
+    FOR UPDATE
+), done AS (
+    UPDATE queuetopia_jobs
+    SET status = 'done', done_at = now(), result = CAST(:result AS json), error = NULL,
+        next_attempt_at = NULL
+    WHERE id = :jid AND scope = :s AND status = 'running' AND EXISTS (SELECT 1 FROM lease)
+    RETURNING id
+), head AS (
+    SELECT id, status, timeout, coalesce(next_attempt_at, scheduled_at) AS due
+    FROM queuetopia_jobs
+    WHERE scope = :s AND queue = :q AND status IN ('pending', 'running') AND id <> :jid
+    ORDER BY scheduled_at, sequence
+    LIMIT 1
+), nxt AS (
+    SELECT id, timeout,
+        (CAST(:start AS boolean)
+         AND (CAST(:left AS float8) IS NULL OR timeout + :tlg <= CAST(:left AS float8))) AS inline
+    FROM head
+    WHERE status = 'pending' AND due <= now() AND EXISTS (SELECT 1 FROM done)
+), moved AS (
+    UPDATE queuetopia_leases AS l
+    SET token = :new, job_id = nxt.id, locked_at = now(),
+        started_at = CASE WHEN nxt.inline THEN now() END,
+        expires_at = now() + make_interval(secs => CASE WHEN nxt.inline
+            THEN greatest(nxt.timeout + :tlg, coalesce(CAST(:left AS float8), 0)) + :margin
+            ELSE CAST(:grace AS float8) END),
+        locked_by = CASE WHEN nxt.inline THEN :w ELSE l.locked_by END
+    FROM nxt
+    WHERE l.scope = :s AND l.queue = :q AND l.token = :tok
+    RETURNING nxt.id, nxt.timeout, nxt.inline
+), started AS (
+    UPDATE queuetopia_jobs AS j
+    SET status = 'running', attempts = j.attempts + 1, attempted_at = now(), attempted_by = :w
+    FROM moved
+    WHERE moved.inline AND j.id = moved.id AND j.status = 'pending'
+    RETURNING {_JOB_FIELDS}
+), released AS (
+    DELETE FROM queuetopia_leases
+    WHERE scope = :s AND queue = :q AND token = :tok AND NOT EXISTS (SELECT 1 FROM nxt)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM done) AS written, moved.id AS next_id, moved.timeout AS next_timeout,
+    moved.inline, started.*
+FROM (SELECT 1) AS one LEFT JOIN moved ON true LEFT JOIN started ON true
+"""
+).columns(**_TIMES)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

@@ -111,44 +111,56 @@ class Runner:
         began = time.monotonic()
         deadline = began + time_limit if time_limit else None
         worker = worker_name(hostname)
-        job = store.start(queue, job_id, token, worker=worker, lease=self._lease(None, deadline))
-        if job is None:
-            logger.info(
-                "dropped a stale perform message",
-                extra={"scope": qt.scope, "queue": queue, "job_id": job_id},
-            )
-            return 0
-        attempted = 0
-        while True:
-            outcome = self._attempt(job)
-            attempted += 1
-            written, nxt = store.finish(job, token, outcome, grace=qt.dispatch_grace)
-            if not written:
-                logger.warning(
-                    "lost the lease of queue %r before job %s ended; its outcome was dropped",
-                    queue,
-                    job.id,
-                    extra={"scope": qt.scope, "queue": queue, "job_id": job.id, "attempt": job.attempts},
+        # One connection for the whole burst: one round trip per job on PostgreSQL.
+        with store.pinned():
+            job = store.start(queue, job_id, token, worker=worker, lease=self._lease(None, deadline))
+            if job is None:
+                logger.info(
+                    "dropped a stale perform message",
+                    extra={"scope": qt.scope, "queue": queue, "job_id": job_id},
                 )
-                return attempted
-            if nxt is None:
-                # Released: a job committed meanwhile may have missed us. Look again.
-                qt.send(
-                    store.dispatch([queue], grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues)
+                return 0
+            attempted = 0
+            while True:
+                outcome = self._attempt(job)
+                attempted += 1
+                now = time.monotonic()
+                # Finish this job and, within the burst budget, begin the next one in
+                # the same statement (each still with its own token, attempt count,
+                # outcome write and time limit).
+                written, nxt, started = store.finish_and_start(
+                    job,
+                    token,
+                    outcome,
+                    grace=qt.dispatch_grace,
+                    worker=worker,
+                    start_next=attempted < qt.burst_jobs and now - began < qt.burst_seconds,
+                    time_limit_grace=qt.time_limit_grace,
+                    lease_margin=qt.lease_margin,
+                    deadline_left=None if deadline is None else deadline - now,
                 )
-                return attempted
-            now = time.monotonic()
-            fits = deadline is None or now + nxt.timeout + qt.time_limit_grace <= deadline
-            if attempted < qt.burst_jobs and now - began < qt.burst_seconds and fits:
-                job_or_none = store.start(
-                    queue, nxt.job_id, nxt.token, worker=worker, lease=self._lease(nxt.timeout, deadline)
-                )
-                if job_or_none is None:
+                if not written:
+                    logger.warning(
+                        "lost the lease of queue %r before job %s ended; its outcome was dropped",
+                        queue,
+                        job.id,
+                        extra={"scope": qt.scope, "queue": queue, "job_id": job.id, "attempt": job.attempts},
+                    )
                     return attempted
-                job, token = job_or_none, nxt.token
-                continue
-            qt.send([nxt])
-            return attempted
+                if nxt is None:
+                    # Released: a job committed meanwhile may have missed us. Look again.
+                    qt.send(
+                        store.dispatch(
+                            [queue], grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues
+                        )
+                    )
+                    return attempted
+                if started is not None:
+                    job, token = started, nxt.token
+                    continue
+                # Budget spent: hand the queue back through the broker (fairness).
+                qt.send([nxt])
+                return attempted
 
     def _lease(self, timeout: float | None, deadline: float | None) -> float:
         """Seconds the running lease must last: past the job's own limit and past the
