@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import random
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,20 @@ class Chaos:
     _start_beat: Callable[..., Proc]
     kills: dict[int, dt.datetime] = dataclasses.field(default_factory=dict)
     visible: dict[int, dt.datetime] = dataclasses.field(default_factory=dict)
+    watched: list[tuple[dt.datetime, list[dict[str, Any]]]] = dataclasses.field(default_factory=list)
+    stop_watching: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def watch(self, every: float = 0.5) -> None:
+        """Snapshot the leases now and then, so that recovery is measured for every
+        lease that had to expire, whatever the fault."""
+
+        def run() -> None:
+            while not self.stop_watching.wait(every):
+                with contextlib.suppress(Exception):
+                    self.watched.append(self.snapshot())
+
+        threading.Thread(target=run, daemon=True).start()
+
     faults: int = 0
 
     @property
@@ -105,6 +120,7 @@ class Chaos:
         """Settle, check the invariants, write the report line, return the verdict."""
         expected = expected_jobs if expected_jobs is not None else len(expect or {})
         waited = harness.settle(self.engine, self.scope, expected, timeout=timeout)
+        self.stop_watching.set()
         verdict = harness.check(
             self.engine, self.scope, expect, crashes=crashes, kills=self.kills, visible=self.visible
         )
@@ -112,7 +128,7 @@ class Chaos:
             verdict.violations.append(f"[1] {verdict.jobs} jobs in the table, {len(expect)} created")
         _, events, _ = harness.load(self.engine, self.scope)
         recovery = None
-        for taken_at, snapshot in snapshots or []:
+        for taken_at, snapshot in [*(snapshots or []), *self.watched]:
             wait = harness.recovery_seconds(snapshot, events, taken_at)
             if wait is not None:
                 recovery = wait if recovery is None else max(recovery, wait)
@@ -157,7 +173,7 @@ def chaos(  # noqa: PLR0917
         celery_queue=celery_queue,
         **harness.FAST_OPTIONS,  # type: ignore[arg-type]
     )
-    yield Chaos(
+    chaos = Chaos(
         scope=scope,
         celery_queue=celery_queue,
         engine=engine,
@@ -167,6 +183,9 @@ def chaos(  # noqa: PLR0917
         _start_worker=start_worker,
         _start_beat=start_beat,
     )
+    chaos.watch()
+    yield chaos
+    chaos.stop_watching.set()
     qt.engine.dispose()
     if not chaos_redis.up():
         chaos_redis.start()

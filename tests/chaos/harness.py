@@ -418,18 +418,19 @@ def judge(
 def recovery_seconds(
     snapshot: Iterable[dict[str, Any]], events: Iterable[dict[str, Any]], taken_at: dt.datetime
 ) -> float | None:
-    """Longest wait, over the leases held when a fault hit, from the lease's expiry
-    to the next start in its queue (None when no lease had to expire)."""
-    starts: dict[str, list[dt.datetime]] = defaultdict(list)
+    """Longest wait, over the leases in ``snapshot`` (taken at ``taken_at``) that had
+    to expire, from the lease's expiry to the next start of its job (None when none
+    expired). A lease expired when its job did not start again before the expiry but
+    did after it (a lost message re-sent, a dead worker's attempt retried)."""
+    starts: dict[int, list[dt.datetime]] = defaultdict(list)
     for ev in events:
         if ev["started_at"] > taken_at:
-            starts[ev["queue"]].append(ev["started_at"])
+            starts[ev["job_id"]].append(ev["started_at"])
     worst: float | None = None
     for lease in snapshot:
-        later = [s for s in starts.get(lease["queue"], []) if s > lease["expires_at"]]
-        before = [s for s in starts.get(lease["queue"], []) if s <= lease["expires_at"]]
-        if later and not before:
-            wait = (min(later) - lease["expires_at"]).total_seconds()
+        mine = starts.get(lease["job_id"], [])
+        if mine and min(mine) > lease["expires_at"]:
+            wait = (min(mine) - lease["expires_at"]).total_seconds()
             worst = wait if worst is None else max(worst, wait)
     return worst
 

@@ -83,6 +83,10 @@ def test_a_success_lost_in_a_crash_is_counted_not_condemned():
 
 
 def test_recovery_is_measured_from_lease_expiry_to_the_next_start():
-    snapshot = [{"queue": "q", "expires_at": t(5)}, {"queue": "r", "expires_at": t(5)}]
-    events = [run(1, 6.5, 7), run(2, 2, 3, queue="r"), run(3, 9, 10, queue="r")]
+    snapshot = [
+        {"queue": "q", "job_id": 1, "expires_at": t(5)},  # lost: job 1 starts again after expiry
+        {"queue": "r", "job_id": 2, "expires_at": t(5)},  # started in time
+        {"queue": "s", "job_id": 4, "expires_at": t(5)},  # finished, never started again
+    ]
+    events = [run(1, 6.5, 7), run(2, 2, 3, queue="r"), run(3, 9, 10, queue="r"), run(5, 9, 10, queue="s")]
     assert recovery_seconds(snapshot, events, t(1)) == 1.5

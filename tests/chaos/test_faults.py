@@ -106,6 +106,7 @@ def test_jobs_that_time_out_or_kill_their_process_every_time_end_exhausted(chaos
     feeder = chaos.feeder([], spread=0)
     feeder.create(bad)
     feeder.create(after)
+    chaos.faults += sum(spec.max_attempts for spec in bad)  # every attempt times out or crashes
     feeder.specs = specs
     feeder.start()
     expect = feeder.join()
