@@ -285,6 +285,13 @@ class Store:
         for index, spec in enumerate(specs):
             by_queue.setdefault(spec.queue, []).append(index)
         created: list[Job | None] = [None] * len(specs)
+        if self.is_postgres:
+            if connection is None:
+                # One statement is its own transaction: no BEGIN/COMMIT round trips.
+                with self._auto() as conn:
+                    return self._create_jobs_pg(conn, specs, by_queue)
+            with self._tx(connection) as conn:
+                return self._create_jobs_pg(conn, specs, by_queue)
         with self._tx(connection) as conn:
             now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
             now = now.astimezone(UTC)
@@ -321,6 +328,50 @@ class Store:
                 )
                 for i, row in zip(indexes, result.mappings(), strict=True):
                     created[i] = Job.from_row(row)
+        return [job for job in created if job is not None]
+
+    def _create_jobs_pg(
+        self, conn: Connection, specs: Sequence[NewJob], by_queue: dict[str, list[int]]
+    ) -> list[Job]:
+        """:meth:`create_jobs` on PostgreSQL: one statement for any number of jobs and
+        queues (queue rows upserted in queue order, so concurrent bulk producers cannot
+        deadlock; then the jobs inserted, numbered from each queue's counter)."""
+        queues = sorted(by_queue)
+        dues: list[dt.datetime | None] = []
+        nows: list[bool] = []
+        for queue in queues:
+            explicit = [specs[i].scheduled_at for i in by_queue[queue]]
+            given = [d for d in explicit if d is not None]
+            dues.append(min(given) if given else None)
+            nows.append(len(given) < len(explicit))
+        offsets = [0] * len(specs)
+        counts = [0] * len(specs)
+        for indexes in by_queue.values():
+            for offset, i in enumerate(indexes):
+                offsets[i] = offset + 1
+                counts[i] = len(indexes)
+        params = {
+            "s": self.scope,
+            "queues": queues,
+            "counts": [len(by_queue[q]) for q in queues],
+            "dues": dues,
+            "nows": nows,
+            "r_queue": [spec.queue for spec in specs],
+            "r_action": [spec.action for spec in specs],
+            "r_params": [json.dumps(spec.params) for spec in specs],
+            "r_k": offsets,
+            "r_n": counts,
+            "r_timeout": [float(spec.timeout) for spec in specs],
+            "r_backoff": [float(spec.max_backoff) for spec in specs],
+            "r_attempts": [spec.max_attempts for spec in specs],
+            "r_exhausted": [spec.on_exhausted for spec in specs],
+            "r_scheduled": [spec.scheduled_at for spec in specs],
+        }
+        created: list[Job | None] = [None] * len(specs)
+        index_of = {(specs[i].queue, offsets[i]): i for i in range(len(specs))}
+        for row in conn.execute(_CREATE_SQL, params).mappings():
+            offset = row["back"] + len(by_queue[row["queue"]])
+            created[index_of[(row["queue"], offset)]] = Job.from_row(row)
         return [job for job in created if job is not None]
 
     def _bump_sequence(
@@ -429,6 +480,16 @@ class Store:
         """Take the lease of each given queue (or of due queues, found through
         ``queuetopia_queues.due_at``, when ``queues`` is None) whose head job is due
         and which nobody holds. Returns the leases taken: send a message for each."""
+        if queues is not None and max_concurrent is None:
+            # Every queue named is wanted (a bulk kick may name more than ``limit``).
+            limit = max(limit, len(queues))
+            if self.is_postgres and not wait_for_producers:
+                # The plain kick: one autocommit statement per 500 queues.
+                kicked: list[Dispatch] = []
+                with self._auto() as conn:
+                    for chunk in _chunks(list(dict.fromkeys(queues)), 500):
+                        kicked.extend(self._take_leases(conn, chunk, grace, limit - len(kicked), locked_by))
+                return kicked
         with self._tx() as conn:
             if wait_for_producers and queues and self.is_postgres:
                 for queue in sorted(set(queues)):
@@ -471,44 +532,12 @@ class Store:
         self, conn: Connection, queues: Sequence[str], grace: float, limit: int, locked_by: str | None
     ) -> list[Dispatch]:
         if self.is_postgres:
-            wanted = (
-                sa.func.unnest(sa.literal(list(queues), postgresql.ARRAY(sa.String())))
-                .table_valued("queue")
-                .render_derived(name="wanted")
-            )
-            head = self._open_head(wanted.c.queue).lateral("head")
-            due = sa.func.coalesce(head.c.next_attempt_at, head.c.scheduled_at)
-            select = (
-                sa.select(
-                    sa.literal(self.scope),
-                    wanted.c.queue,
-                    sa.cast(func.gen_random_uuid(), sa.String()),
-                    head.c.id,
-                    self._now(),
-                    self._after(grace),
-                    sa.literal(locked_by, sa.String()),
-                )
-                .select_from(wanted.join(head, sa.true()))
-                .where(head.c.status == STATUS_PENDING, due <= self._now())
-                .limit(limit)
-            )
-            insert = (
-                self._insert(L)
-                .from_select(
-                    ["scope", "queue", "token", "job_id", "locked_at", "expires_at", "locked_by"], select
-                )
-                .on_conflict_do_nothing(index_elements=[L.c.scope, L.c.queue])
-                .returning(L.c.queue, L.c.job_id, L.c.token)
-            )
-            rows = conn.execute(insert).all()
-            if not rows:
-                return []
-            timeouts = dict(
-                conn.execute(
-                    sa.select(J.c.id, J.c.timeout).where(J.c.id.in_([row.job_id for row in rows]))
-                ).all()
-            )
-            return [Dispatch(row.queue, row.job_id, row.token, timeouts[row.job_id]) for row in rows]
+            params = {"s": self.scope, "queues": list(queues), "limit": limit, "grace": grace}
+            params["by"] = locked_by
+            return [
+                Dispatch(row.queue, row.job_id, row.token, row.timeout)
+                for row in conn.execute(_TAKE_SQL, params)
+            ]
         # SQLite: one writer at a time, so a plain loop is as safe as the statement above.
         taken: list[Dispatch] = []
         now = utcnow()
@@ -1137,6 +1166,75 @@ class Store:
 _JOB_FIELDS = ", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))
 #: Result types of the hand-written statements: timestamps come back as UTC, as through Core.
 _TIMES = {c.name: c.type for c in J.c if isinstance(c.type, schema.UTCDateTime)}
+
+#: Create jobs (PostgreSQL) in one statement. Each queue row is upserted (in queue
+#: order) and stays locked until the creating transaction ends, so producers of one
+#: queue commit in sequence order; ``clock_timestamp()`` once the row is ours is the
+#: default ``scheduled_at``, so (scheduled_at, sequence) follows commit order too.
+#: ``due_at`` is lowered to the earliest due time of the new jobs.
+_CREATE_SQL = sa.text(
+    f"""
+WITH q AS (
+    INSERT INTO queuetopia_queues AS qq (scope, queue, last_sequence, due_at)
+    SELECT :s, u.queue, u.n, least(u.due, CASE WHEN u.has_now THEN now() END)
+    FROM unnest(CAST(:queues AS text[]), CAST(:counts AS int[]), CAST(:dues AS timestamptz[]),
+                CAST(:nows AS boolean[])) AS u(queue, n, due, has_now)
+    ORDER BY u.queue
+    ON CONFLICT (scope, queue) DO UPDATE SET
+        last_sequence = qq.last_sequence + excluded.last_sequence,
+        due_at = CASE WHEN qq.due_at IS NULL OR excluded.due_at < qq.due_at
+                      THEN excluded.due_at ELSE qq.due_at END
+    RETURNING qq.queue, qq.last_sequence, clock_timestamp() AS locked_at
+), r AS (
+    SELECT * FROM unnest(
+        CAST(:r_queue AS text[]), CAST(:r_action AS text[]), CAST(:r_params AS text[]),
+        CAST(:r_k AS int[]), CAST(:r_n AS int[]), CAST(:r_timeout AS float8[]),
+        CAST(:r_backoff AS float8[]), CAST(:r_attempts AS int[]), CAST(:r_exhausted AS text[]),
+        CAST(:r_scheduled AS timestamptz[])
+    ) AS r(queue, action, params, k, n, timeout, max_backoff, max_attempts, on_exhausted, scheduled_at)
+), j AS (
+    INSERT INTO queuetopia_jobs AS j (scope, queue, action, params, sequence, timeout, max_backoff,
+        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at)
+    SELECT :s, r.queue, r.action, CAST(r.params AS json), q.last_sequence - r.n + r.k, r.timeout,
+        r.max_backoff, r.max_attempts, r.on_exhausted, coalesce(r.scheduled_at, q.locked_at),
+        'pending', 0, q.locked_at
+    FROM r JOIN q ON q.queue = r.queue
+    RETURNING {", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))}
+)
+SELECT j.*, CAST(j.sequence - q.last_sequence AS int) AS back
+FROM j JOIN q ON q.queue = j.queue
+"""
+).columns(**{c.name: c.type for c in J.c if isinstance(c.type, schema.UTCDateTime)})
+
+#: Take the leases of the given queues whose head is pending and due (PostgreSQL), with
+#: the heads' timeouts, in one statement. The head is found first (lateral, by
+#: (scheduled_at, sequence)) and only then checked, so a not-yet-due head blocks.
+_TAKE_SQL = sa.text(
+    """
+WITH head AS (
+    SELECT w.queue, h.id, h.timeout
+    FROM unnest(CAST(:queues AS text[])) AS w(queue)
+    CROSS JOIN LATERAL (
+        SELECT id, status, timeout, scheduled_at, next_attempt_at
+        FROM queuetopia_jobs AS j
+        WHERE j.scope = :s AND j.queue = w.queue AND j.status IN ('pending', 'running')
+        ORDER BY j.scheduled_at, j.sequence
+        LIMIT 1
+    ) AS h
+    WHERE h.status = 'pending' AND coalesce(h.next_attempt_at, h.scheduled_at) <= now()
+    LIMIT :limit
+), taken AS (
+    INSERT INTO queuetopia_leases (scope, queue, token, job_id, locked_at, expires_at, locked_by)
+    SELECT :s, head.queue, CAST(gen_random_uuid() AS text), head.id, now(),
+        now() + make_interval(secs => CAST(:grace AS float8)), CAST(:by AS text)
+    FROM head
+    ON CONFLICT (scope, queue) DO NOTHING
+    RETURNING queue, job_id, token
+)
+SELECT taken.queue, taken.job_id, taken.token, head.timeout
+FROM taken JOIN head ON head.queue = taken.queue
+"""
+)
 
 #: Start an attempt (PostgreSQL): lease check and mark, attempt count, in one statement.
 _START_SQL = sa.text(
