@@ -24,7 +24,7 @@ FULL = {
     "runs": 3,
     "shapes": [(1, 2000), (10, 200), (100, 50), (1000, 5)],
     "latency_samples": 200,
-    "enqueue_one": 2000,
+    "enqueue_one": 1000,
     "enqueue_bulk": 20000,
     "scan_queues": [1000, 10000, 100000],
     "scan_done_at": 100000,
@@ -32,18 +32,20 @@ FULL = {
     "scan_repeats": 5,
     "failure_queues": 10000,
     "memory_jobs": 100000,
+    "roundtrip_jobs": 2000,
 }
 QUICK = {
     **FULL,
     "shapes": [(1, 500), (100, 50)],
     "latency_samples": 50,
-    "enqueue_one": 500,
+    "enqueue_one": 200,
     "enqueue_bulk": 5000,
     "scan_queues": [1000, 10000],
     "scan_done_at": 10000,
     "done_jobs": 100000,
-    "failure_queues": 2000,
+    "failure_queues": 1000,
     "memory_jobs": 10000,
+    "roundtrip_jobs": 1000,
 }
 
 

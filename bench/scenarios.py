@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import time
 from typing import Any
@@ -371,3 +372,85 @@ SCENARIOS = {
     "failures": failures,
     "memory": memory,
 }
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def _counting(qt: Any) -> collections.Counter[str]:
+    """Count statements, pool checkouts (each pings the server: pool_pre_ping),
+    transactions (BEGIN and COMMIT are a round trip each) and broker messages."""
+    from sqlalchemy import event
+
+    counts: collections.Counter[str] = collections.Counter()
+    event.listen(qt.engine, "before_cursor_execute", lambda *a: counts.update(["statements"]))
+    event.listen(qt.engine, "commit", lambda *a: counts.update(["transactions"]))
+    event.listen(qt.engine.pool, "checkout", lambda *a: counts.update(["checkouts"]))
+    send = qt.send
+
+    def counted_send(dispatches: Any) -> None:
+        counts.update({"messages": len(dispatches)})
+        send(dispatches)
+
+    qt.send = counted_send
+    return counts
+
+
+def _per_job(counts: collections.Counter[str], n: int, seconds: float) -> dict[str, float]:
+    db = counts["statements"] + counts["checkouts"] + 2 * counts["transactions"]
+    out = {k: round(counts[k] / n, 3) for k in ("statements", "checkouts", "transactions", "messages")}
+    out["db_round_trips"] = round(db / n, 3)
+    out["ms_per_job"] = round(seconds / n * 1000, 3)
+    return out
+
+
+def roundtrips(env: Env, cfg: Config) -> dict[str, Any]:
+    """Database round trips and broker messages per job, counted in-process on the real
+    code paths: a hot queue run by Runner.perform with the default burst (50 jobs or
+    0.25 s), create_job one by one (with its kick), create_jobs in bulk."""
+    from queuetopia_celery.tasks import Runner
+
+    n = cfg["roundtrip_jobs"]
+    out: dict[str, Any] = {}
+    scope = env.unique("rt")
+    _, qt = qtapp.build(scope, database_url=env.database_url, broker_url=REDIS_URL, celery_queue=scope)
+    seed(qt, ["hot"], n)
+    counts = _counting(qt)
+    runner = Runner(qt)
+    pending = qt.store.dispatch(["hot"], grace=60)
+    t0 = time.perf_counter()
+    done = 0
+    r = redis.Redis.from_url(REDIS_URL)
+    while pending:
+        d = pending.pop()
+        before = counts["messages"]
+        done += runner.perform(d.queue, d.job_id, d.token, hostname="bench", time_limit=None)
+        if counts["messages"] > before:
+            # The hand-back went through the broker: take it from the store instead.
+            r.delete(scope)
+            lease = qt.store.lease_of("hot")
+            if lease is not None:
+                from queuetopia_celery.store import Dispatch
+
+                pending.append(Dispatch("hot", lease["job_id"], lease["token"], 60.0))
+    out["hot queue, Runner.perform (burst 50 / 0.25 s)"] = _per_job(counts, done, time.perf_counter() - t0)
+    counts.clear()
+    t0 = time.perf_counter()
+    for i in range(n // 4):
+        qt.create_job(f"one-{i}", "noop")
+    out["create_job one by one (with kick)"] = _per_job(counts, n // 4, time.perf_counter() - t0)
+    counts.clear()
+    t0 = time.perf_counter()
+    for start in range(0, n, 1000):
+        qt.create_jobs([new_job(f"bulk-{i % 100}", "noop", {}) for i in range(start, min(start + 1000, n))])
+    out["create_jobs bulk of 1,000 over 100 queues (with kicks)"] = _per_job(
+        counts, n, time.perf_counter() - t0
+    )
+    r.delete(scope)
+    qt.engine.dispose()
+    for key, value in out.items():
+        log(f"  {key}: {value}")
+    return out
+
+
+SCENARIOS["roundtrips"] = roundtrips
