@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     env = Env()
     began = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{results['started'].replace(':', '')}{'-quick' if args.quick else ''}.json"
     try:
         for name in names:
             print(f"== {name} (load {load()})", flush=True)
@@ -106,12 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             results["scenarios"][name] = SCENARIOS[name](env, cfg)
             results["scenarios"][name]["_seconds"] = round(time.perf_counter() - t0, 1)
             results["scenarios"][name]["_load_after"] = load()
+            path.write_text(json.dumps(results, indent=1))  # partial results survive
     finally:
         env.close()
     results["seconds"] = round(time.perf_counter() - began, 1)
     results["load_after"] = load()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{results['started'].replace(':', '')}{'-quick' if args.quick else ''}.json"
     path.write_text(json.dumps(results, indent=1))
     print(report.markdown(results))
     print(f"results: {path}")

@@ -176,7 +176,9 @@ def enqueue(env: Env, cfg: Config) -> dict[str, Any]:
                         cq = env.unique("enq")
                         db = env.proc_dsn if system == "procrastinate" else env.database_url
                         n = n_total // procs
-                        n_queues = n if target == "many" else 1
+                        # One by one: a new queue per job (each kick sends a message).
+                        # Bulk: 100 queues per producer (each batch kicks them).
+                        n_queues = (n if mode == "one" else 100) if target == "many" else 1
                         with ctx.Manager() as manager:
                             barrier = manager.Barrier(procs)
                             with ctx.Pool(procs) as pool:
@@ -367,8 +369,8 @@ def memory(env: Env, cfg: Config) -> dict[str, Any]:
 SCENARIOS = {
     "throughput": throughput,
     "latency": latency,
-    "enqueue": enqueue,
     "scan": scan,
+    "enqueue": enqueue,
     "failures": failures,
     "memory": memory,
 }
