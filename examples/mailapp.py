@@ -14,6 +14,7 @@ from celery import Celery
 from queuetopia_celery import Job, Queuetopia
 
 app = Celery("mailapp", broker=os.environ.get("BROKER_URL", "redis://127.0.0.1:6379/0"))
+app.conf.worker_prefetch_multiplier = 1
 
 mail = Queuetopia(
     "mail",
