@@ -76,8 +76,19 @@ def scope(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def celery_queue(scope: str) -> str:
-    return f"qt-test-{scope}"
+def celery_queue(scope: str) -> Iterator[str]:
+    name = f"qt-test-{scope}"
+    yield name
+    # Messages nobody consumed (kicks and perform messages of tests without a worker).
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{name}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 @pytest.fixture
