@@ -230,7 +230,9 @@ def _install_pg_kill(qt: Queuetopia, spec: str) -> None:
     rngs: dict[int, random.Random] = {}
     url = qt.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
-    def terminate(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+    def terminate(driver: Any) -> None:
+        """Maybe terminate ``driver``'s backend (a psycopg connection about to run a
+        statement) from a side connection, so that the statement fails."""
         name = getattr(phase, "name", None)
         rng = rngs.setdefault(os.getpid(), random.Random(os.getpid()))  # forked children differ
         if name is None or rng.random() >= rates.get(name, 0.0):
@@ -243,7 +245,7 @@ def _install_pg_kill(qt: Queuetopia, spec: str) -> None:
         if done[0] >= budget:
             rates.clear()
             return
-        pid = conn.connection.dbapi_connection.info.backend_pid
+        pid = driver.info.backend_pid
         killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
         for _ in range(100):
             if killer.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() is None:
@@ -254,19 +256,41 @@ def _install_pg_kill(qt: Queuetopia, spec: str) -> None:
             (qt.scope, f"pg-kill-{name}", os.getpid()),
         )
 
-    sa.event.listen(qt.engine, "before_cursor_execute", terminate)
+    class KillingCursor(psycopg.Cursor[Any]):
+        """Every statement, through SQLAlchemy or on the driver directly, may be hit."""
+
+        def execute(self, *args: Any, **kwargs: Any) -> Any:
+            terminate(self.connection)
+            return super().execute(*args, **kwargs)
+
+        def executemany(self, *args: Any, **kwargs: Any) -> Any:
+            terminate(self.connection)
+            return super().executemany(*args, **kwargs)
+
+    @sa.event.listens_for(qt.engine, "connect")
+    def _on_connect(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.cursor_factory = KillingCursor
+
     store = qt.store
-    for name in rates:
-        method = getattr(store, name)
+    # "finish" also covers the store's combined calls (finish_and_start, ...).
+    methods = [
+        (attr, name)
+        for name in list(rates)
+        for attr in dir(store)
+        if attr == name or (attr.startswith(name + "_") and callable(getattr(store, attr)))
+    ]
+    for attr, name in methods:
+        method = getattr(store, attr)
 
         def wrapped(*args: Any, _method: Any = method, _name: str = name, **kwargs: Any) -> Any:
+            outer = getattr(phase, "name", None)
             phase.name = _name
             try:
                 return _method(*args, **kwargs)
             finally:
-                phase.name = None
+                phase.name = outer
 
-        setattr(store, name, wrapped)
+        setattr(store, attr, wrapped)
 
 
 if os.environ.get("QT_TEST_SCOPE"):
