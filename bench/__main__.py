@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": load(),
         "scenarios": {},
     }
+    # SIGTERM (e.g. from a CI timeout) cleans up like Ctrl-C: workers stopped, databases dropped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = Env()
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

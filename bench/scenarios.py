@@ -388,6 +388,15 @@ def _counting(qt: Any) -> collections.Counter[str]:
     event.listen(qt.engine, "before_cursor_execute", lambda *a: counts.update(["statements"]))
     event.listen(qt.engine, "commit", lambda *a: counts.update(["transactions"]))
     event.listen(qt.engine.pool, "checkout", lambda *a: counts.update(["checkouts"]))
+    from queuetopia_celery import store as store_module
+
+    raw = store_module._raw_one  # the hot path's statements bypass SQLAlchemy's events
+
+    def counted_raw(*args: Any) -> Any:
+        counts.update(["statements"])
+        return raw(*args)
+
+    store_module._raw_one = counted_raw  # type: ignore[assignment]
     send = qt.send
 
     def counted_send(dispatches: Any) -> None:
