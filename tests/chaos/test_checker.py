@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from tests.chaos.harness import judge, recovery_seconds
+
+pytestmark = pytest.mark.chaos
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 

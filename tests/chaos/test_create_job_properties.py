@@ -9,11 +9,14 @@ import json
 import math
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from queuetopia_celery import InvalidJobError
+
+pytestmark = pytest.mark.chaos
 
 UTC = dt.timezone.utc
 
