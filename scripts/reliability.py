@@ -33,13 +33,14 @@ COLUMNS = [
     ("violations", "invariant violations"),
     ("repeats", "repeated side effects"),
     ("settle_s", "settle s"),
+    ("notes", "notes"),
 ]
 
 
 def table(rows: list[dict[str, object]]) -> str:
     def cell(row: dict[str, object], key: str) -> str:
         value = row.get(key)
-        if value is None:
+        if value is None or value == "":
             return "-"
         if key == "violations" and "control" in str(row["fault"]):
             return f"{value} (expected > 0)"

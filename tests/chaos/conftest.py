@@ -8,6 +8,7 @@ import dataclasses
 import datetime as dt
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from queuetopia_celery import Queuetopia
 from tests.apps import testapp
 from tests.chaos import harness
-from tests.conftest import Proc
+from tests.conftest import Proc, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -53,6 +54,8 @@ class Chaos:
     _start_worker: Callable[..., Proc]
     _start_beat: Callable[..., Proc]
     kills: dict[int, dt.datetime] = dataclasses.field(default_factory=dict)
+    procs: list[Proc] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
     visible: dict[int, dt.datetime] = dataclasses.field(default_factory=dict)
     watched: list[tuple[dt.datetime, list[dict[str, Any]]]] = dataclasses.field(default_factory=list)
     stop_watching: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -83,7 +86,46 @@ class Chaos:
         }
 
     def worker(self, *, concurrency: int = 3, beat: bool = False, wait: bool = True, **extra: str) -> Proc:
-        return self._start_worker(concurrency=concurrency, beat=beat, env=self.env(**extra), wait=wait)
+        proc = self._start_worker(concurrency=concurrency, beat=beat, env=self.env(**extra), wait=wait)
+        self.procs.append(proc)
+        return proc
+
+    def supervise_after_broker_outage(self) -> None:
+        """Act as a process supervisor after Redis came back: wait until each worker
+        has reconnected or died (a Celery worker can die of a broker outage: kombu's
+        restore of unacked messages fails with ``AttributeError ... 'hostname'``),
+        restart the dead ones (with beat where it was) and note how many died."""
+        workers = list(self.procs)
+
+        def reconnected_or_dead(proc: Proc) -> bool:
+            return proc.handle.poll() is not None or proc.output().count("Connected to redis") >= 2
+
+        wait_for(lambda: all(reconnected_or_dead(p) for p in workers), timeout=60, message="workers back")
+        dead = [p for p in workers if p.handle.poll() is not None]
+        for proc in dead:
+            self.worker(beat="-B" in proc.args)
+        if dead:
+            self.notes.append(f"{len(dead)} of {len(workers)} workers died of the outage, restarted")
+        # A live worker may also stop consuming after a broker reset (a known Celery
+        # issue): if no job starts for a while, add a fresh worker, and say so.
+        back = harness.db_now(self.engine)
+        query = sa.text(
+            "SELECT (SELECT count(*) FROM qt_test_events WHERE scope = :s AND started_at > :t),"
+            " (SELECT count(*) FROM queuetopia_jobs WHERE scope = :s AND status IN ('pending', 'running'))"
+        )
+
+        def progress() -> bool:
+            with self.engine.connect() as conn:
+                started, open_ = conn.execute(query, {"s": self.scope, "t": back}).one()
+            return started > 0 or open_ == 0
+
+        deadline = time.monotonic() + 20
+        while not progress():
+            if time.monotonic() > deadline:
+                self.worker(beat=True)
+                self.notes.append("no job started 20 s after the outage: a fresh worker was added")
+                break
+            time.sleep(0.2)
 
     def workers(self, count: int = 2, *, concurrency: int = 3, beat: bool = True, **extra: str) -> list[Proc]:
         """Start ``count`` workers at once (the first with beat) and wait for all."""
@@ -141,6 +183,7 @@ class Chaos:
             violations=len(verdict.violations),
             repeats=verdict.repeated_side_effects,
             settle_s=round(waited, 1),
+            notes="; ".join(self.notes),
         ).write()
         return verdict
 

@@ -449,6 +449,7 @@ class Record:
     violations: int
     repeats: int
     settle_s: float
+    notes: str = ""
 
     def write(self) -> None:
         path = os.environ.get("QT_CHAOS_REPORT")

@@ -42,7 +42,9 @@ def test_kill_9_of_a_worker_child_mid_job(chaos):
         run = wait_for(lambda c=children: running_in(chaos, c), timeout=60, message="a job running")[0]
         chaos.kill(run["pid"], signal.SIGKILL)
         snapshots.append(chaos.snapshot())
-        time.sleep(0.5)  # let the pool replace the child before the next kill
+        wait_for(
+            lambda: all(len(w.children()) >= 3 for w in workers), timeout=30, message="the pools to refill"
+        )
     expect = feeder.join()
     verdict = chaos.finish("kill -9 worker child mid-job", expect, crashes=True, snapshots=snapshots)
     assert_clean(verdict)
@@ -131,6 +133,7 @@ def test_redis_restarted_losing_every_queued_message(chaos):
     snapshots = [chaos.snapshot()]
     chaos.redis.restart()
     chaos.faults += 1
+    chaos.supervise_after_broker_outage()
     expect = feeder.join()
     verdict = chaos.finish(
         "Redis restarted, queued messages lost", expect, crashes=False, snapshots=snapshots
@@ -148,6 +151,7 @@ def test_redis_unavailable_while_jobs_are_created_and_finished(chaos):
     snapshots = [chaos.snapshot()]
     chaos.redis.restart(down=4)  # the feeder and the workers carry on meanwhile
     chaos.faults += 1
+    chaos.supervise_after_broker_outage()
     expect = feeder.join()
     verdict = chaos.finish("Redis down 4 s during create/finish", expect, crashes=False, snapshots=snapshots)
     assert_clean(verdict)
