@@ -24,6 +24,9 @@ from queuetopia_celery import make_engine, migrate
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
+#: procrastinate's worker fetches the next job of a lock only when notified of a new
+#: job or when this polling interval elapses (default 5 s): a short one is its best case.
+PROC_POLL = float(os.environ.get("BENCH_PROC_POLL", "0.01"))
 
 
 def wait_for(condition: Callable[[], Any], *, timeout: float = 120, interval: float = 0.005) -> Any:
@@ -141,7 +144,7 @@ class Env:
         args = [
             sys.executable, "-m", "procrastinate", "--app=bench.procapp.app", "--log-level=warning", "worker",
             f"--concurrency={concurrency}", f"--queues={queue}", "--delete-jobs=never",
-            "--fetch-job-polling-interval=0.01",
+            f"--fetch-job-polling-interval={PROC_POLL}",
         ]  # fmt: skip
         proc = Proc(args, {"BENCH_PROC_DSN": self.proc_dsn}, self.tmp)
         self.procs.append(proc)
