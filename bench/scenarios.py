@@ -327,6 +327,19 @@ def failures(env: Env, cfg: Config) -> dict[str, Any]:
 # ---------------------------------------------------------------- 7: memory
 
 
+def _open_jobs(qt: Any, prefix: str) -> int:
+    with qt.engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM queuetopia_jobs WHERE scope = :s"
+                    " AND status IN ('pending', 'running') AND queue LIKE :q"
+                ),
+                {"s": qt.scope, "q": prefix + "%"},
+            ).scalar_one()
+        )
+
+
 def memory(env: Env, cfg: Config) -> dict[str, Any]:
     """RSS of the worker's children and of beat while they run many jobs."""
     ours = Ours(env, beat=True, poll=1.0)
@@ -341,7 +354,7 @@ def memory(env: Env, cfg: Config) -> dict[str, Any]:
         t0 = time.perf_counter()
         dispatch_all(ours.qt, names)
         while True:
-            left = open_count(ours.qt, prefix)
+            left = _open_jobs(ours.qt, prefix)
             children = ours.worker.children()
             child_rss = max((rss_kb(pid)[0] for pid in children), default=0)
             samples.append((n - left, child_rss, rss_kb(ours.beat.pid)[0]))
