@@ -133,7 +133,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for name, label in (
         (OURS, "queuetopia-celery (ordered, persisted)"),
         (CELERY, "plain Celery no-op (no order, no persistence)"),
-        (PROC, "procrastinate, lock= per queue"),
+        (PROC, "procrastinate, lock= per queue (1/10 of the jobs)"),
     ):
         med = [data[k][name]["rate"]["median"] if name in data[k] else None for k in shapes]
         lo = [data[k][name]["rate"]["min"] if name in data[k] else None for k in shapes]
