@@ -489,7 +489,10 @@ class Store:
                 # The plain kick: one autocommit statement per 500 queues.
                 kicked: list[Dispatch] = []
                 with self._auto() as conn:
-                    for chunk in _chunks(list(dict.fromkeys(queues)), 500):
+                    # Leases are always inserted in queue order: two multi-row inserts
+                    # (a bulk kick and a scan) waiting on each other's uncommitted
+                    # lease rows in opposite orders would deadlock.
+                    for chunk in _chunks(sorted(set(queues)), 500):
                         kicked.extend(self._take_leases(conn, chunk, grace, limit - len(kicked), locked_by))
                 return kicked
         with self._tx() as conn:
@@ -506,7 +509,7 @@ class Store:
                 limit = min(limit, max(max_concurrent - int(held), 0))
                 if limit == 0:
                     return []
-            candidates = self._due_queues(conn, limit) if queues is None else list(dict.fromkeys(queues))
+            candidates = sorted(set(self._due_queues(conn, limit) if queues is None else queues))
             if not candidates:
                 return []
             taken: list[Dispatch] = []
@@ -1245,12 +1248,14 @@ WITH head AS (
         LIMIT 1
     ) AS h
     WHERE h.status = 'pending' AND coalesce(h.next_attempt_at, h.scheduled_at) <= now()
+    ORDER BY w.queue
     LIMIT :limit
 ), taken AS (
     INSERT INTO queuetopia_leases (scope, queue, token, job_id, locked_at, expires_at, locked_by)
     SELECT :s, head.queue, CAST(gen_random_uuid() AS text), head.id, now(),
         now() + make_interval(secs => CAST(:grace AS float8)), CAST(:by AS text)
     FROM head
+    ORDER BY head.queue
     ON CONFLICT (scope, queue) DO NOTHING
     RETURNING queue, job_id, token
 )
