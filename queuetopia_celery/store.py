@@ -877,6 +877,17 @@ class Store:
             )
         return True
 
+    def extend_lease(self, queue: str, token: str, seconds: float) -> bool:
+        """Make a started lease last ``seconds`` from now (database clock), if
+        ``token`` still holds it."""
+        with self._tx() as conn:
+            moved = conn.execute(
+                sa.update(L)
+                .where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
+                .values(expires_at=self._after(seconds))
+            )
+        return moved.rowcount == 1
+
     def lease_of(self, queue: str) -> dict[str, Any] | None:
         """The lease row of a queue, for inspection (tests, status)."""
         with self._tx() as conn:

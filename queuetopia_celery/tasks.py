@@ -120,6 +120,10 @@ class Runner:
                     extra={"scope": qt.scope, "queue": queue, "job_id": job_id},
                 )
                 return 0
+            if deadline is None:
+                # A message without a time limit (sent by hand): the lease must at least
+                # cover the job's own timeout.
+                store.extend_lease(queue, token, self._lease(job.timeout, None))
             attempted = 0
             while True:
                 outcome = self._attempt(job)

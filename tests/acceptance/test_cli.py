@@ -31,7 +31,7 @@ def build(url: str, scope: str) -> Queuetopia:
     app = Celery(f"t-{uuid.uuid4().hex[:6]}", broker="memory://")
     qt = Queuetopia(scope, app=app, database_url=url, disabled=True)
 
-    @qt.performer("charge")
+    @qt.performer("charge", backoff=lambda job: 600.0)  # the next retry stays in the future
     def charge(job: Job) -> Any:
         if job.params.get("fail"):
             raise RuntimeError("card declined by the bank")

@@ -362,3 +362,31 @@ def test_a_claimed_lost_attempt_whose_scan_died_is_recovered_by_a_later_scan(qt,
     lost = qt.get_job(job.id)
     assert (lost.state, lost.attempts) == (JobState.RETRYING, 1)
     assert qt.store.lease_of("q") is None
+
+
+def test_a_message_without_a_time_limit_still_leases_the_queue_for_the_jobs_timeout(
+    database_url: str, scope: str, celery_queue: str, engine: sa.Engine
+) -> None:
+    app = Celery(f"nolimit-{scope}", broker=REDIS_URL)
+    qt = Queuetopia(scope, app=app, database_url=database_url, celery_queue=celery_queue)
+    seen: list[float] = []
+
+    @qt.performer("measure")
+    def measure(job: Job) -> None:
+        with engine.connect() as conn:
+            left = conn.execute(
+                sa.text(
+                    "SELECT extract(epoch FROM expires_at - now()) FROM queuetopia_leases"
+                    " WHERE scope = :s AND queue = :q"
+                ),
+                {"s": scope, "q": job.queue},
+            ).scalar_one()
+        seen.append(float(left))
+
+    job = qt.create_job("q", "measure", {}, timeout=300)
+    token = qt.store.lease_of("q")["token"]
+    assert qt.perform_runner.perform("q", job.id, token, hostname="test", time_limit=None) == 1
+    assert qt.get_job(job.id).state is JobState.DONE
+    # timeout + time_limit_grace + lease_margin, less the time the test took to get here.
+    assert seen and seen[0] > 300 + qt.time_limit_grace
+    qt.engine.dispose()
