@@ -631,9 +631,7 @@ class Store:
             )
             if row is None:
                 # The lease points at a job that is no longer open: release the queue.
-                conn.execute(
-                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
-                )
+                self._release(conn, queue, token)
                 return None
         return Job.from_row(row)
 
@@ -646,9 +644,7 @@ class Store:
                 return Job.from_row(row)
             if row["leased"]:
                 # The lease points at a job that is no longer open: release the queue.
-                conn.execute(
-                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
-                )
+                self._release(conn, queue, token)
         return None
 
     def finish_and_start(
@@ -741,9 +737,7 @@ class Store:
             if row["id"] is None:
                 # The next job was no longer pending (aborted meanwhile): let go of the
                 # queue; the caller re-checks it.
-                conn.execute(
-                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == fresh)
-                )
+                self._release(conn, job.queue, fresh)
                 return True, None, None
             return True, nxt, Job.from_row(row)
 
@@ -782,15 +776,11 @@ class Store:
                 .values(**values)
             )
             if written.rowcount != 1:
-                conn.execute(
-                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token)
-                )
+                self._release(conn, job.queue, token)
                 return False, None
             nxt = self._pass_on(conn, job.queue, token, grace) if hand_off else None
             if nxt is None:
-                conn.execute(
-                    sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token)
-                )
+                self._release(conn, job.queue, token)
             return True, nxt
 
     def _pass_on(self, conn: Connection, queue: str, token: str, grace: float) -> Dispatch | None:
@@ -872,10 +862,12 @@ class Store:
                 .where(J.c.id == job.id, J.c.status == STATUS_RUNNING)
                 .values(error=outcome.error, **self._failed_values(job, outcome))
             )
-            conn.execute(
-                sa.delete(L).where(L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == lost.token)
-            )
+            self._release(conn, job.queue, lost.token)
         return True
+
+    def _release(self, conn: Connection, queue: str, token: str) -> None:
+        """Drop the queue's lease if ``token`` still holds it."""
+        conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token))
 
     def extend_lease(self, queue: str, token: str, seconds: float) -> bool:
         """Make a started lease last ``seconds`` from now (database clock), if
@@ -924,9 +916,7 @@ class Store:
     def _lower_due(self, conn: Connection, queues: Sequence[str] | None) -> None:
         """Make queues due for the next scan (``due_at`` is only a lower bound)."""
         now = self._now()
-        query = sa.update(Q).where(
-            Q.c.scope == self.scope, sa.or_(Q.c.due_at.is_(None), Q.c.due_at > now)
-        )
+        query = sa.update(Q).where(Q.c.scope == self.scope, sa.or_(Q.c.due_at.is_(None), Q.c.due_at > now))
         if queues is not None:
             query = query.where(Q.c.queue.in_(list(queues)))
         conn.execute(query.values(due_at=now))
@@ -1033,9 +1023,7 @@ class Store:
             .over(partition_by=J.c.queue, order_by=(J.c.scheduled_at, J.c.sequence))
             .label("rank")
         )
-        ranked = sa.select(*_JOB_COLUMNS, rank).where(
-            J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES)
-        )
+        ranked = sa.select(*_JOB_COLUMNS, rank).where(J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES))
         if queues is not None:
             ranked = ranked.where(J.c.queue.in_(list(queues)))
         sub = ranked.subquery()
@@ -1072,8 +1060,10 @@ class Store:
             names: list[str] | None = None if queue is None else [queue]
             if blocked_only:
                 # Only queues with a failing open job can be blocked: look at those alone.
-                failing = sa.select(J.c.queue).distinct().where(
-                    J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES), J.c.error.is_not(None)
+                failing = (
+                    sa.select(J.c.queue)
+                    .distinct()
+                    .where(J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES), J.c.error.is_not(None))
                 )
                 if queue is not None:
                     failing = failing.where(J.c.queue == queue)
