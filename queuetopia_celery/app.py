@@ -216,11 +216,15 @@ class Queuetopia:
         specs = [item if isinstance(item, NewJob) else _spec(item, self.on_exhausted) for item in jobs]
         if not specs:
             return []
-        created = self.store.create_jobs(specs, connection=connection)
         queues = list(dict.fromkeys(spec.queue for spec in specs))
         if connection is None:
-            self._kick(queues, committed=True)
-        elif not self.disabled:
+            # One connection for the insert and the kick: one pool checkout (and ping).
+            with self.store.pinned():
+                created = self.store.create_jobs(specs)
+                self._kick(queues, committed=True)
+            return created
+        created = self.store.create_jobs(specs, connection=connection)
+        if not self.disabled:
             self.store.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
         return created
 
