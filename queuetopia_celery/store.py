@@ -81,6 +81,20 @@ class Dispatch:
 
 
 @dataclasses.dataclass(frozen=True)
+class Burst:
+    """What :meth:`Store.finish_and_start` needs to begin the next job in the same
+    Celery task: who runs it, whether the burst budget allows another job, and the
+    time limits its running lease must outlive."""
+
+    worker: str
+    start_next: bool
+    time_limit_grace: float
+    lease_margin: float
+    #: Seconds left before the task's hard time limit (None: no limit on the message).
+    deadline_left: float | None
+
+
+@dataclasses.dataclass(frozen=True)
 class LostAttempt:
     """A started job whose lease expired: its worker died or was killed."""
 
@@ -654,16 +668,12 @@ class Store:
         outcome: Outcome,
         *,
         grace: float,
-        worker: str,
-        start_next: bool,
-        time_limit_grace: float,
-        lease_margin: float,
-        deadline_left: float | None,
+        burst: Burst,
     ) -> tuple[bool, Dispatch | None, Job | None]:
-        """:meth:`finish`, then, when ``start_next`` and the queue's next job is due and
-        fits in ``deadline_left`` seconds (with ``time_limit_grace``), :meth:`start` it
-        under the new token, running lease ``max(timeout + time_limit_grace,
-        deadline_left) + lease_margin``.
+        """:meth:`finish`, then, when ``burst.start_next`` and the queue's next job is due
+        and fits in ``burst.deadline_left`` seconds (with ``time_limit_grace``),
+        :meth:`start` it under the new token, running lease ``max(timeout +
+        time_limit_grace, deadline_left) + lease_margin``.
 
         Returns ``(written, next, started)``. ``written`` and a ``next`` of None (the
         queue released: re-check it) are as for :meth:`finish`. ``started`` is the next
@@ -674,24 +684,15 @@ class Store:
         the outcome, the next-head lookup, the hand-on and the next start together.
         """
         if self.is_postgres and outcome.succeeded:
-            return self._finish_and_start_pg(
-                job,
-                token,
-                outcome,
-                grace=grace,
-                worker=worker,
-                start_next=start_next,
-                time_limit_grace=time_limit_grace,
-                lease_margin=lease_margin,
-                deadline_left=deadline_left,
-            )
+            return self._finish_and_start_pg(job, token, outcome, grace=grace, burst=burst)
         written, nxt = self.finish(job, token, outcome, grace=grace)
-        if not written or nxt is None or not start_next:
+        if not written or nxt is None or not burst.start_next:
             return written, nxt, None
-        if deadline_left is not None and nxt.timeout + time_limit_grace > deadline_left:
+        left = burst.deadline_left
+        if left is not None and nxt.timeout + burst.time_limit_grace > left:
             return written, nxt, None
-        lease = max(nxt.timeout + time_limit_grace, deadline_left or 0.0) + lease_margin
-        started = self.start(job.queue, nxt.job_id, nxt.token, worker=worker, lease=lease)
+        lease = max(nxt.timeout + burst.time_limit_grace, left or 0.0) + burst.lease_margin
+        started = self.start(job.queue, nxt.job_id, nxt.token, worker=burst.worker, lease=lease)
         if started is None:
             # Taken over meanwhile (or no longer open: start released the queue).
             return True, None, None
@@ -704,11 +705,7 @@ class Store:
         outcome: Outcome,
         *,
         grace: float,
-        worker: str,
-        start_next: bool,
-        time_limit_grace: float,
-        lease_margin: float,
-        deadline_left: float | None,
+        burst: Burst,
     ) -> tuple[bool, Dispatch | None, Job | None]:
         fresh = new_token()
         params = {
@@ -719,11 +716,11 @@ class Store:
             "result": None if outcome.result is None else json.dumps(outcome.result),
             "new": fresh,
             "grace": grace,
-            "start": start_next,
-            "w": worker,
-            "tlg": time_limit_grace,
-            "margin": lease_margin,
-            "left": deadline_left,
+            "start": burst.start_next,
+            "w": burst.worker,
+            "tlg": burst.time_limit_grace,
+            "margin": burst.lease_margin,
+            "left": burst.deadline_left,
         }
         with self._auto() as conn:
             row = _raw_one(conn, _FINISH_SQL, params)

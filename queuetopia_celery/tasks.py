@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import JobTimeoutError, ResultNotJSONError
 from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
 from .performer import PerformerProtocol, safe_backoff
-from .store import Dispatch, LostAttempt, Outcome
+from .store import Burst, Dispatch, LostAttempt, Outcome
 
 if TYPE_CHECKING:
     from .app import Queuetopia
@@ -137,11 +137,13 @@ class Runner:
                     token,
                     outcome,
                     grace=qt.dispatch_grace,
-                    worker=worker,
-                    start_next=attempted < qt.burst_jobs and now - began < qt.burst_seconds,
-                    time_limit_grace=qt.time_limit_grace,
-                    lease_margin=qt.lease_margin,
-                    deadline_left=None if deadline is None else deadline - now,
+                    burst=Burst(
+                        worker=worker,
+                        start_next=attempted < qt.burst_jobs and now - began < qt.burst_seconds,
+                        time_limit_grace=qt.time_limit_grace,
+                        lease_margin=qt.lease_margin,
+                        deadline_left=None if deadline is None else deadline - now,
+                    ),
                 )
                 if not written:
                     logger.warning(
