@@ -154,7 +154,9 @@ leases = Table(
     PrimaryKeyConstraint("scope", "queue", name="pk_queuetopia_leases"),
 )
 
-Index("ix_queuetopia_leases_expires", leases.c.scope, leases.c.expires_at)
+# On expires_at alone: an index led by scope would compete with the primary key for
+# every lookup of one lease (see migration 0003).
+Index("ix_queuetopia_leases_expires", leases.c.expires_at)
 
 #: Alembic's version table for our migrations, apart from the host app's own.
 VERSION_TABLE = "queuetopia_alembic_version"

@@ -1262,6 +1262,12 @@ FROM taken JOIN head ON head.queue = taken.queue
 """
 )
 
+#: The hot statements address jobs by id alone (the lease ties them to their scope) and
+#: leases by their primary key, so that their plans do not depend on the tables'
+#: statistics: with statistics taken while the tables were nearly empty, PostgreSQL
+#: chose the open-jobs index for ``scope = ...`` and visited every open job of the scope
+#: for each job it finished (7 ms instead of 0.4 with 5,000 open jobs).
+#:
 #: Start an attempt (PostgreSQL): lease check and mark, attempt count, in one statement.
 _START_SQL = _driver_sql(
     f"""
@@ -1273,8 +1279,7 @@ WITH l AS (
 ), j AS (
     UPDATE queuetopia_jobs AS j
     SET status = 'running', attempts = j.attempts + 1, attempted_at = now(), attempted_by = :w
-    FROM l
-    WHERE j.id = l.job_id AND j.scope = :s AND j.status = 'pending'
+    WHERE j.id = :jid AND j.status = 'pending' AND EXISTS (SELECT 1 FROM l)
     RETURNING {_JOB_FIELDS}
 )
 SELECT (SELECT count(*) FROM l) AS leased, j.*
@@ -1291,14 +1296,14 @@ FROM (SELECT 1) AS one LEFT JOIN j ON true
 _FINISH_SQL = _driver_sql(
     f"""
 WITH lease AS (
-    SELECT token FROM queuetopia_leases
+    SELECT job_id FROM queuetopia_leases
     WHERE scope = :s AND queue = :q AND token = :tok
     FOR UPDATE
 ), done AS (
     UPDATE queuetopia_jobs
     SET status = 'done', done_at = now(), result = CAST(:result AS json), error = NULL,
         next_attempt_at = NULL
-    WHERE id = :jid AND scope = :s AND status = 'running' AND EXISTS (SELECT 1 FROM lease)
+    WHERE id = :jid AND id = (SELECT job_id FROM lease) AND status = 'running'
     RETURNING id
 ), head AS (
     SELECT id, status, timeout, coalesce(next_attempt_at, scheduled_at) AS due
@@ -1326,8 +1331,7 @@ WITH lease AS (
 ), started AS (
     UPDATE queuetopia_jobs AS j
     SET status = 'running', attempts = j.attempts + 1, attempted_at = now(), attempted_by = :w
-    FROM moved
-    WHERE moved.inline AND j.id = moved.id AND j.status = 'pending'
+    WHERE j.id = (SELECT id FROM moved WHERE moved.inline) AND j.status = 'pending'
     RETURNING {_JOB_FIELDS}
 ), released AS (
     DELETE FROM queuetopia_leases

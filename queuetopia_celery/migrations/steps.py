@@ -104,3 +104,17 @@ def v2_downgrade() -> None:
         batch.drop_column("aborted_at")
         batch.drop_column("abort_reason")
         batch.drop_column("on_exhausted")
+
+
+def v3_upgrade() -> None:
+    """The lease expiry index on ``expires_at`` alone. On ``(scope, expires_at)`` it
+    competed with the primary key for every lookup of one lease by scope and queue, and
+    with statistics taken while the table was nearly empty PostgreSQL chose it and read
+    every lease of the scope."""
+    op.drop_index("ix_queuetopia_leases_expires", table_name="queuetopia_leases")
+    op.create_index("ix_queuetopia_leases_expires", "queuetopia_leases", ["expires_at"])
+
+
+def v3_downgrade() -> None:
+    op.drop_index("ix_queuetopia_leases_expires", table_name="queuetopia_leases")
+    op.create_index("ix_queuetopia_leases_expires", "queuetopia_leases", ["scope", "expires_at"])
