@@ -220,8 +220,13 @@ class Queuetopia:
         if connection is None:
             # One connection for the insert and the kick: one pool checkout (and ping).
             with self.store.pinned():
-                created = self.store.create_jobs(specs)
-                self._kick(queues, committed=True)
+                if self.disabled or self.max_concurrent_queues is not None:
+                    created = self.store.create_jobs(specs)
+                    self._kick(queues, committed=True)
+                    return created
+                # The leases of new and idle queues are taken by the insert itself.
+                created, taken = self.store.create_jobs_and_dispatch(specs, grace=self.dispatch_grace)
+                self._kick(queues, committed=True, taken=taken)
             return created
         created = self.store.create_jobs(specs, connection=connection)
         if not self.disabled:
@@ -231,18 +236,23 @@ class Queuetopia:
     def _kick_after(self, queues: set[str], committed: bool) -> None:
         self._kick(sorted(queues), committed=committed)
 
-    def _kick(self, queues: Sequence[str], *, committed: bool) -> None:
+    def _kick(self, queues: Sequence[str], *, committed: bool, taken: Sequence[Dispatch] = ()) -> None:
         """Wake the given queues: dispatch them now (after a commit), or ask a worker
-        to, once the caller's transaction has committed."""
+        to, once the caller's transaction has committed. ``taken``: leases already
+        taken for some of them, to send."""
         if self.disabled or not queues:
             return
         try:
             if committed:
-                self.send(
-                    self.store.dispatch(
-                        queues, grace=self.dispatch_grace, max_concurrent=self.max_concurrent_queues
+                self.send(taken)
+                held = {d.queue for d in taken}
+                rest = [queue for queue in queues if queue not in held]
+                if rest:
+                    self.send(
+                        self.store.dispatch(
+                            rest, grace=self.dispatch_grace, max_concurrent=self.max_concurrent_queues
+                        )
                     )
-                )
             else:
                 self.kick_task.apply_async(args=(list(queues),), queue=self.celery_queue)
         except Exception:

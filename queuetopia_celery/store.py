@@ -297,17 +297,15 @@ class Store:
         order given."""
         if not specs:
             return []
-        by_queue: dict[str, list[int]] = {}
-        for index, spec in enumerate(specs):
-            by_queue.setdefault(spec.queue, []).append(index)
+        by_queue = _by_queue(specs)
         created: list[Job | None] = [None] * len(specs)
         if self.is_postgres:
             if connection is None:
                 # One statement is its own transaction: no BEGIN/COMMIT round trips.
                 with self._auto() as conn:
-                    return self._create_jobs_pg(conn, specs, by_queue)
+                    return self._create_jobs_pg(conn, specs, by_queue, None)[0]
             with self._tx(connection) as conn:
-                return self._create_jobs_pg(conn, specs, by_queue)
+                return self._create_jobs_pg(conn, specs, by_queue, None)[0]
         with self._tx(connection) as conn:
             now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
             now = now.astimezone(UTC)
@@ -346,12 +344,36 @@ class Store:
                     created[i] = Job.from_row(row)
         return [job for job in created if job is not None]
 
+    def create_jobs_and_dispatch(
+        self, specs: Sequence[NewJob], *, grace: float
+    ) -> tuple[list[Job], list[Dispatch]]:
+        """:meth:`create_jobs` in its own transaction, taking in the same statement the
+        lease of each queue whose head is then pending and due and which nobody holds:
+        the kick of a new or idle queue without a second statement (PostgreSQL).
+
+        Returns the jobs (in the order given) and the leases taken: send them. Queues
+        without a lease taken here (held, not due, or not decidable in this statement)
+        still need :meth:`dispatch` once this returns, as after :meth:`create_jobs`.
+        """
+        if not specs:
+            return [], []
+        if not self.is_postgres:
+            return self.create_jobs(specs), []
+        with self._auto() as conn:
+            return self._create_jobs_pg(conn, specs, _by_queue(specs), grace)
+
     def _create_jobs_pg(
-        self, conn: Connection, specs: Sequence[NewJob], by_queue: dict[str, list[int]]
-    ) -> list[Job]:
+        self,
+        conn: Connection,
+        specs: Sequence[NewJob],
+        by_queue: dict[str, list[int]],
+        grace: float | None,
+    ) -> tuple[list[Job], list[Dispatch]]:
         """:meth:`create_jobs` on PostgreSQL: one statement for any number of jobs and
         queues (queue rows upserted in queue order, so concurrent bulk producers cannot
-        deadlock; then the jobs inserted, numbered from each queue's counter)."""
+        deadlock; then the jobs inserted, numbered from each queue's counter). With a
+        ``grace``, the statement also takes the leases it can (see
+        :meth:`create_jobs_and_dispatch`)."""
         queues = sorted(by_queue)
         dues: list[dt.datetime | None] = []
         nows: list[bool] = []
@@ -382,13 +404,20 @@ class Store:
             "r_attempts": [spec.max_attempts for spec in specs],
             "r_exhausted": [spec.on_exhausted for spec in specs],
             "r_scheduled": [spec.scheduled_at for spec in specs],
+            "take": grace is not None,
+            "grace": grace or 0.0,
         }
         created: list[Job | None] = [None] * len(specs)
+        taken: dict[str, Dispatch] = {}
         index_of = {(specs[i].queue, offsets[i]): i for i in range(len(specs))}
         for row in conn.execute(_CREATE_SQL, params).mappings():
             offset = row["back"] + len(by_queue[row["queue"]])
             created[index_of[(row["queue"], offset)]] = Job.from_row(row)
-        return [job for job in created if job is not None]
+            if row["lease_token"] is not None:
+                taken[row["queue"]] = Dispatch(
+                    row["queue"], int(row["lease_job_id"]), row["lease_token"], float(row["lease_timeout"])
+                )
+        return [job for job in created if job is not None], [taken[q] for q in sorted(taken)]
 
     def _bump_sequence(
         self, conn: Connection, queue: str, count: int, due: dt.datetime
@@ -1196,6 +1225,14 @@ _JOB_FIELDS = ", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))
 #: queue commit in sequence order; ``clock_timestamp()`` once the row is ours is the
 #: default ``scheduled_at``, so (scheduled_at, sequence) follows commit order too.
 #: ``due_at`` is lowered to the earliest due time of the new jobs.
+#:
+#: With ``:take`` (autocommit only: the lease and the jobs commit together), the
+#: statement also takes the lease of each queue whose head is pending and due: the head
+#: among the queue's open jobs and the new ones. This statement's snapshot may miss jobs
+#: of the queue that another producer committed while this one waited for the queue row;
+#: so a queue is only decided here when the jobs it sees end exactly where the counter
+#: stood before this statement (``last_sequence - n``). Any other queue, and one whose
+#: lease is held, is left to a dispatch after the commit, as without ``:take``.
 _CREATE_SQL = sa.text(
     f"""
 WITH q AS (
@@ -1224,9 +1261,46 @@ WITH q AS (
         'pending', 0, q.locked_at
     FROM r JOIN q ON q.queue = r.queue
     RETURNING {", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))}
+), old AS (
+    SELECT q.queue, h.id, h.status, h.timeout, h.scheduled_at, h.sequence, h.due
+    FROM q
+    JOIN unnest(CAST(:queues AS text[]), CAST(:counts AS int[])) AS u(queue, n) ON u.queue = q.queue
+    LEFT JOIN LATERAL (
+        SELECT x.id, x.status, x.timeout, x.scheduled_at, x.sequence,
+            coalesce(x.next_attempt_at, x.scheduled_at) AS due
+        FROM queuetopia_jobs AS x
+        WHERE x.scope = :s AND x.queue = q.queue AND x.status IN ('pending', 'running')
+        ORDER BY x.scheduled_at, x.sequence
+        LIMIT 1
+    ) AS h ON true
+    WHERE CAST(:take AS boolean)
+        AND q.last_sequence - u.n = coalesce((
+            SELECT max(x.sequence) FROM queuetopia_jobs AS x WHERE x.scope = :s AND x.queue = q.queue
+        ), 0)
+), head AS (
+    SELECT DISTINCT ON (c.queue) c.queue, c.id, c.status, c.timeout, c.due
+    FROM (
+        SELECT queue, id, status, timeout, scheduled_at, sequence, due FROM old WHERE id IS NOT NULL
+        UNION ALL
+        SELECT j.queue, j.id, j.status, j.timeout, j.scheduled_at, j.sequence, j.scheduled_at
+        FROM j WHERE j.queue IN (SELECT queue FROM old)
+    ) AS c
+    ORDER BY c.queue, c.scheduled_at, c.sequence
+), taken AS (
+    INSERT INTO queuetopia_leases (scope, queue, token, job_id, locked_at, expires_at)
+    SELECT :s, head.queue, CAST(gen_random_uuid() AS text), head.id, now(),
+        now() + make_interval(secs => CAST(:grace AS float8))
+    FROM head
+    WHERE CAST(:take AS boolean) AND head.status = 'pending' AND head.due <= clock_timestamp()
+    ORDER BY head.queue
+    ON CONFLICT (scope, queue) DO NOTHING
+    RETURNING queue, job_id, token
 )
-SELECT j.*, CAST(j.sequence - q.last_sequence AS int) AS back
+SELECT j.*, CAST(j.sequence - q.last_sequence AS int) AS back,
+    t.job_id AS lease_job_id, t.token AS lease_token, head.timeout AS lease_timeout
 FROM j JOIN q ON q.queue = j.queue
+LEFT JOIN taken AS t ON t.queue = j.queue
+LEFT JOIN head ON head.queue = t.queue
 """
 ).columns(**{c.name: c.type for c in J.c if isinstance(c.type, schema.UTCDateTime)})
 
@@ -1343,6 +1417,14 @@ SELECT (SELECT count(*) FROM done) AS written, moved.id AS next_id, moved.timeou
 FROM (SELECT 1) AS one LEFT JOIN moved ON true LEFT JOIN started ON true
 """
 )
+
+
+def _by_queue(specs: Sequence[NewJob]) -> dict[str, list[int]]:
+    """The positions of the specs of each queue, in the order given."""
+    by_queue: dict[str, list[int]] = {}
+    for index, spec in enumerate(specs):
+        by_queue.setdefault(spec.queue, []).append(index)
+    return by_queue
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from queuetopia_celery import InvalidJobError, JobState
+from queuetopia_celery.jobs import new_job
 from tests.conftest import wait_for
 
 UTC = dt.timezone.utc
@@ -271,3 +272,79 @@ def test_bulk_creation_numbers_each_queue_and_wakes_each_queue_once(qt):
         assert [j.params["i"] for j in mine] == list(range(q, 30, 3))
         lease = qt.store.lease_of(f"b{q}")
         assert lease is not None and lease["job_id"] == mine[0].id
+
+
+# --------------------------------------------------------------------------- the kick in the insert
+
+
+def statements_of(qt: Any) -> list[str]:
+    """Record the statements ``qt`` sends from now on."""
+    sent: list[str] = []
+    sa.event.listen(qt.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: sent.append(sql))
+    return sent
+
+
+def test_create_job_takes_the_lease_of_an_idle_queue_in_its_insert(qt):
+    sent = statements_of(qt)
+    job = qt.create_job("idle", "work", {})
+    assert len(sent) == 1, sent  # the insert took the lease: no second statement
+    lease = qt.store.lease_of("idle")
+    assert lease is not None and lease["job_id"] == job.id
+    # A held queue is left as it is, and dispatched after the commit as before.
+    del sent[:]
+    qt.create_job("idle", "work", {})
+    assert len(sent) == 2, sent
+    assert qt.store.lease_of("idle")["token"] == lease["token"]
+
+
+def test_the_lease_taken_by_the_insert_goes_to_the_queues_head(qt):
+    (older,) = qt.store.create_jobs([new_job("behind", "work", {})])  # no kick: no lease yet
+    qt.create_job("behind", "work", {})
+    assert qt.store.lease_of("behind")["job_id"] == older.id
+
+
+def test_the_insert_takes_no_lease_behind_a_head_waiting_for_its_retry(qt, engine):
+    (head,) = qt.store.create_jobs([new_job("retrying", "work", {})])
+    with engine.begin() as conn:  # as after a failed attempt with an hour of backoff
+        conn.execute(
+            sa.text(
+                "UPDATE queuetopia_jobs SET attempts = 1, next_attempt_at = now() + interval '1 hour'"
+                " WHERE id = :i"
+            ),
+            {"i": head.id},
+        )
+    qt.create_job("retrying", "work", {})
+    assert qt.store.lease_of("retrying") is None
+
+
+def test_a_producer_blind_to_a_concurrent_commit_does_not_lease_its_own_job(qt, engine):
+    """The insert's snapshot predates a job another producer committed while the insert
+    waited for the queue row: the insert must not take the lease for its own job (which
+    comes second), and the queue's head gets it."""
+    first = Producer(qt, engine, "race", "first")
+    first.start()
+    first.go_create.set()
+    assert first.created.wait(10)
+    second: dict[str, Any] = {}
+    racer = threading.Thread(target=lambda: second.update(job=qt.create_job("race", "work", {})), daemon=True)
+    racer.start()
+    wait_for(lambda: blocked_inserts(engine) > 0, message="the second producer to wait for the queue row")
+    first.go_commit.set()
+    assert first.committed.wait(10)
+    racer.join(10)
+    assert first.error is None and "job" in second
+    assert second["job"].sequence == first.job.sequence + 1
+    lease = qt.store.lease_of("race")
+    assert lease is not None and lease["job_id"] == first.job.id
+
+
+def blocked_inserts(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%INSERT INTO queuetopia_queues%'"
+                )
+            ).scalar_one()
+        )
