@@ -660,7 +660,7 @@ class Store:
             row = (
                 conn.execute(
                     sa.update(J)
-                    .where(J.c.id == job_id, J.c.scope == self.scope, J.c.status == STATUS_PENDING)
+                    .where(J.c.id == job_id, J.c.status == STATUS_PENDING)
                     .values(
                         status=STATUS_RUNNING,
                         attempts=J.c.attempts + 1,
@@ -783,7 +783,8 @@ class Store:
             )
             if self.is_postgres:
                 lease = lease.with_for_update()
-            if conn.execute(lease).first() is None:
+            held = conn.execute(lease).first()
+            if held is None or held.job_id != job.id:
                 return False, None
             values: dict[str, Any]
             if outcome.succeeded:
@@ -797,8 +798,9 @@ class Store:
             else:
                 values = {"error": outcome.error, **self._failed_values(job, outcome)}
             written = conn.execute(
+                # By id alone (the lease ties the job to this scope): see _START_SQL.
                 sa.update(J)
-                .where(J.c.id == job.id, J.c.scope == self.scope, J.c.status == STATUS_RUNNING)
+                .where(J.c.id == job.id, J.c.status == STATUS_RUNNING)
                 .values(**values)
             )
             if written.rowcount != 1:
