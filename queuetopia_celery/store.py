@@ -538,6 +538,8 @@ class Store:
                     for chunk in _chunks(sorted(set(queues)), 500):
                         kicked.extend(self._take_leases(conn, chunk, grace, limit - len(kicked), locked_by))
                 return kicked
+        if queues is None and max_concurrent is None and self.is_postgres:
+            return self._scan_pg(grace, limit, locked_by)
         with self._tx() as conn:
             if wait_for_producers and queues and self.is_postgres:
                 for queue in sorted(set(queues)):
@@ -564,6 +566,24 @@ class Store:
                 stale = sorted(set(candidates) - {d.queue for d in taken})
                 if stale:
                     self._refresh_due(conn, stale)
+        return taken
+
+    def _scan_pg(self, grace: float, limit: int, locked_by: str | None) -> list[Dispatch]:
+        """:meth:`dispatch` of the due queues (PostgreSQL, no concurrency limit): one
+        autocommit statement finds them, looks up their heads and takes the leases;
+        then the ``due_at`` of the queues found not due is raised."""
+        params = {"s": self.scope, "limit": limit, "grace": grace, "by": locked_by}
+        taken: list[Dispatch] = []
+        stale: list[str] = []
+        with self._auto() as conn:
+            for row in conn.execute(_SCAN_SQL, params):
+                if row.token is None:
+                    stale.append(row.queue)
+                else:
+                    taken.append(Dispatch(row.queue, row.job_id, row.token, row.timeout))
+        if stale:
+            with self._tx() as conn:
+                self._refresh_due(conn, sorted(stale))
         return taken
 
     def _due_queues(self, conn: Connection, limit: int) -> list[str]:
@@ -1344,6 +1364,46 @@ FROM taken JOIN head ON head.queue = taken.queue
 #: chose the open-jobs index for ``scope = ...`` and visited every open job of the scope
 #: for each job it finished (7 ms instead of 0.4 with 5,000 open jobs).
 #:
+#: The scan (PostgreSQL): up to ``:limit`` queues whose ``due_at`` has passed and which
+#: nobody holds, their heads, and their leases taken, in one statement (leases inserted
+#: in queue order, as in _TAKE_SQL). A queue found with no lease taken (its head not
+#: due, not pending, or gone) comes back with a NULL token: raise its ``due_at``.
+_SCAN_SQL = sa.text(
+    """
+WITH due AS (
+    SELECT qq.queue
+    FROM queuetopia_queues AS qq
+    WHERE qq.scope = :s AND qq.due_at <= now()
+        AND NOT EXISTS (SELECT 1 FROM queuetopia_leases AS l WHERE l.scope = :s AND l.queue = qq.queue)
+    ORDER BY qq.due_at
+    LIMIT :limit
+), head AS (
+    SELECT w.queue, h.id, h.timeout
+    FROM due AS w
+    CROSS JOIN LATERAL (
+        SELECT id, status, timeout, scheduled_at, next_attempt_at
+        FROM queuetopia_jobs AS j
+        WHERE j.scope = :s AND j.queue = w.queue AND j.status IN ('pending', 'running')
+        ORDER BY j.scheduled_at, j.sequence
+        LIMIT 1
+    ) AS h
+    WHERE h.status = 'pending' AND coalesce(h.next_attempt_at, h.scheduled_at) <= now()
+), taken AS (
+    INSERT INTO queuetopia_leases (scope, queue, token, job_id, locked_at, expires_at, locked_by)
+    SELECT :s, head.queue, CAST(gen_random_uuid() AS text), head.id, now(),
+        now() + make_interval(secs => CAST(:grace AS float8)), CAST(:by AS text)
+    FROM head
+    ORDER BY head.queue
+    ON CONFLICT (scope, queue) DO NOTHING
+    RETURNING queue, job_id, token
+)
+SELECT due.queue, taken.job_id, taken.token, head.timeout
+FROM due
+LEFT JOIN taken ON taken.queue = due.queue
+LEFT JOIN head ON head.queue = taken.queue
+"""
+)
+
 #: Start an attempt (PostgreSQL): lease check and mark, attempt count, in one statement.
 _START_SQL = _driver_sql(
     f"""
