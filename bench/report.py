@@ -83,7 +83,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     if "scan" in sc:
         lines += [
-            "### Scan (recover + dispatch, ms; 10 pending jobs per queue, 1% of queues due)",
+            "### Scan (recover + dispatch, ms; 10 pending jobs per queue)",
             "",
             "| table | median ms (min-max) | leases taken |",
             "|---|---|---|",
