@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery, signals
 
 from queuetopia_celery import Job, Queuetopia
+
+_redis: redis.Redis | None = None
 
 
 def build(
@@ -49,8 +52,14 @@ def build(
 
     @qt.performer("stamp")
     def stamp(job: Job) -> Any:
-        # Wall clock of the performer's start: the driver runs on the same machine.
-        return {"t": time.time()}
+        """Record the create_job-to-start latency in a Redis list, as Celery's
+        ``bench.stamp`` does for delay() (the driver runs on the same machine)."""
+        global _redis
+        now = time.time()
+        if _redis is None:
+            _redis = redis.Redis.from_url(broker_url)
+        _redis.rpush(job.params["key"], now - job.params["sent"])
+        return None
 
     @qt.performer("fail", backoff=lambda job: 1.0)
     def fail(job: Job) -> Any:

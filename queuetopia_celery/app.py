@@ -31,7 +31,7 @@ from .jobs import (
     validate_on_exhausted,
 )
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
-from .store import Dispatch, Executor, Store, configure_sqlite
+from .store import Dispatch, Executor, Store, configure_sqlite, ping_when_idle
 from .tasks import publish, register
 
 logger = logging.getLogger(__name__)
@@ -42,13 +42,26 @@ F = TypeVar("F", bound=PerformFn)
 DEFAULT_JOB_RETENTION = 7 * 24 * 3600.0
 
 
+#: A pooled connection idle for longer than this is pinged before it is handed out.
+PING_AFTER_IDLE = 1.0
+
+
 def make_engine(database_url: str, **options: Any) -> Engine:
-    """An engine for ``database_url``; ``postgresql://`` means psycopg 3."""
+    """An engine for ``database_url``; ``postgresql://`` means psycopg 3.
+
+    On PostgreSQL a pooled connection is checked with a ping before use when it has been
+    idle for more than :data:`PING_AFTER_IDLE` seconds (a dead one is replaced), so a
+    restarted server or a terminated backend is not noticed by a job; one used within
+    that time is handed out without a round trip. ``pool_pre_ping=True`` pings every
+    time instead.
+    """
     url = sa.engine.make_url(database_url)
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
-    if url.get_backend_name() == "postgresql":
-        options.setdefault("pool_pre_ping", True)
+    if url.get_backend_name() == "postgresql" and "pool_pre_ping" not in options:
+        engine = sa.create_engine(url, **options)
+        ping_when_idle(engine, PING_AFTER_IDLE)
+        return engine
     if url.get_backend_name() == "sqlite":
         if url.database in (None, "", ":memory:"):
             raise ConfigurationError(

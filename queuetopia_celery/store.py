@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -181,7 +182,7 @@ class Store:
                 yield connection.connection()
             else:
                 yield connection
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, psycopg.Error) as exc:
             raise DatabaseError(self.redact(f"database error: {exc}")) from exc
 
     @contextlib.contextmanager
@@ -410,7 +411,7 @@ class Store:
         created: list[Job | None] = [None] * len(specs)
         taken: dict[str, Dispatch] = {}
         index_of = {(specs[i].queue, offsets[i]): i for i in range(len(specs))}
-        for row in conn.execute(_CREATE_SQL, params).mappings():
+        for row in _raw_all(conn, _CREATE_SQL, params):
             offset = row["back"] + len(by_queue[row["queue"]])
             created[index_of[(row["queue"], offset)]] = Job.from_row(row)
             if row["lease_token"] is not None:
@@ -819,9 +820,7 @@ class Store:
                 values = {"error": outcome.error, **self._failed_values(job, outcome)}
             written = conn.execute(
                 # By id alone (the lease ties the job to this scope): see _START_SQL.
-                sa.update(J)
-                .where(J.c.id == job.id, J.c.status == STATUS_RUNNING)
-                .values(**values)
+                sa.update(J).where(J.c.id == job.id, J.c.status == STATUS_RUNNING).values(**values)
             )
             if written.rowcount != 1:
                 self._release(conn, job.queue, token)
@@ -1222,21 +1221,27 @@ def _driver_sql(sql: str) -> str:
     return re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", sql)
 
 
-def _raw_one(conn: Connection, sql: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Run a hot-path statement on the psycopg connection itself and return its one
-    row, timestamps in UTC. SQLAlchemy's result machinery (rebuilt for every textual
-    statement) cost about as much client CPU as the rest of a job."""
+def _raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run a hot-path statement on the psycopg connection itself (in the connection's
+    transaction, if any) and return its rows, timestamps in UTC. SQLAlchemy's result
+    machinery (rebuilt for every textual statement) cost about as much client CPU as
+    the rest of a job."""
     driver = conn.connection.driver_connection
     assert driver is not None
     with driver.cursor() as cur:
         cur.execute(sql, params)
-        values = cur.fetchone()
         names = [column.name for column in cur.description or ()]
-    assert values is not None
-    row = dict(zip(names, values, strict=True))
-    for key, value in row.items():
-        if isinstance(value, dt.datetime):
-            row[key] = value.astimezone(UTC)
+        rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, dt.datetime):
+                row[key] = value.astimezone(UTC)
+    return rows
+
+
+def _raw_one(conn: Connection, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_raw_all` of a statement returning one row."""
+    (row,) = _raw_all(conn, sql, params)
     return row
 
 
@@ -1255,7 +1260,7 @@ _JOB_FIELDS = ", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))
 #: so a queue is only decided here when the jobs it sees end exactly where the counter
 #: stood before this statement (``last_sequence - n``). Any other queue, and one whose
 #: lease is held, is left to a dispatch after the commit, as without ``:take``.
-_CREATE_SQL = sa.text(
+_CREATE_SQL = _driver_sql(
     f"""
 WITH q AS (
     INSERT INTO queuetopia_queues AS qq (scope, queue, last_sequence, due_at)
@@ -1324,7 +1329,7 @@ FROM j JOIN q ON q.queue = j.queue
 LEFT JOIN taken AS t ON t.queue = j.queue
 LEFT JOIN head ON head.queue = t.queue
 """
-).columns(**{c.name: c.type for c in J.c if isinstance(c.type, schema.UTCDateTime)})
+)
 
 #: Take the leases of the given queues whose head is pending and due (PostgreSQL), with
 #: the heads' timeouts, in one statement. The head is found first (lateral, by
@@ -1492,6 +1497,32 @@ def _by_queue(specs: Sequence[NewJob]) -> dict[str, list[int]]:
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def ping_when_idle(engine: Engine, idle: float) -> None:
+    """Check a pooled connection with a ping before it is handed out when it has been
+    idle for more than ``idle`` seconds; a dead one is replaced (the pool retries the
+    checkout with a new connection). ``pool_pre_ping`` without its round trip on every
+    checkout of a connection in steady use, as connection pools such as HikariCP do."""
+    key = "queuetopia_idle_since"
+
+    @event.listens_for(engine, "connect")
+    def _connect(_dbapi_connection: Any, record: Any) -> None:
+        record.info[key] = time.monotonic()
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[key] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get(key)
+        if since is not None and time.monotonic() - since <= idle:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise sa.exc.DisconnectionError(f"pooled connection is gone: {exc}") from exc
 
 
 def configure_sqlite(engine: Engine, *, busy_timeout: float = 30.0) -> None:

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from queuetopia_celery import InvalidJobError, JobState
+from queuetopia_celery import store as store_module
 from queuetopia_celery.jobs import new_job
 from tests.conftest import wait_for
 
@@ -277,15 +278,23 @@ def test_bulk_creation_numbers_each_queue_and_wakes_each_queue_once(qt):
 # --------------------------------------------------------------------------- the kick in the insert
 
 
-def statements_of(qt: Any) -> list[str]:
-    """Record the statements ``qt`` sends from now on."""
+def statements_of(qt: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the statements ``qt`` sends from now on (through SQLAlchemy, and on the
+    driver directly)."""
     sent: list[str] = []
     sa.event.listen(qt.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: sent.append(sql))
+    raw = store_module._raw_all
+
+    def counted(conn: Any, sql: str, params: Any) -> Any:
+        sent.append(sql)
+        return raw(conn, sql, params)
+
+    monkeypatch.setattr(store_module, "_raw_all", counted)
     return sent
 
 
-def test_create_job_takes_the_lease_of_an_idle_queue_in_its_insert(qt):
-    sent = statements_of(qt)
+def test_create_job_takes_the_lease_of_an_idle_queue_in_its_insert(qt, monkeypatch):
+    sent = statements_of(qt, monkeypatch)
     job = qt.create_job("idle", "work", {})
     assert len(sent) == 1, sent  # the insert took the lease: no second statement
     lease = qt.store.lease_of("idle")
