@@ -113,6 +113,18 @@ class Outcome:
     backoff: float = 0.0
 
 
+def _failure_plan(job: Job, outcome: Outcome) -> tuple[str, float | None, dt.datetime | None]:
+    """``(status, backoff, until)`` of a job whose attempt failed: retried after
+    ``backoff`` seconds; past ``max_attempts``, exhausted (the queue moves on) or held
+    until ``until`` (it stays at the head, never due, until an operator retries or
+    aborts it)."""
+    if job.attempts < job.max_attempts:
+        return STATUS_PENDING, outcome.backoff, None
+    if job.on_exhausted == ON_EXHAUSTED_HOLD:
+        return STATUS_PENDING, None, HELD_UNTIL
+    return STATUS_EXHAUSTED, None, None
+
+
 def new_token() -> str:
     return uuid.uuid4().hex
 
@@ -730,10 +742,11 @@ class Store:
         job, begun here: run it under ``next.token``. A ``next`` without ``started`` is
         a lease handed on: send it through the broker.
 
-        On PostgreSQL a success is one statement (one round trip): the lease check,
-        the outcome, the next-head lookup, the hand-on and the next start together.
+        On PostgreSQL this is one statement (one round trip), for a success as for a
+        failure: the lease check, the outcome, the next-head lookup, the hand-on and
+        the next start together.
         """
-        if self.is_postgres and outcome.succeeded:
+        if self.is_postgres:
             return self._finish_and_start_pg(job, token, outcome, grace=grace, burst=burst)
         written, nxt = self.finish(job, token, outcome, grace=grace)
         if not written or nxt is None or not burst.start_next:
@@ -758,11 +771,19 @@ class Store:
         burst: Burst,
     ) -> tuple[bool, Dispatch | None, Job | None]:
         fresh = new_token()
+        if outcome.succeeded:
+            status, backoff, until = STATUS_DONE, None, None
+        else:
+            status, backoff, until = _failure_plan(job, outcome)
         params = {
             "s": self.scope,
             "q": job.queue,
             "tok": token,
             "jid": job.id,
+            "status": status,
+            "error": outcome.error,
+            "backoff": backoff,
+            "until": until,
             "result": None if outcome.result is None else json.dumps(outcome.result),
             "new": fresh,
             "grace": grace,
@@ -942,14 +963,9 @@ class Store:
     # none of it is on the workers' hot path, except _failed_values.
 
     def _failed_values(self, job: Job, outcome: Outcome) -> dict[str, Any]:
-        """Status and next attempt of a job whose attempt failed: retried after the
-        backoff; past ``max_attempts``, exhausted (the queue moves on) or held (it stays
-        at the head, never due, until an operator retries or aborts it)."""
-        if job.attempts < job.max_attempts:
-            return {"status": STATUS_PENDING, "next_attempt_at": self._after(outcome.backoff)}
-        if job.on_exhausted == ON_EXHAUSTED_HOLD:
-            return {"status": STATUS_PENDING, "next_attempt_at": HELD_UNTIL}
-        return {"status": STATUS_EXHAUSTED, "next_attempt_at": None}
+        """Status and next attempt of a job whose attempt failed (see _failure_plan)."""
+        status, backoff, until = _failure_plan(job, outcome)
+        return {"status": status, "next_attempt_at": until if backoff is None else self._after(backoff)}
 
     def _get_for_update(self, conn: Connection, job_id: int) -> Job:
         query = sa.select(*_JOB_COLUMNS).where(J.c.scope == self.scope, J.c.id == job_id)
@@ -1428,12 +1444,14 @@ FROM (SELECT 1) AS one LEFT JOIN j ON true
 """
 )
 
-#: A success (PostgreSQL), in one statement: lock the lease under the token, write the
-#: outcome, find the queue's next head (this statement cannot see its own write, so
-#: the finished job is excluded by id), hand the lease to it with a new token when it
-#: is pending and due, and begin its attempt at once when asked and it fits;
-#: otherwise release the lease. The head is taken first and only then checked (due,
-#: pending), so a not-yet-due head still blocks the jobs behind it.
+#: An attempt's end (PostgreSQL), in one statement: lock the lease under the token,
+#: write the outcome (done; or failed: retried after ``:backoff``, held until
+#: ``:until`` or exhausted), find the queue's next head (this statement cannot see its
+#: own write, so the finished job is excluded by id), hand the lease to it with a new
+#: token when it is pending and due, and begin its attempt at once when asked and it
+#: fits; otherwise release the lease. A job to be retried or held stays the head (its
+#: status stays 'pending'), so the lease is released. The head is taken first and only
+#: then checked (due, pending), so a not-yet-due head still blocks the jobs behind it.
 _FINISH_SQL = _driver_sql(
     f"""
 WITH lease AS (
@@ -1442,8 +1460,11 @@ WITH lease AS (
     FOR UPDATE
 ), done AS (
     UPDATE queuetopia_jobs
-    SET status = 'done', done_at = now(), result = CAST(:result AS json), error = NULL,
-        next_attempt_at = NULL
+    SET status = CAST(:status AS text), error = CAST(:error AS text),
+        done_at = CASE WHEN CAST(:status AS text) = 'done' THEN now() ELSE done_at END,
+        result = CASE WHEN CAST(:status AS text) = 'done' THEN CAST(:result AS json) ELSE result END,
+        next_attempt_at = coalesce(now() + make_interval(secs => CAST(:backoff AS float8)),
+                                   CAST(:until AS timestamptz))
     WHERE id = :jid AND id = (SELECT job_id FROM lease) AND status = 'running'
     RETURNING id
 ), head AS (
@@ -1458,6 +1479,7 @@ WITH lease AS (
          AND (CAST(:left AS float8) IS NULL OR timeout + :tlg <= CAST(:left AS float8))) AS inline
     FROM head
     WHERE status = 'pending' AND due <= now() AND EXISTS (SELECT 1 FROM done)
+        AND CAST(:status AS text) <> 'pending'
 ), moved AS (
     UPDATE queuetopia_leases AS l
     SET token = :new, job_id = nxt.id, locked_at = now(),

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from queuetopia_celery import Job, JobState, Performer, Queuetopia
-from queuetopia_celery.store import Outcome
+from queuetopia_celery.store import Burst, Outcome
 from tests.conftest import REDIS_URL
 
 UTC = dt.timezone.utc
@@ -111,6 +111,38 @@ def test_a_failed_attempt_is_retried_later_and_keeps_the_head(qt):
     assert failed.next_attempt_at > failed.attempted_at + dt.timedelta(seconds=3500)
     assert qt.store.lease_of("q") is None
     assert qt.store.dispatch(["q"], grace=GRACE) == []
+
+
+BURST = Burst(worker="w/1", start_next=True, time_limit_grace=5, lease_margin=10, deadline_left=None)
+
+
+@pytest.mark.parametrize("last_attempt", [False, True], ids=["retried", "held"])
+def test_a_failed_attempt_within_a_burst_keeps_the_head_and_releases_the_queue(qt, last_attempt):
+    first = qt.create_job("q", "work", {}, max_attempts=1 if last_attempt else 2, on_exhausted="hold")
+    qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    outcome = Outcome(False, error="boom", backoff=3600)
+    assert qt.store.finish_and_start(job, token, outcome, grace=GRACE, burst=BURST) == (True, None, None)
+    failed = qt.get_job(first.id)
+    assert (failed.state, failed.error) == (JobState.HELD if last_attempt else JobState.RETRYING, "boom")
+    assert qt.store.lease_of("q") is None
+    assert qt.store.dispatch(["q"], grace=GRACE) == []
+
+
+def test_an_exhausted_job_within_a_burst_hands_the_queue_to_the_next_one_at_once(qt):
+    first = qt.create_job("q", "work", {}, max_attempts=1)
+    second = qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    written, nxt, started = qt.store.finish_and_start(
+        job, token, Outcome(False, error="boom"), grace=GRACE, burst=BURST
+    )
+    assert written and nxt is not None and started is not None
+    assert started.id == second.id and started.attempts == 1 and nxt.token != token
+    assert qt.get_job(first.id).state is JobState.EXHAUSTED
+    assert qt.get_job(first.id).error == "boom"
+    assert qt.store.lease_of("q")["started_at"] is not None
 
 
 # --------------------------------------------------------------------------- the runner
