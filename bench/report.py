@@ -81,6 +81,11 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {key} | {_rate(v.get(OURS))} | {_rate(v.get(PROC))} | {_rate(v.get(CELERY))} |"
                 )
         lines.append("")
+    if "floor" in sc:
+        lines += ["### The floor: the services alone, one client (median ms)", ""]
+        lines += ["| call | ms |", "|---|---|"]
+        lines += [f"| {key} | {v:.3f} |" for key, v in sc["floor"].items() if not key.startswith("_")]
+        lines.append("")
     if "scan" in sc:
         lines += [
             "### Scan (recover + dispatch, ms; 10 pending jobs per queue)",

@@ -512,3 +512,47 @@ def roundtrips(env: Env, cfg: Config) -> dict[str, Any]:
 
 
 SCENARIOS["roundtrips"] = roundtrips
+
+
+# ---------------------------------------------------------------- the floor
+
+
+def floor(env: Env, cfg: Config) -> dict[str, Any]:
+    """What the services cost on this machine, one client, no library of ours: the
+    round trip of ``SELECT 1``, a one-row autocommit INSERT (a commit, so a WAL flush),
+    a Redis PING, and a Celery ``apply_async`` of a no-op (publish only). Medians of
+    2,000 (500 for the publish) calls, in ms."""
+    import psycopg
+
+    from .celeryapp import app
+
+    def median_ms(call: Any, n: int) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - t0) * 1000)
+        return percentile(times, 50)
+
+    dsn = env.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    out: dict[str, Any] = {}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_floor (id bigserial PRIMARY KEY, v int)")
+        out["postgresql SELECT 1"] = median_ms(lambda: conn.execute("SELECT 1").fetchone(), 2000)
+        out["postgresql one-row INSERT, autocommit"] = median_ms(
+            lambda: conn.execute("INSERT INTO bench_floor (v) VALUES (1)"), 2000
+        )
+        conn.execute("DROP TABLE bench_floor")
+    r = redis.Redis.from_url(REDIS_URL)
+    out["redis PING"] = median_ms(r.ping, 2000)
+    queue = env.unique("floor")
+    noop = app.tasks["bench.noop"]
+    noop.apply_async(queue=queue)
+    out["celery apply_async (publish)"] = median_ms(lambda: noop.apply_async(queue=queue), 500)
+    r.delete(queue)
+    for key, value in out.items():
+        log(f"  {key}: {value:.3f} ms")
+    return out
+
+
+SCENARIOS["floor"] = floor
