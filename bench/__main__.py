@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. from a CI timeout) cleans up like Ctrl-C: workers stopped, databases dropped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = Env()
+    # Recorded because it matters: with autovacuum off the bench vacuums between runs.
+    results["machine"]["postgresql_autovacuum"] = env.autovacuum()
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{results['started'].replace(':', '')}{'-quick' if args.quick else ''}.json"

@@ -171,6 +171,8 @@ def enqueue(env: Env, cfg: Config) -> dict[str, Any]:
                     for system in systems:
                         if target == "one_queue" and system == "celery":
                             continue
+                        if system == "queuetopia-celery":
+                            env.vacuum()
                         cq = env.unique("enq")
                         db = env.proc_dsn if system == "procrastinate" else env.database_url
                         n = n_total // procs
@@ -267,6 +269,7 @@ def _time_scan(env: Env, scope: str, repeats: int) -> dict[str, Any]:
     for _ in range(repeats + 1):
         with env.engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM queuetopia_leases WHERE scope = :s"), {"s": scope})
+        env.vacuum()
         t0 = time.perf_counter()
         qt.store.recover(limit=qt.scan_limit)
         got = qt.store.dispatch(grace=60, limit=qt.scan_limit)
@@ -327,6 +330,7 @@ def failures(env: Env, cfg: Config) -> dict[str, Any]:
                 failing = [] if variant.startswith("0") else [f"{prefix}-bad-{i}" for i in range(n // 100)]
                 seed(ours.qt, failing, 1, action="fail", max_attempts=1000)
                 seed(ours.qt, healthy, 1)
+                env.vacuum()
                 names = sorted(healthy + failing)
                 t0 = time.perf_counter()
                 dispatch_all(ours.qt, names)

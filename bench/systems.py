@@ -62,6 +62,7 @@ class Ours:
         prefix = self.env.unique("r")
         names = [f"{prefix}-{i}" for i in range(queues)]
         seed(self.qt, names, per_queue)
+        self.env.vacuum()
         t0 = time.perf_counter()
         dispatch_all(self.qt, names)
         wait_for(lambda: open_count(self.qt, prefix) == 0, interval=0.02)
