@@ -81,8 +81,13 @@ class DatabaseError(QueuetopiaError):
     """Raised when the database cannot be reached or refuses a statement.
 
     The driver's exception is chained as ``__cause__``; the message never contains
-    the database password.
+    the database password. ``connection_lost`` is True when the connection itself
+    was found dead (a server restart, a terminated backend).
     """
+
+    def __init__(self, message: str, *, connection_lost: bool = False) -> None:
+        super().__init__(message)
+        self.connection_lost = connection_lost
 
 
 class JobStateError(QueuetopiaError):

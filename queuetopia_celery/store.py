@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import schema
@@ -223,19 +223,22 @@ class Store:
         """An autocommit connection (PostgreSQL): each statement is its own transaction.
         The pinned one when inside :meth:`pinned`."""
         pinned = getattr(self._local, "conn", None)
+        current: Connection | None = pinned
         try:
             if pinned is not None:
                 yield pinned
             else:
                 with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    current = conn
                     yield conn
         except (SQLAlchemyError, psycopg.Error) as exc:
+            lost = _connection_lost(exc, current)
             if pinned is not None:
                 # A broken connection must not be reused by the rest of the burst.
                 self._local.conn = None
                 with contextlib.suppress(SQLAlchemyError):
                     pinned.invalidate()
-            raise DatabaseError(self.redact(f"database error: {exc}")) from exc
+            raise DatabaseError(self.redact(f"database error: {exc}"), connection_lost=lost) from exc
 
     def _now(self) -> sa.ColumnElement[dt.datetime]:
         """The database clock (PostgreSQL), or this process's clock (SQLite)."""
@@ -712,8 +715,25 @@ class Store:
         return Job.from_row(row)
 
     def _start_pg(self, queue: str, job_id: int, token: str, *, worker: str, lease: float) -> Job | None:
-        """:meth:`start` in one statement (one round trip, autocommit)."""
+        """:meth:`start` in one statement (one round trip, autocommit). A connection
+        found dead (a pooled connection in use less than a second ago is not pinged
+        first) is replaced once: if the statement did run before the connection died,
+        the second try finds the attempt begun and drops the message, as for any stale
+        one, and the lease's expiry recovers the attempt."""
         params = {"s": self.scope, "q": queue, "tok": token, "jid": job_id, "w": worker, "lease": lease}
+        try:
+            return self._start_once(queue, token, params)
+        except DatabaseError as exc:
+            if not exc.connection_lost:
+                raise
+            logger.warning(
+                "lost the database connection before starting job %s; retrying on a new one",
+                job_id,
+                extra={"scope": self.scope, "queue": queue, "job_id": job_id},
+            )
+            return self._start_once(queue, token, params)
+
+    def _start_once(self, queue: str, token: str, params: dict[str, Any]) -> Job | None:
         with self._auto() as conn:
             row = _raw_one(conn, _START_SQL, params)
             if row["id"] is not None:
@@ -1235,6 +1255,18 @@ class Store:
 def _driver_sql(sql: str) -> str:
     """``:name`` placeholders to psycopg's ``%(name)s``."""
     return re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", sql)
+
+
+def _connection_lost(exc: BaseException, conn: Connection | None) -> bool:
+    """Whether ``exc`` came from a dead connection rather than from the statement."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, psycopg.OperationalError) or conn is None:
+        return False
+    with contextlib.suppress(Exception):
+        driver = conn.connection.driver_connection
+        return bool(driver is not None and (driver.broken or driver.closed))
+    return False
 
 
 def _raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:

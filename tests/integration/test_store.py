@@ -14,7 +14,7 @@ from celery import Celery
 
 from queuetopia_celery import Job, JobState, Performer, Queuetopia
 from queuetopia_celery.store import Burst, Outcome
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, wait_for
 
 UTC = dt.timezone.utc
 GRACE = 20.0
@@ -422,3 +422,27 @@ def test_a_message_without_a_time_limit_still_leases_the_queue_for_the_jobs_time
     # timeout + time_limit_grace + lease_margin, less the time the test took to get here.
     assert seen and seen[0] > 300 + qt.time_limit_grace
     qt.engine.dispose()
+
+
+def test_start_replaces_a_connection_found_dead_and_begins_the_attempt(qt, engine):
+    """A pooled connection used less than a second ago is handed out without a ping;
+    if its backend died meanwhile, the start is tried once more on a new connection
+    instead of failing the perform task (which would leave the job waiting for the
+    dispatch grace)."""
+    job = qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    with qt.store.pinned():
+        with qt.store._auto() as conn:
+            pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        with engine.connect() as admin:
+            admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        wait_for(lambda: not backend_alive(engine, pid), message="the backend to be gone")
+        started = qt.store.start("q", job.id, token, worker="w/1", lease=30)
+    assert started is not None and started.id == job.id and started.attempts == 1
+
+
+def backend_alive(engine: sa.Engine, pid: int) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).scalar()
+        )
