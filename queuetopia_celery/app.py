@@ -58,19 +58,17 @@ def make_engine(database_url: str, **options: Any) -> Engine:
     url = sa.engine.make_url(database_url)
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
-    if url.get_backend_name() == "postgresql" and "pool_pre_ping" not in options:
-        engine = sa.create_engine(url, **options)
-        ping_when_idle(engine, PING_AFTER_IDLE)
-        return engine
-    if url.get_backend_name() == "sqlite":
-        if url.database in (None, "", ":memory:"):
-            raise ConfigurationError(
-                "an in-memory SQLite database cannot be shared by workers: use a file, sqlite:///jobs.db"
-            )
-        engine = sa.create_engine(url, **options)
+    backend = url.get_backend_name()
+    if backend == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            "an in-memory SQLite database cannot be shared by workers: use a file, sqlite:///jobs.db"
+        )
+    engine = sa.create_engine(url, **options)
+    if backend == "sqlite":
         configure_sqlite(engine)
-        return engine
-    return sa.create_engine(url, **options)
+    elif backend == "postgresql" and "pool_pre_ping" not in options:
+        ping_when_idle(engine, PING_AFTER_IDLE)
+    return engine
 
 
 class Queuetopia:
@@ -231,14 +229,14 @@ class Queuetopia:
             return []
         queues = list(dict.fromkeys(spec.queue for spec in specs))
         if connection is None:
-            # One connection for the insert and the kick: one pool checkout (and ping).
+            # One connection for the insert and the kick: one pool checkout. The insert
+            # itself takes the leases of new and idle queues, unless a concurrency limit
+            # (counted under a lock by dispatch) or disabled=True says otherwise.
+            own_leases = not self.disabled and self.max_concurrent_queues is None
             with self.store.pinned():
-                if self.disabled or self.max_concurrent_queues is not None:
-                    created = self.store.create_jobs(specs)
-                    self._kick(queues, committed=True)
-                    return created
-                # The leases of new and idle queues are taken by the insert itself.
-                created, taken = self.store.create_jobs_and_dispatch(specs, grace=self.dispatch_grace)
+                created, taken = self.store.create_jobs_and_dispatch(
+                    specs, grace=self.dispatch_grace if own_leases else None
+                )
                 self._kick(queues, committed=True, taken=taken)
             return created
         created = self.store.create_jobs(specs, connection=connection)

@@ -361,11 +361,12 @@ class Store:
         return [job for job in created if job is not None]
 
     def create_jobs_and_dispatch(
-        self, specs: Sequence[NewJob], *, grace: float
+        self, specs: Sequence[NewJob], *, grace: float | None
     ) -> tuple[list[Job], list[Dispatch]]:
         """:meth:`create_jobs` in its own transaction, taking in the same statement the
         lease of each queue whose head is then pending and due and which nobody holds:
-        the kick of a new or idle queue without a second statement (PostgreSQL).
+        the kick of a new or idle queue without a second statement (PostgreSQL; with a
+        ``grace`` of None no lease is taken).
 
         Returns the jobs (in the order given) and the leases taken: send them. Queues
         without a lease taken here (held, not due, or not decidable in this statement)
