@@ -337,7 +337,11 @@ def purge(obj: _Context, older_than: str) -> None:
 @click.option(
     "--database-url", "local_url", help="Run against this database (PostgreSQL) instead of a SQLite file."
 )
-@click.option("--broker", help="Run against this broker (Redis) with real worker processes.")
+@click.option(
+    "--broker",
+    help="Run against this broker, Redis (redis://...) or AMQP (RabbitMQ, amqp://...), "
+    "with real worker processes.",
+)
 @click.pass_obj
 def demo(obj: _Context, local_url: str | None, broker: str | None) -> None:
     """Watch ordered, blocking queues run: no server, no configuration needed."""

@@ -2,9 +2,12 @@
 
 By default everything runs in this process: a SQLite file in a temporary directory, a
 Celery app on the in-memory broker and a Celery worker (thread pool) in a thread. With
-``--database-url`` (PostgreSQL) and ``--broker`` (Redis), the same demo runs against
-those, with real ``celery worker`` subprocesses. This process plays beat (it runs the
-scan every half second) and draws a live table of the queues.
+``--database-url`` (PostgreSQL) and ``--broker`` (Redis or AMQP), the same demo runs
+against those, with real ``celery worker`` subprocesses whose output goes to a log file:
+a worker that dies, or does not start, ends the demo with one line naming the cause.
+This process plays beat (it runs the scan every half second) and draws a live table of
+the queues. On a database and a broker of yours, the demo deletes what it created when
+it ends (its scope's rows, its Celery queue and exchange), and says so.
 
 Three queues, four jobs each. The second job of ``account-42`` fails twice before it
 succeeds: its queue stays blocked behind it (retried after 2 s, then 3 s) while the
@@ -19,6 +22,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,17 +30,21 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from celery import Celery
+from kombu.utils.url import maybe_sanitize_url
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from . import schema
 from .app import Queuetopia
+from .errors import QueuetopiaError
 from .jobs import Job, JobState, utcnow
 
 #: The demo's queues: (queue, [params of each job]).
@@ -52,10 +60,17 @@ PLAN: list[tuple[str, list[dict[str, Any]]]] = [
 WORK_SECONDS = 0.4
 #: The demo gives up after this many seconds.
 DEADLINE = 90.0
+#: A worker process must be ready within this many seconds.
+WORKER_START_TIMEOUT = 60.0
 
 _ENV_SCOPE = "QUEUETOPIA_DEMO_SCOPE"
 _ENV_DATABASE = "QUEUETOPIA_DEMO_DATABASE_URL"
 _ENV_BROKER = "QUEUETOPIA_DEMO_BROKER"
+
+
+class DemoError(QueuetopiaError):
+    """The demo cannot run: an unusable broker, a worker process that died or did not
+    start. The message is one line naming the cause."""
 
 
 def build(scope: str, *, database_url: str, broker: str) -> tuple[Celery, Queuetopia]:
@@ -132,6 +147,7 @@ def run(
         stack.callback(qt.engine.dispose)
         qt.migrate()
         where = qt.engine.url.render_as_string(hide_password=True)
+        check: Callable[[], None] = _nothing
         if broker is None:
             console.print(
                 f"[bold]queuetopia-celery demo[/] (scope {scope}): {where}, "
@@ -139,35 +155,45 @@ def run(
             )
             stack.enter_context(_thread_worker(qt))
         else:
+            broker_shown = _check_broker(qt)
             console.print(
-                f"[bold]queuetopia-celery demo[/] (scope {scope}): {where}, broker {broker}, "
+                f"[bold]queuetopia-celery demo[/] (scope {scope}): {where}, broker {broker_shown}, "
                 "2 worker processes"
             )
-            stack.enter_context(_worker_processes(qt, database_url, broker))
+            # Registered before the workers start, so it runs after they stopped.
+            stack.callback(_clean_up, qt, console)
+            logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="queuetopia-demo-logs-")))
+            check = stack.enter_context(_worker_processes(qt, database_url, broker, logs))
         total = sum(len(params) for _, params in PLAN)
         qt.create_jobs([{"queue": queue, "action": "step", "params": p} for queue, ps in PLAN for p in ps])
-        finished = _watch(qt, total, console)
+        finished = _watch(qt, total, console, check)
         jobs = qt.list_jobs()
-    order_ok = {queue: _in_order([j for j in jobs if j.queue == queue]) for queue, _ in PLAN}
-    summary = Summary(
-        jobs=sum(1 for j in jobs if j.state is JobState.DONE),
-        attempts=sum(j.attempts for j in jobs),
-        order_ok=order_ok,
-        seconds=time.monotonic() - began,
-        finished=finished,
-    )
-    console.print()
-    _print_summary(summary, total, console)
+        order_ok = {queue: _in_order([j for j in jobs if j.queue == queue]) for queue, _ in PLAN}
+        summary = Summary(
+            jobs=sum(1 for j in jobs if j.state is JobState.DONE),
+            attempts=sum(j.attempts for j in jobs),
+            order_ok=order_ok,
+            seconds=time.monotonic() - began,
+            finished=finished,
+        )
+        console.print()
+        _print_summary(summary, total, console)
     return summary
 
 
-def _watch(qt: Queuetopia, total: int, console: Console) -> bool:
+def _nothing() -> None:
+    pass
+
+
+def _watch(qt: Queuetopia, total: int, console: Console, check: Callable[[], None] = _nothing) -> bool:
     """Play beat (a scan every half second) and redraw the table until every job is
-    done. Returns False if the deadline passed first."""
+    done. Returns False if the deadline passed first. ``check`` raises
+    :class:`DemoError` when a worker process died."""
     deadline = time.monotonic() + DEADLINE
     next_scan = 0.0
     with Live(_render(qt), console=console, refresh_per_second=8, transient=False) as live:
         while True:
+            check()
             now = time.monotonic()
             if now >= next_scan:
                 qt.scan()
@@ -185,7 +211,7 @@ def _render(qt: Queuetopia) -> Group:
     statuses = {row.queue: row for row in qt.queue_statuses()}
     now = utcnow()
     table = Table(title="queues", title_justify="left", expand=False)
-    for name in ("queue", "state", "done", "head job", "attempts", "detail"):
+    for name in ("queue", "state", "done", "head job (seq)", "attempts", "detail"):
         table.add_column(name)
     for queue, params in PLAN:
         done = qt.store.count_jobs(queue=queue, state=JobState.DONE)
@@ -209,7 +235,7 @@ def _render(qt: Queuetopia) -> Group:
             queue,
             Text(state, style=style),
             f"{done}/{len(params)}",
-            f"#{head.sequence} {head.params.get('step')}" if head else "-",
+            f"#{head.id} (seq {head.sequence}) {head.params.get('step')}" if head else "-",
             f"{head.attempts}/{head.max_attempts}" if head else "-",
             detail,
         )
@@ -262,50 +288,156 @@ def _thread_worker(qt: Queuetopia) -> Iterator[None]:
         state.should_terminate = None
 
 
+def _check_broker(qt: Queuetopia) -> str:
+    """Connect to the broker once (this also imports its transport); a broker that
+    cannot be used is a :class:`DemoError` at once, not a demo waiting for workers.
+    Returns the broker's URL with its password masked."""
+    shown = str(maybe_sanitize_url(qt.app.conf.broker_url))
+    with qt.app.connection_for_write() as conn:
+        try:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=5)
+        except Exception as exc:
+            raise DemoError(f"cannot use the broker {shown}: {_one_line(exc)}") from None
+    return shown
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if type(exc).__name__ == "OperationalError" and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclasses.dataclass
+class _Worker:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def failure(self) -> str | None:
+        """Why this worker is gone (one line), or None while it runs."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        if code < 0:
+            return f"demo worker {self.name} was killed by signal {-code}"
+        return f"demo worker {self.name} exited with status {code}" + _cause(self.output())
+
+
+def _cause(output: str) -> str:
+    """The last error line of a worker's output (a traceback's last line, a fatal
+    message), as ``: <line>``; empty when there is none."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _ERROR_LINE.match(line) or "ERROR" in line or "CRITICAL" in line:
+            return f": {line}"
+    return f": {lines[-1]}" if lines else ""
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+
+
 @contextlib.contextmanager
-def _worker_processes(qt: Queuetopia, database_url: str, broker: str) -> Iterator[None]:
-    """Two real ``celery worker`` processes (prefork) of the demo app."""
+def _worker_processes(
+    qt: Queuetopia, database_url: str, broker: str, logs: Path
+) -> Iterator[Callable[[], None]]:
+    """Two real ``celery worker`` processes (prefork) of the demo app, their output in
+    ``logs``. Waits until both are ready; yields a check that raises
+    :class:`DemoError` when one of them is gone."""
     env = {**os.environ, _ENV_SCOPE: qt.scope, _ENV_DATABASE: database_url, _ENV_BROKER: broker}
-    procs = []
-    for n in range(2):
-        args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "queuetopia_celery.demo:worker_app",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "2",
-            "-Q",
-            str(qt.celery_queue),
-            "-n",
-            f"demo{n}-{qt.scope}@%h",
-            "--loglevel",
-            "ERROR",
-            "--without-mingle",
-            "--without-gossip",
-        ]
-        procs.append(
-            subprocess.Popen(
-                args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-            )
-        )
+    workers: list[_Worker] = []
+
+    def check() -> None:
+        for worker in workers:
+            failure = worker.failure()
+            if failure:
+                raise DemoError(failure)
+
     try:
-        yield
+        for n in range(2):
+            name = f"demo{n}-{qt.scope}"
+            args = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "queuetopia_celery.demo:worker_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "2",
+                "-Q",
+                str(qt.celery_queue),
+                "-n",
+                f"{name}@%h",
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+            ]
+            log = logs / f"{name}.log"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            workers.append(_Worker(name, proc, log))
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while not all(" ready." in worker.output() for worker in workers):
+            check()
+            if time.monotonic() > deadline:
+                late = next(w for w in workers if " ready." not in w.output())
+                raise DemoError(
+                    f"demo worker {late.name} was not ready after {WORKER_START_TIMEOUT:.0f} s"
+                    + _cause(late.output())
+                )
+            time.sleep(0.1)
+        yield check
     finally:
-        for proc in procs:
+        for worker in workers:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
+                os.killpg(worker.proc.pid, signal.SIGTERM)
+        for worker in workers:
             try:
-                proc.wait(20)
+                worker.proc.wait(20)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+                    os.killpg(worker.proc.pid, signal.SIGKILL)
+                worker.proc.wait(5)
+
+
+def _clean_up(qt: Queuetopia, console: Console) -> None:
+    """Delete what the demo created on a database and a broker that outlive it: its
+    scope's rows and its Celery queue (with its exchange). Says what it did, or what
+    was left where."""
+    left: list[str] = []
+    try:
+        with qt.engine.begin() as conn:
+            for table in (schema.leases, schema.queues, schema.jobs):
+                conn.execute(sa.delete(table).where(table.c.scope == qt.scope))
+    except Exception as exc:
+        left.append(f"the rows of scope {qt.scope!r} ({_one_line(exc)})")
+    try:
+        with qt.app.connection_for_write() as conn:
+            # Declared first: a channel deletes only the bindings it knows.
+            queue = qt.app.amqp.queues[qt.celery_queue](conn.default_channel)
+            queue.declare()
+            queue.delete()
+            if queue.exchange.name:
+                queue.exchange.delete()
+    except Exception as exc:
+        left.append(f"the Celery queue {qt.celery_queue!r} ({_one_line(exc)})")
+    if left:
+        console.print(f"[yellow]left behind:[/] {'; '.join(left)}")
+    else:
+        console.print(
+            f"cleaned up: the jobs of scope {qt.scope!r} and the Celery queue {qt.celery_queue!r} deleted"
+        )
 
 
 def quiet_logs() -> None:
