@@ -4,6 +4,7 @@ package's own dependencies only: no test or dev extras), and the README's comman
 from it, in a directory that holds only ``examples/`` (like the image's ``/app``), so
 that the installed wheel is what runs.
 
+The docker-compose file's commands run the same way (Docker itself does not run here).
 Every command of the README's ``sh`` blocks is run by a test here (or, for the test
 command itself, by CI): :data:`COVERED` says which, and a test fails when the README
 has a command that is not in it. Where the README names a database, a broker or an
@@ -471,3 +472,45 @@ def test_the_testing_example_passes_run_after_run(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, f"run {run}:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
         assert "1 passed" in out.stdout
+
+
+def test_docker_compose_commands_from_the_image(
+    bare_venv: Image, fresh_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """Docker does not run here: the compose file's producer, then its worker, run as
+    written from the image's working directory (the bare venv), their environment
+    pointed at this machine's services."""
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    database = fresh_database()
+    create_database(database)
+
+    def env_of(service: str) -> dict[str, str]:
+        env = {}
+        for name, value in services[service]["environment"].items():
+            if value.startswith("postgresql+psycopg://"):
+                env[name] = url_of(database)
+            elif value.startswith("redis://redis:"):
+                env[name] = REDIS_URL
+            else:
+                pytest.fail(f"teach this test the compose variable {name}={value}")
+        return env
+
+    producer = bare_venv.sh(shlex.join(services["producer"]["command"]), **env_of("producer"))
+    assert producer.returncode == 0, producer.stdout + producer.stderr
+    assert "created 30 jobs in 3 queues" in producer.stdout
+    worker = Group(
+        bare_venv, shlex.join(services["worker"]["command"]), tmp_path / "worker.log", env_of("worker")
+    )
+    try:
+
+        def all_done() -> bool:
+            jobs = mail_jobs(url_of(database))
+            return len(jobs) == 30 and all(job.state is JobState.DONE for job in jobs)
+
+        wait_for(all_done, timeout=90, interval=0.5, message="the compose producer's 30 jobs done")
+        wait_for(lambda: worker.output().count("sending job #") == 30, timeout=10, message="30 lines")
+        check_each_queue_ran_in_order(mail_jobs(url_of(database)), worker.output(), 30)
+    finally:
+        worker.stop()
