@@ -140,12 +140,16 @@ def run(
     began = time.monotonic()
     scope = f"demo-{uuid.uuid4().hex[:6]}"
     with contextlib.ExitStack() as stack:
+        temporary = database_url is None
         if database_url is None:
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="queuetopia-demo-"))
             database_url = f"sqlite:///{Path(directory) / 'demo.db'}"
         _, qt = build(scope, database_url=database_url, broker=broker or "memory://")
         stack.callback(qt.engine.dispose)
         qt.migrate()
+        if not temporary or broker is not None:
+            # Registered before the workers start, so it runs after they stopped.
+            stack.callback(_clean_up, qt, console, rows=not temporary, celery_queue=broker is not None)
         where = qt.engine.url.render_as_string(hide_password=True)
         check: Callable[[], None] = _nothing
         if broker is None:
@@ -160,8 +164,6 @@ def run(
                 f"[bold]queuetopia-celery demo[/] (scope {scope}): {where}, broker {broker_shown}, "
                 "2 worker processes"
             )
-            # Registered before the workers start, so it runs after they stopped.
-            stack.callback(_clean_up, qt, console)
             logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="queuetopia-demo-logs-")))
             check = stack.enter_context(_worker_processes(qt, database_url, broker, logs))
         total = sum(len(params) for _, params in PLAN)
@@ -411,33 +413,36 @@ def _worker_processes(
                 worker.proc.wait(5)
 
 
-def _clean_up(qt: Queuetopia, console: Console) -> None:
+def _clean_up(qt: Queuetopia, console: Console, *, rows: bool, celery_queue: bool) -> None:
     """Delete what the demo created on a database and a broker that outlive it: its
-    scope's rows and its Celery queue (with its exchange). Says what it did, or what
-    was left where."""
+    scope's rows, its Celery queue (with its exchange). Says what it did, or what was
+    left where."""
+    done: list[str] = []
     left: list[str] = []
-    try:
-        with qt.engine.begin() as conn:
-            for table in (schema.leases, schema.queues, schema.jobs):
-                conn.execute(sa.delete(table).where(table.c.scope == qt.scope))
-    except Exception as exc:
-        left.append(f"the rows of scope {qt.scope!r} ({_one_line(exc)})")
-    try:
-        with qt.app.connection_for_write() as conn:
-            # Declared first: a channel deletes only the bindings it knows.
-            queue = qt.app.amqp.queues[qt.celery_queue](conn.default_channel)
-            queue.declare()
-            queue.delete()
-            if queue.exchange.name:
-                queue.exchange.delete()
-    except Exception as exc:
-        left.append(f"the Celery queue {qt.celery_queue!r} ({_one_line(exc)})")
+    if rows:
+        try:
+            with qt.engine.begin() as conn:
+                for table in (schema.leases, schema.queues, schema.jobs):
+                    conn.execute(sa.delete(table).where(table.c.scope == qt.scope))
+            done.append(f"the jobs of scope {qt.scope!r}")
+        except Exception as exc:
+            left.append(f"the rows of scope {qt.scope!r} in its database ({_one_line(exc)})")
+    if celery_queue:
+        try:
+            with qt.app.connection_for_write() as conn:
+                # Declared first: a channel deletes only the bindings it knows.
+                queue = qt.app.amqp.queues[qt.celery_queue](conn.default_channel)
+                queue.declare()
+                queue.delete()
+                if queue.exchange.name:
+                    queue.exchange.delete()
+            done.append(f"the Celery queue {qt.celery_queue!r}")
+        except Exception as exc:
+            left.append(f"the Celery queue {qt.celery_queue!r} on the broker ({_one_line(exc)})")
+    if done:
+        console.print(f"cleaned up: {' and '.join(done)} deleted")
     if left:
         console.print(f"[yellow]left behind:[/] {'; '.join(left)}")
-    else:
-        console.print(
-            f"cleaned up: the jobs of scope {qt.scope!r} and the Celery queue {qt.celery_queue!r} deleted"
-        )
 
 
 def quiet_logs() -> None:
