@@ -8,6 +8,7 @@ from .app import Queuetopia, make_engine
 from .errors import (
     ConfigurationError,
     DatabaseError,
+    DoNotRetry,
     DuplicatePerformerError,
     InvalidJobError,
     JobNotFoundError,
@@ -16,13 +17,18 @@ from .errors import (
     NoPerformerError,
     QueuetopiaError,
     ResultNotJSONError,
+    UnsupportedOptionError,
+    WaitTimeoutError,
 )
 from .jobs import DrainResult, Job, JobState, NewJob, Page, QueueStatus, default_backoff
+from .ordered_task import BoundOrderedTask, OrderedTask
 from .performer import Performer
 
 __all__ = [
+    "BoundOrderedTask",
     "ConfigurationError",
     "DatabaseError",
+    "DoNotRetry",
     "DrainResult",
     "DuplicatePerformerError",
     "InvalidJobError",
@@ -33,12 +39,15 @@ __all__ = [
     "JobTimeoutError",
     "NewJob",
     "NoPerformerError",
+    "OrderedTask",
     "Page",
     "Performer",
     "QueueStatus",
     "Queuetopia",
     "QueuetopiaError",
     "ResultNotJSONError",
+    "UnsupportedOptionError",
+    "WaitTimeoutError",
     "default_backoff",
     "make_engine",
 ]

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
+from .create_task import register_create_task
 from .errors import ConfigurationError, InvalidJobError
 from .jobs import (
     DEFAULT_MAX_ATTEMPTS,
@@ -30,6 +31,7 @@ from .jobs import (
     validate_name,
     validate_on_exhausted,
 )
+from .ordered_task import TaskDecorator, wait_for_job
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
 from .store import Dispatch, Executor, Store, configure_sqlite, ping_when_idle
 from .tasks import publish, register
@@ -146,6 +148,7 @@ class Queuetopia:
         self.scan_limit = scan_limit
         self.disabled = disabled
         self.perform_task, self.scan_task, self.kick_task = register(self)
+        self.create_task = register_create_task(self)  # send_task path: see create_task.py
         if not disabled:
             app.add_periodic_task(
                 dt.timedelta(seconds=self.poll_interval),
@@ -174,6 +177,18 @@ class Queuetopia:
             return fn
 
         return decorate
+
+    @property
+    def task(self) -> TaskDecorator:
+        """``@qt.task(queue="account-{account_id}", ...)``: the decorated function becomes
+        an ordered task, called like a Celery task (``delay``, ``apply_async``); see
+        :class:`~queuetopia_celery.ordered_task.TaskDecorator`."""
+        return TaskDecorator(self)
+
+    def wait(self, job: Job | int, *, timeout: float = 60.0) -> Job:
+        """Wait until ``job`` is done, exhausted, aborted or held and return it: for
+        tests and scripts (see :func:`~queuetopia_celery.ordered_task.wait_for_job`)."""
+        return wait_for_job(self, job, timeout=timeout)
 
     # ------------------------------------------------------------------ schema
 
@@ -429,7 +444,7 @@ class Queuetopia:
                     outcome = runner._attempt(job)
                     if outcome.succeeded:
                         succeeded += 1
-                    elif job.attempts >= job.max_attempts:
+                    elif outcome.final or job.attempts >= job.max_attempts:
                         exhausted += 1
                     else:
                         failed += 1

@@ -101,3 +101,33 @@ class JobStateError(QueuetopiaError):
         self.action = action
         message = f"cannot {action} job {job_id}: it is {state}"
         super().__init__(f"{message}; {hint}" if hint else message)
+
+
+class UnsupportedOptionError(InvalidJobError):
+    """Raised when an ordered task (``@qt.task``) is given a Celery option that has no
+    meaning for ordered jobs (``link``, ``priority``, ``expires``, ...): ``field`` names
+    the option and ``reason`` says what to do instead. Nothing is written."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(field, reason)
+        self.args = (f"option {field!r} {reason}",)
+
+
+class DoNotRetry(QueuetopiaError):
+    """Raise it from a performer to end its job now, without further attempts: the job
+    is recorded as failed for good (exhausted, or held with ``on_exhausted="hold"``)
+    with this error, and its queue moves on (or stays held). Raised for you by an
+    ordered task with ``autoretry_for=`` when another exception escapes it; chain the
+    cause (``raise DoNotRetry(...) from exc``) to keep its traceback in the job's error."""
+
+
+class WaitTimeoutError(QueuetopiaError, TimeoutError):
+    """Raised by :meth:`Queuetopia.wait` when the job has not reached an outcome (done,
+    exhausted, aborted, held) within ``timeout`` seconds: ``job_id``, ``state`` (as last
+    read) and ``timeout`` say which."""
+
+    def __init__(self, job_id: int, state: str, timeout: float) -> None:
+        self.job_id = job_id
+        self.state = state
+        self.timeout = timeout
+        super().__init__(f"job {job_id} is still {state} after waiting {timeout:g} s")

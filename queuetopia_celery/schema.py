@@ -26,6 +26,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Float,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -160,3 +161,21 @@ Index("ix_queuetopia_leases_expires", leases.c.expires_at)
 
 #: Alembic's version table for our migrations, apart from the host app's own.
 VERSION_TABLE = "queuetopia_alembic_version"
+
+# Version 5: one row per ``queuetopia.<scope>.create`` message that created jobs (the
+# Celery task id), so that a redelivered message does not create them twice. Deleted
+# with its (first) job by the cleanup (on SQLite only when foreign keys are enabled).
+messages = Table(
+    "queuetopia_messages",
+    metadata,
+    Column("scope", String(255), nullable=False),
+    Column("message_id", String(255), nullable=False),
+    Column(
+        "job_id", ID, ForeignKey("queuetopia_jobs.id", name="fk_queuetopia_messages_job", ondelete="CASCADE")
+    ),
+    Column("job_ids", JSON(), nullable=True),
+    Column("inserted_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("scope", "message_id", name="pk_queuetopia_messages"),
+)
+
+Index("ix_queuetopia_messages_job", messages.c.job_id)

@@ -111,6 +111,8 @@ class Outcome:
     result: Any = None
     error: str | None = None
     backoff: float = 0.0
+    #: The performer raised DoNotRetry: no further attempt, whatever ``max_attempts``.
+    final: bool = False
 
 
 def _failure_plan(job: Job, outcome: Outcome) -> tuple[str, float | None, dt.datetime | None]:
@@ -118,7 +120,7 @@ def _failure_plan(job: Job, outcome: Outcome) -> tuple[str, float | None, dt.dat
     ``backoff`` seconds; past ``max_attempts``, exhausted (the queue moves on) or held
     until ``until`` (it stays at the head, never due, until an operator retries or
     aborts it)."""
-    if job.attempts < job.max_attempts:
+    if job.attempts < job.max_attempts and not outcome.final:
         return STATUS_PENDING, outcome.backoff, None
     if job.on_exhausted == ON_EXHAUSTED_HOLD:
         return STATUS_PENDING, None, HELD_UNTIL

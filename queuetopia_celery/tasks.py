@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import JobTimeoutError, ResultNotJSONError
+from .errors import DoNotRetry, JobTimeoutError, ResultNotJSONError
 from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
 from .performer import PerformerProtocol, safe_backoff
 from .store import Burst, Dispatch, LostAttempt, Outcome
@@ -198,7 +198,8 @@ class Runner:
         backoff, problem = safe_backoff(performer, job)
         if problem:
             error = f"{error}\n{problem}"
-        exhausted = job.attempts >= job.max_attempts
+        final = isinstance(exc, DoNotRetry)
+        exhausted = final or job.attempts >= job.max_attempts
         held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD  # the hook sees job.state HELD
         logger.warning(
             "job %s of queue %r failed attempt %s/%s: %s",
@@ -220,7 +221,7 @@ class Runner:
                 performer.handle_failed_job(failed)
             except Exception as hook_exc:
                 error = f"{error}\nhandle_failed_job raised {format_error(hook_exc)}"
-        return Outcome(False, error=storable_text(qt.store.redact(error)), backoff=backoff)
+        return Outcome(False, error=storable_text(qt.store.redact(error)), backoff=backoff, final=final)
 
     # ------------------------------------------------------------------ scan and kick
 

@@ -118,3 +118,29 @@ def v3_upgrade() -> None:
 def v3_downgrade() -> None:
     op.drop_index("ix_queuetopia_leases_expires", table_name="queuetopia_leases")
     op.create_index("ix_queuetopia_leases_expires", "queuetopia_leases", ["scope", "expires_at"])
+
+
+def v5_upgrade() -> None:
+    """``queuetopia_messages``: the Celery task id of each ``queuetopia.<scope>.create``
+    message that created jobs, so that a redelivered message creates nothing twice; a
+    row goes with its job (``ON DELETE CASCADE``)."""
+    op.create_table(
+        "queuetopia_messages",
+        sa.Column("scope", sa.String(255), nullable=False),
+        sa.Column("message_id", sa.String(255), nullable=False),
+        sa.Column(
+            "job_id",
+            ID,
+            sa.ForeignKey("queuetopia_jobs.id", name="fk_queuetopia_messages_job", ondelete="CASCADE"),
+            nullable=True,
+        ),
+        sa.Column("job_ids", sa.JSON(), nullable=True),
+        sa.Column("inserted_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("scope", "message_id", name="pk_queuetopia_messages"),
+    )
+    op.create_index("ix_queuetopia_messages_job", "queuetopia_messages", ["job_id"])
+
+
+def v5_downgrade() -> None:
+    op.drop_index("ix_queuetopia_messages_job", table_name="queuetopia_messages")
+    op.drop_table("queuetopia_messages")

@@ -1,0 +1,561 @@
+"""Ordered tasks: ``@qt.task(queue="account-{account_id}")``, a Celery task moved to an
+ordered queue by changing its decorator.
+
+The decorated function becomes the performer of an action (its ``__name__`` unless
+``name=`` says otherwise) and an :class:`OrderedTask` that keeps Celery's calling API:
+``charge(...)`` calls the function here and now, ``charge.delay(...)`` and
+``charge.apply_async(args, kwargs, ...)`` create a job in the queue named by the
+``queue=`` template (or callable) over the call's arguments, and return the
+:class:`~queuetopia_celery.Job`. The job's params are the call's arguments by name
+(JSON, checked at the call); the worker calls the function with them and stores what
+it returns as ``job.result``.
+
+Everything here goes through the public :class:`~queuetopia_celery.Queuetopia` API
+(``performer``, ``create_job``, ``get_job``): it is a layer over the engine, not part of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import inspect
+import string
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
+
+from .errors import (
+    ConfigurationError,
+    DoNotRetry,
+    InvalidJobError,
+    JobNotFoundError,
+    UnsupportedOptionError,
+    WaitTimeoutError,
+)
+from .jobs import (
+    Job,
+    JobState,
+    utcnow,
+    validate_duration,
+    validate_max_attempts,
+    validate_scheduled_at,
+)
+from .performer import BackoffFn, FailureFn
+
+if TYPE_CHECKING:
+    from .app import Queuetopia
+    from .store import Executor
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: A queue key: a ``str.format`` template over the task's arguments
+#: (``"account-{account_id}"``), or a callable given them as keyword arguments.
+QueueKey = str | Callable[..., str]
+
+#: Celery options that ordered tasks do not take, with what to do instead. Any other
+#: unknown option is refused too: none is ever silently ignored.
+UNSUPPORTED: dict[str, str] = {
+    "link": "create the next job from the performer (in the same queue, it runs after this one)",
+    "link_error": "use on_failure=, called after each failed attempt",
+    "chain": "create the next job from the performer",
+    "priority": "a queue runs in creation order; use another queue for urgent work",
+    "expires": "an ordered job is never dropped unrun; abort it with abort_job",
+    "retry": "enqueueing is one database write: there is no publish to retry",
+    "retry_policy": "enqueueing is one database write: there is no publish to retry",
+    "task_id": "the job's id is given by the database (job.id)",
+    "ignore_result": "the performer's return value is always stored as job.result",
+    "rate_limit": "max_concurrent_queues= on the Queuetopia limits queues running at once",
+    "acks_late": "jobs are rows, not messages: an attempt is counted when it starts",
+    "serializer": "params and results are always JSON",
+    "routing_key": "the Queuetopia's celery_queue= routes its messages",
+    "exchange": "the Queuetopia's celery_queue= routes its messages",
+    "retry_backoff": "give backoff=(a function of the job) or keep the default exponential backoff",
+    "retry_backoff_max": "use max_backoff=",
+    "retry_jitter": "give backoff=(a function of the job)",
+    "default_retry_delay": "give backoff=lambda job: seconds",
+    "dont_autoretry_for": "list the exceptions to retry on in autoretry_for=",
+    "retry_kwargs": "use max_attempts= (or max_retries=) and backoff=",
+    "base": "ordered tasks are not Celery Task classes",
+}
+
+_TERMINAL = frozenset({JobState.DONE, JobState.EXHAUSTED, JobState.ABORTED, JobState.HELD})
+
+
+def _refuse(options: Mapping[str, Any]) -> None:
+    """Raise :class:`UnsupportedOptionError` for the first option given."""
+    for name in options:
+        hint = UNSUPPORTED.get(name)
+        raise UnsupportedOptionError(
+            name,
+            f"is not supported by ordered tasks; {hint}"
+            if hint
+            else "is not an option of ordered tasks (see queuetopia_celery.ordered_task)",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    """Options of the jobs an ordered task creates, in the job's words. ``None``: not
+    given here (the Queuetopia's or ``create_job``'s default applies)."""
+
+    timeout: float | None = None
+    max_attempts: int | None = None
+    max_backoff: float | None = None
+    on_exhausted: str | None = None
+
+    @classmethod
+    def from_words(
+        cls,
+        *,
+        timeout: float | dt.timedelta | None = None,
+        time_limit: float | dt.timedelta | None = None,
+        soft_time_limit: float | dt.timedelta | None = None,
+        max_attempts: int | None = None,
+        max_retries: int | Literal["unset"] | None = "unset",
+        max_backoff: float | dt.timedelta | None = None,
+        on_exhausted: str | None = None,
+    ) -> JobOptions:
+        """Map Celery's words onto the job's: ``time_limit`` or ``soft_time_limit`` is
+        ``timeout`` (a job has one limit: :class:`JobTimeoutError` is raised inside the
+        performer at ``timeout``, like Celery's soft limit, and the process is killed
+        ``time_limit_grace`` later, like its hard limit: give one of the three);
+        ``max_retries=N`` is ``max_attempts=N + 1``."""
+        limits = {
+            name: value
+            for name, value in (
+                ("timeout", timeout),
+                ("time_limit", time_limit),
+                ("soft_time_limit", soft_time_limit),
+            )
+            if value is not None
+        }
+        if len(limits) > 1:
+            raise InvalidJobError(
+                "timeout",
+                f"give one of timeout, time_limit, soft_time_limit, not {' and '.join(limits)}: a job has "
+                "one limit (JobTimeoutError raised in the performer, the process killed "
+                "time_limit_grace later)",
+            )
+        seconds = None
+        for name, value in limits.items():
+            seconds = validate_duration(name, value, allow_zero=False)
+        if max_retries != "unset":
+            if max_attempts is not None:
+                raise InvalidJobError("max_retries", "give max_attempts or max_retries, not both")
+            if max_retries is None:
+                raise InvalidJobError(
+                    "max_retries", "must be a number: a job is retried at most max_attempts - 1 times"
+                )
+            if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+                raise InvalidJobError("max_retries", f"must be an int >= 0, got {max_retries!r}")
+            max_attempts = max_retries + 1
+        return cls(
+            timeout=seconds,
+            max_attempts=None if max_attempts is None else validate_max_attempts(max_attempts),
+            max_backoff=None
+            if max_backoff is None
+            else validate_duration("max_backoff", max_backoff, allow_zero=True),
+            on_exhausted=on_exhausted,
+        )
+
+    def over(self, defaults: JobOptions) -> JobOptions:
+        """These options, falling back to ``defaults`` where not given."""
+        return JobOptions(
+            *(
+                getattr(defaults, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+                for f in dataclasses.fields(self)
+            )
+        )
+
+    def create_kwargs(self) -> dict[str, Any]:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: value for name, value in given.items() if value is not None}
+
+
+def scheduled_at_of(countdown: float | dt.timedelta | None, eta: dt.datetime | None) -> dt.datetime | None:
+    """Celery's ``countdown`` (seconds from now, by this process's clock) or ``eta`` (an
+    aware datetime) as the job's ``scheduled_at``."""
+    if countdown is not None and eta is not None:
+        raise InvalidJobError("countdown", "give countdown or eta, not both")
+    if countdown is not None:
+        return utcnow() + dt.timedelta(seconds=validate_duration("countdown", countdown, allow_zero=True))
+    try:
+        return validate_scheduled_at(eta)
+    except InvalidJobError as exc:
+        raise InvalidJobError("eta", exc.reason) from None
+
+
+class _QueueKeyOf:
+    """The queue key of one call: a template over its arguments, or a callable."""
+
+    def __init__(self, key: QueueKey, signature: inspect.Signature, task: str) -> None:
+        self.key = key
+        self.task = task
+        self.fields: list[str] = []
+        if isinstance(key, str):
+            for _, field, _, _ in string.Formatter().parse(key):
+                if field is None:
+                    continue
+                root = field.split(".", 1)[0].split("[", 1)[0]
+                if not root or root.isdigit():
+                    raise ConfigurationError(
+                        f"queue template {key!r} of task {task!r}: name the argument ({{account_id}}), "
+                        "not a position"
+                    )
+                if root not in signature.parameters:
+                    raise ConfigurationError(
+                        f"queue template {key!r} of task {task!r} names {root!r}, which is not one of its "
+                        f"parameters ({', '.join(signature.parameters) or 'none'})"
+                    )
+                self.fields.append(root)
+        elif not callable(key):
+            raise ConfigurationError(f"queue= of task {task!r} must be a template string or a callable")
+
+    def __call__(self, arguments: Mapping[str, Any]) -> str:
+        if not isinstance(self.key, str):
+            value = self.key(**arguments)
+            if not isinstance(value, str):
+                raise InvalidJobError(
+                    "queue", f"the queue callable of task {self.task!r} returned {value!r}, not a string"
+                )
+            return value
+        for field in self.fields:
+            if arguments.get(field) is None:
+                raise InvalidJobError(
+                    "queue",
+                    f"template {self.key!r} of task {self.task!r} needs argument {field!r}, "
+                    "which is missing or None",
+                )
+        try:
+            return self.key.format(**arguments)
+        except (LookupError, AttributeError, ValueError, TypeError) as exc:
+            raise InvalidJobError(
+                "queue", f"template {self.key!r} of task {self.task!r} cannot be filled: {exc!r}"
+            ) from None
+
+
+class _OrderedTaskBase(Generic[P, R]):
+    """What :class:`OrderedTask` and :class:`BoundOrderedTask` share: Celery's calling
+    API, creating jobs; and the performer the worker runs."""
+
+    def __init__(
+        self,
+        qt: Queuetopia,
+        fn: Callable[..., R],
+        *,
+        name: str,
+        queue: QueueKey,
+        bind: bool,
+        options: JobOptions,
+        autoretry_for: tuple[type[BaseException], ...] | None,
+    ) -> None:
+        self.qt = qt
+        self.fn = fn
+        self.name = name
+        self.bind = bind
+        self.options = options
+        self.autoretry_for = autoretry_for
+        signature = inspect.signature(fn)
+        if bind:
+            params = list(signature.parameters.values())
+            if not params or params[0].kind not in (
+                inspect.Parameter.POSITIONAL_ONLY,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            ):
+                raise ConfigurationError(f"task {name!r} has bind=True: its first parameter receives the Job")
+            signature = signature.replace(parameters=params[1:])
+        self.call_signature = signature
+        self.queue_key = _QueueKeyOf(queue, signature, name)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<ordered task {self.name!r} of scope {self.qt.scope!r}>"
+
+    # ------------------------------------------------------------------ calling
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """Create a job for this call at the end of its queue; returns the Job
+        (``qt.wait(job)`` waits for its outcome)."""
+        return self._create(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | dt.timedelta | None = None,
+        eta: dt.datetime | None = None,
+        queue: str | None = None,
+        connection: Executor | None = None,
+        timeout: float | dt.timedelta | None = None,
+        time_limit: float | dt.timedelta | None = None,
+        soft_time_limit: float | dt.timedelta | None = None,
+        max_attempts: int | None = None,
+        max_retries: int | Literal["unset"] | None = "unset",
+        max_backoff: float | dt.timedelta | None = None,
+        on_exhausted: str | None = None,
+        **celery_options: Any,
+    ) -> Job:
+        """Create a job, with options: ``countdown``/``eta`` (the job's ``scheduled_at``),
+        ``queue`` (this queue instead of the task's key), ``connection`` (join the
+        caller's transaction), the job options of the decorator. A Celery option that
+        has no meaning here (``link``, ``priority``, ``expires``, ...) raises
+        :class:`~queuetopia_celery.UnsupportedOptionError`; nothing is written."""
+        _refuse(celery_options)
+        if args is not None and (isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
+            raise TypeError(f"args must be a list or tuple, got {type(args).__name__}")
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
+        options = JobOptions.from_words(
+            timeout=timeout,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            max_attempts=max_attempts,
+            max_retries=max_retries,
+            max_backoff=max_backoff,
+            on_exhausted=on_exhausted,
+        )
+        return self._create(
+            tuple(args or ()),
+            dict(kwargs or {}),
+            scheduled_at=scheduled_at_of(countdown, eta),
+            queue=queue,
+            connection=connection,
+            options=options,
+        )
+
+    def s(self, *args: Any, **kwargs: Any) -> Any:
+        """Not offered: an ordered job is created with ``delay`` or ``apply_async``."""
+        raise UnsupportedOptionError(
+            "signature", "ordered tasks have no Celery signatures (canvas, chains, groups): call delay()"
+        )
+
+    signature = si = s
+
+    def _create(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        scheduled_at: dt.datetime | None = None,
+        queue: str | None = None,
+        connection: Executor | None = None,
+        options: JobOptions | None = None,
+    ) -> Job:
+        try:
+            call = self.call_signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}(): {exc}") from None
+        params = {
+            name: list(value) if self.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
+            else value
+            for name, value in call.arguments.items()
+        }
+        if queue is None:
+            call.apply_defaults()
+            queue = self.queue_key(call.arguments)
+        job_options = (options or JobOptions()).over(self.options)
+        return self.qt.create_job(
+            queue,
+            self.name,
+            params,
+            scheduled_at=scheduled_at,
+            connection=connection,
+            **job_options.create_kwargs(),
+        )
+
+    # ------------------------------------------------------------------ performing
+
+    def perform(self, job: Job) -> Any:
+        """Run ``job``: the function called with the job's params as its arguments
+        (and the Job first with ``bind=True``)."""
+        params = job.params
+        if not isinstance(params, dict):
+            raise TypeError(f"job {job.id} of task {self.name!r}: params {params!r} are not named arguments")
+        unknown = sorted(set(params) - set(self.call_signature.parameters))
+        if unknown:
+            raise TypeError(
+                f"job {job.id} passes {', '.join(unknown)} to task {self.name!r}, which no longer takes them"
+            )
+        arguments = {
+            name: tuple(value)
+            if self.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
+            else value
+            for name, value in params.items()
+        }
+        call = inspect.BoundArguments(self.call_signature, arguments)
+        try:
+            if self.bind:
+                return self.fn(job, *call.args, **call.kwargs)
+            return self.fn(*call.args, **call.kwargs)
+        except Exception as exc:
+            if self.autoretry_for is None or isinstance(exc, (DoNotRetry, *self.autoretry_for)):
+                raise
+            raise DoNotRetry(f"{type(exc).__name__}: {exc} (not in autoretry_for: no retry)") from exc
+
+
+class OrderedTask(_OrderedTaskBase[P, R]):
+    """A function registered by ``@qt.task(...)``: call it to run it here, ``delay`` or
+    ``apply_async`` to queue it."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+
+class BoundOrderedTask(_OrderedTaskBase[P, R]):
+    """An ordered task with ``bind=True``: its function takes the Job first; ``delay``
+    and ``apply_async`` take the other arguments."""
+
+    def __call__(self, job: Job, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(job, *args, **kwargs)
+
+
+class TaskDecorator:
+    """``qt.task``: ``@qt.task(queue="account-{account_id}", ...)`` registers the
+    decorated function as an ordered task of ``qt`` (see :class:`OrderedTask`).
+
+    Options: ``queue`` (required: a ``str.format`` template over the function's
+    arguments, or a callable taking them by keyword, returning the queue name),
+    ``name`` (the action; the function's ``__name__`` by default), ``bind`` (pass the
+    Job first), ``timeout`` (or Celery's ``time_limit`` / ``soft_time_limit``),
+    ``max_attempts`` (or Celery's ``max_retries``: attempts - 1), ``max_backoff``,
+    ``on_exhausted``, ``backoff(job)`` and ``on_failure(job)`` hooks, and
+    ``autoretry_for`` (exception classes: only these are retried; any other exception
+    ends the job for good at once). Other Celery options raise
+    :class:`~queuetopia_celery.UnsupportedOptionError`.
+    """
+
+    def __init__(self, qt: Queuetopia) -> None:
+        self.qt = qt
+
+    @overload
+    def __call__(
+        self,
+        *,
+        queue: QueueKey,
+        name: str | None = None,
+        bind: Literal[False] = False,
+        timeout: float | dt.timedelta | None = None,
+        time_limit: float | dt.timedelta | None = None,
+        soft_time_limit: float | dt.timedelta | None = None,
+        max_attempts: int | None = None,
+        max_retries: int | Literal["unset"] | None = "unset",
+        max_backoff: float | dt.timedelta | None = None,
+        on_exhausted: str | None = None,
+        backoff: BackoffFn | None = None,
+        on_failure: FailureFn | None = None,
+        autoretry_for: Sequence[type[BaseException]] | None = None,
+        **celery_options: Any,
+    ) -> Callable[[Callable[P, R]], OrderedTask[P, R]]: ...
+
+    @overload
+    def __call__(
+        self,
+        *,
+        queue: QueueKey,
+        name: str | None = None,
+        bind: Literal[True],
+        timeout: float | dt.timedelta | None = None,
+        time_limit: float | dt.timedelta | None = None,
+        soft_time_limit: float | dt.timedelta | None = None,
+        max_attempts: int | None = None,
+        max_retries: int | Literal["unset"] | None = "unset",
+        max_backoff: float | dt.timedelta | None = None,
+        on_exhausted: str | None = None,
+        backoff: BackoffFn | None = None,
+        on_failure: FailureFn | None = None,
+        autoretry_for: Sequence[type[BaseException]] | None = None,
+        **celery_options: Any,
+    ) -> Callable[[Callable[Concatenate[Job, P], R]], BoundOrderedTask[P, R]]: ...
+
+    def __call__(
+        self,
+        *,
+        queue: QueueKey,
+        name: str | None = None,
+        bind: bool = False,
+        timeout: float | dt.timedelta | None = None,
+        time_limit: float | dt.timedelta | None = None,
+        soft_time_limit: float | dt.timedelta | None = None,
+        max_attempts: int | None = None,
+        max_retries: int | Literal["unset"] | None = "unset",
+        max_backoff: float | dt.timedelta | None = None,
+        on_exhausted: str | None = None,
+        backoff: BackoffFn | None = None,
+        on_failure: FailureFn | None = None,
+        autoretry_for: Sequence[type[BaseException]] | None = None,
+        **celery_options: Any,
+    ) -> Callable[[Callable[..., Any]], Any]:
+        qt = self.qt
+        try:
+            _refuse(celery_options)
+            options = JobOptions.from_words(
+                timeout=timeout,
+                time_limit=time_limit,
+                soft_time_limit=soft_time_limit,
+                max_attempts=max_attempts,
+                max_retries=max_retries,
+                max_backoff=max_backoff,
+                on_exhausted=on_exhausted,
+            )
+        except InvalidJobError as exc:
+            raise ConfigurationError(str(exc)) from None
+        retry_on = None
+        if autoretry_for is not None:
+            retry_on = tuple(autoretry_for)
+            if not all(isinstance(cls, type) and issubclass(cls, BaseException) for cls in retry_on):
+                raise ConfigurationError("autoretry_for= must be a sequence of exception classes")
+
+        def decorate(fn: Callable[..., Any]) -> Any:
+            if not callable(fn):
+                raise ConfigurationError("@qt.task(...) decorates a function")
+            action = name if name is not None else getattr(fn, "__name__", None)
+            if not isinstance(action, str):
+                raise ConfigurationError("give the task a name= (the function has no __name__)")
+            cls = BoundOrderedTask if bind else OrderedTask
+            task: _OrderedTaskBase[Any, Any] = cls(
+                qt, fn, name=action, queue=queue, bind=bind, options=options, autoretry_for=retry_on
+            )
+            qt.performer(action, backoff=backoff, on_failure=on_failure)(task.perform)
+            return task
+
+        return decorate
+
+
+def wait_for_job(qt: Queuetopia, job: Job | int, *, timeout: float = 60.0) -> Job:
+    """Poll ``job`` until it is done, exhausted, aborted or held (an outcome that needs
+    nobody but an operator), and return it as it then is: ``job.state``,
+    ``job.result`` and ``job.error`` say how it went. Raises
+    :class:`~queuetopia_celery.WaitTimeoutError` after ``timeout`` seconds, and
+    :class:`~queuetopia_celery.JobNotFoundError` if the job does not exist (its
+    transaction was rolled back, or it was purged). For tests and scripts: a
+    production caller reads the job later rather than blocking on it."""
+    job_id = job.id if isinstance(job, Job) else job
+    seconds = validate_duration("timeout", timeout, allow_zero=True)
+    deadline = time.monotonic() + seconds
+    interval = 0.02
+    while True:
+        current = qt.get_job(job_id)
+        if current is None:
+            raise JobNotFoundError(qt.scope, job_id)
+        if current.state in _TERMINAL:
+            return current
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeoutError(current.id, current.state.value, seconds)
+        time.sleep(min(interval, left))
+        interval = min(interval * 1.5, 0.5)
+
+
+__all__ = [
+    "UNSUPPORTED",
+    "BoundOrderedTask",
+    "JobOptions",
+    "OrderedTask",
+    "QueueKey",
+    "TaskDecorator",
+    "wait_for_job",
+]
