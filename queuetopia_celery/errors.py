@@ -130,4 +130,4 @@ class WaitTimeoutError(QueuetopiaError, TimeoutError):
         self.job_id = job_id
         self.state = state
         self.timeout = timeout
-        super().__init__(f"job {job_id} is still {state} after waiting {timeout:g} s")
+        super().__init__(f"job {job_id} is still {state} after {timeout:g} s")

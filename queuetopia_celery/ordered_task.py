@@ -490,8 +490,8 @@ class TaskDecorator:
         **celery_options: Any,
     ) -> Callable[[Callable[..., Any]], Any]:
         qt = self.qt
+        _refuse(celery_options)
         try:
-            _refuse(celery_options)
             options = JobOptions.from_words(
                 timeout=timeout,
                 time_limit=time_limit,
