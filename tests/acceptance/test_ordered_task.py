@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from celery import Celery
 
 from queuetopia_celery import InvalidJobError, JobState, Queuetopia, UnsupportedOptionError
 from tests.apps import orderedapp
-from tests.conftest import REDIS_URL, Proc, events, wait_for
+from tests.conftest import REDIS_URL, ROOT, Proc, events, wait_for
 
 pytestmark = pytest.mark.acceptance
 
@@ -263,3 +264,54 @@ def test_send_task_creates_each_message_once_in_commit_order_with_recipes_for_st
     assert bad.state == "FAILURE"
     assert qt.list_jobs(queue="account-6") == []
     wait_for(lambda: all(job.state is JobState.DONE for job in qt.list_jobs()), timeout=60)
+
+
+#: A Redis database of this test's own: the example uses Celery's default queue.
+EXAMPLE_REDIS_URL = os.environ.get("QT_TEST_ACCOUNTS_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def test_the_readme_example_runs_each_accounts_charges_in_order(
+    database_url: str, engine: sa.Engine, tmp_path: Path
+) -> None:
+    """examples/accounts.py, shown whole in the README, run as the README says."""
+    example = (ROOT / "examples" / "accounts.py").read_text()
+    assert f"```python\n{example}```" in (ROOT / "README.md").read_text()
+    import redis
+
+    redis.Redis.from_url(EXAMPLE_REDIS_URL).flushdb()
+    env = {**os.environ, "DATABASE_URL": database_url, "BROKER_URL": EXAMPLE_REDIS_URL}
+    worker = Proc(
+        [sys.executable, "-m", "celery", "-A", "examples.accounts", "worker", "-B", "-c", "2",
+         "-s", str(tmp_path / "schedule"), "--loglevel", "INFO", "--without-mingle", "--without-gossip"],
+        env,
+        tmp_path / "worker.log",
+        tmp_path / "never",
+    )  # fmt: skip
+    try:
+        wait_for(lambda: "ready." in worker.output(), timeout=60, message="example worker ready")
+        produced = subprocess.run(
+            [sys.executable, "-m", "examples.accounts", "checkout", "12"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        assert produced.returncode == 0, produced.stderr
+        payments = Queuetopia("payments", app=Celery("reader"), engine=engine, disabled=True)
+        wait_for(
+            lambda: len(payments.list_jobs(state=JobState.DONE)) == 12, timeout=60, message="12 charges done"
+        )
+        printed = [line.split("] ")[-1] for line in worker.output().splitlines() if "charging" in line]
+        for account in (0, 1):
+            jobs = sorted(payments.list_jobs(queue=f"account-{account}"), key=lambda job: job.sequence)
+            amounts = [job.params["amount"] for job in jobs]
+            assert amounts == list(range(account, 12, 2))
+            assert [job.result for job in jobs] == [{"account_id": account, "charged": n} for n in amounts]
+            done = [job.done_at for job in jobs]
+            assert done == sorted(done)
+            mine = [line for line in printed if line.startswith(f"account {account}:")]
+            assert mine == [f"account {account}: charging {n}" for n in amounts]
+    finally:
+        worker.stop()
