@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from celery import Celery
 
 from queuetopia_celery import (
@@ -26,6 +27,7 @@ from queuetopia_celery import (
     WaitTimeoutError,
 )
 from queuetopia_celery.create_task import create_from_message
+from queuetopia_celery.schema import messages
 
 UTC = dt.timezone.utc
 
@@ -226,3 +228,20 @@ def test_a_bad_message_writes_nothing(qt: Queuetopia, fields: dict[str, Any], er
     assert qt.list_jobs() == []
     # Its id was not taken: a corrected message with the same id creates its job.
     assert create_from_message(qt, "m-bad", {"queue": "q", "action": "a"}) == qt.list_jobs()[0].id
+
+
+def test_a_message_row_goes_with_its_job_when_done_jobs_are_purged(qt: Queuetopia) -> None:
+    @qt.task(queue="q")
+    def noop() -> None: ...
+
+    job_id = create_from_message(qt, "m-purged", {"queue": "q", "action": "noop"})
+    assert qt.drain().succeeded == 1
+    assert qt.purge_jobs(older_than=0) == 1
+    assert isinstance(job_id, int) and qt.get_job(job_id) is None
+    with qt.engine.connect() as conn:
+        left = conn.execute(
+            sa.select(sa.func.count()).select_from(messages).where(messages.c.scope == qt.scope)
+        ).scalar_one()
+    # PostgreSQL deletes it (ON DELETE CASCADE); SQLite enforces foreign keys only when
+    # they are enabled on the connection (PRAGMA foreign_keys), which it does not by default.
+    assert left == (0 if qt.engine.dialect.name == "postgresql" else 1)
