@@ -38,6 +38,7 @@ from .jobs import (
     utcnow,
     validate_duration,
     validate_max_attempts,
+    validate_on_exhausted,
     validate_scheduled_at,
 )
 from .performer import BackoffFn, FailureFn
@@ -156,7 +157,7 @@ class JobOptions:
             max_backoff=None
             if max_backoff is None
             else validate_duration("max_backoff", max_backoff, allow_zero=True),
-            on_exhausted=on_exhausted,
+            on_exhausted=None if on_exhausted is None else validate_on_exhausted(on_exhausted),
         )
 
     def over(self, defaults: JobOptions) -> JobOptions:
@@ -330,7 +331,8 @@ class _OrderedTaskBase(Generic[P, R]):
     def s(self, *args: Any, **kwargs: Any) -> Any:
         """Not offered: an ordered job is created with ``delay`` or ``apply_async``."""
         raise UnsupportedOptionError(
-            "signature", "ordered tasks have no Celery signatures (canvas, chains, groups): call delay()"
+            "signature",
+            "is not offered: ordered tasks have no Celery signatures (canvas, chains, groups); call delay()",
         )
 
     signature = si = s

@@ -74,6 +74,7 @@ def test_celery_words_map_onto_the_job_options(qt: Queuetopia) -> None:
         ({"max_retries": 3, "max_attempts": 4}, "not both"),
         ({"max_retries": -1}, "int >= 0"),
         ({"timeout": -1}, "timeout"),
+        ({"on_exhausted": "later"}, "on_exhausted"),
     ],
 )
 def test_bad_decorator_options_are_refused_at_decoration(
