@@ -178,7 +178,7 @@ def test_a_lost_attempt_is_recorded_before_the_failure_hook_runs(build):
     def work(job: Job) -> Any:
         return None
 
-    job = qt.create_job("q", "work", max_attempts=3)
+    qt.create_job("q", "work", max_attempts=3)
     lose_attempt(qt, "q")
 
     def scanned() -> bool:
