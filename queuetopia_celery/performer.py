@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from billiard import common as billiard_common
 from celery.exceptions import WorkerShutdown, WorkerTerminate
 
 from .errors import ConfigurationError, DuplicatePerformerError, NoPerformerError
@@ -142,7 +143,9 @@ def safe_backoff(performer: PerformerProtocol | None, job: Job) -> tuple[float, 
 def is_stop_signal(exc: BaseException) -> bool:
     """Whether ``exc`` asks the process to stop rather than reports an error of user
     code: Ctrl-C (``KeyboardInterrupt``), Celery's warm or cold shutdown
-    (``WorkerShutdown``, ``WorkerTerminate``), a killed greenlet (``GreenletExit``).
+    (``WorkerShutdown``, ``WorkerTerminate``), the ``SystemExit`` that a prefork child's
+    SIGTERM handler raises (the hard time limit, a cold shutdown), a killed greenlet
+    (``GreenletExit``).
 
     Anything else raised by a performer or a hook, ``Exception`` or not (a
     ``sys.exit()`` in user code raises ``SystemExit``), is a failed attempt: the worker
@@ -151,6 +154,18 @@ def is_stop_signal(exc: BaseException) -> bool:
     """
     if isinstance(exc, (KeyboardInterrupt, WorkerShutdown, WorkerTerminate)):
         return True
+    if isinstance(exc, SystemExit) and _terminate_handler_fired():
+        return True
     greenlet = sys.modules.get("greenlet")
     greenlet_exit = getattr(greenlet, "GreenletExit", None)
     return isinstance(greenlet_exit, type) and isinstance(exc, greenlet_exit)
+
+
+def _terminate_handler_fired() -> bool:
+    """Whether billiard's terminate-signal handler has run in this process: it raises
+    ``SystemExit`` in whatever code runs, and the process is on its way out."""
+    fired = getattr(billiard_common, "terminate_handler_fired", None)
+    if callable(fired):
+        return bool(fired())
+    flag = getattr(billiard_common, "_should_have_exited", None)  # billiard < 4.3
+    return bool(flag and flag[0])

@@ -106,6 +106,23 @@ def test_a_lost_attempt_is_recorded_though_its_failure_hook_calls_sys_exit(qt, s
     assert [(e["job_id"], e["attempt"]) for e in hooks] == [(lost.id, 1)]
 
 
+def test_a_cold_shutdown_during_a_job_stops_the_worker_and_is_not_taken_for_a_sys_exit(
+    qt, start_worker, engine, scope
+):
+    """Celery's cold shutdown terminates the prefork child, whose SIGTERM handler raises
+    ``SystemExit`` inside the performer: a stop, not a failed attempt of the job."""
+    worker = start_worker(concurrency=1)
+    job = qt.create_job("cold", "work", {"sleep": 30}, timeout=60)
+    wait_for(lambda: any(e["kind"] == "started" for e in events(engine, scope)), message="the job to start")
+    os.kill(worker.pid, signal.SIGQUIT)
+    worker.handle.wait(30)
+    left = qt.get_job(job.id)
+    # No outcome written by the dying child: the scan records the attempt as lost once
+    # its lease expires.
+    assert (left.state, left.attempts, left.error) == (JobState.RUNNING, 1, None)
+    assert [e["kind"] for e in events(engine, scope)] == ["failed"]  # the performer saw it end
+
+
 # --------------------------------------------------------------------------- 4. cleanup at start
 
 
