@@ -16,7 +16,7 @@ import pytest
 from celery import Celery
 from celery.exceptions import WorkerShutdown, WorkerTerminate
 
-from queuetopia_celery import InvalidJobError, Job, JobState, Queuetopia
+from queuetopia_celery import ConfigurationError, InvalidJobError, Job, JobState, Queuetopia
 from tests.conftest import wait_for
 
 UTC = dt.timezone.utc
@@ -308,3 +308,9 @@ def test_params_left_out_are_an_empty_dict(build):
     qt = build()
     assert qt.create_job("q", "a").params == {}
     assert qt.create_jobs([{"queue": "q", "action": "a"}])[0].params == {}
+
+
+def test_a_blank_scope_is_refused(backend_url):
+    app = Celery(f"t-{uuid.uuid4().hex[:6]}", broker="memory://")
+    with pytest.raises(ConfigurationError, match="blank"):
+        Queuetopia(" \t", app=app, database_url=backend_url, disabled=True)
