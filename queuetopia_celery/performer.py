@@ -143,9 +143,11 @@ def safe_backoff(performer: PerformerProtocol | None, job: Job) -> tuple[float, 
 def is_stop_signal(exc: BaseException) -> bool:
     """Whether ``exc`` asks the process to stop rather than reports an error of user
     code: Ctrl-C (``KeyboardInterrupt``), Celery's warm or cold shutdown
-    (``WorkerShutdown``, ``WorkerTerminate``), the ``SystemExit`` that a prefork child's
-    SIGTERM handler raises (the hard time limit, a cold shutdown), a killed greenlet
-    (``GreenletExit``).
+    (``WorkerShutdown``, ``WorkerTerminate``), a killed greenlet (``GreenletExit``), and
+    whatever is raised once a prefork child's SIGTERM handler has run (the hard time
+    limit, a cold shutdown): that handler raises ``SystemExit`` in the running code, and
+    what the code's own cleanup raises meanwhile (a database call cut in half) replaces
+    it. Billiard itself treats every exception after that point as the process leaving.
 
     Anything else raised by a performer or a hook, ``Exception`` or not (a
     ``sys.exit()`` in user code raises ``SystemExit``), is a failed attempt: the worker
@@ -154,7 +156,7 @@ def is_stop_signal(exc: BaseException) -> bool:
     """
     if isinstance(exc, (KeyboardInterrupt, WorkerShutdown, WorkerTerminate)):
         return True
-    if isinstance(exc, SystemExit) and _terminate_handler_fired():
+    if _terminate_handler_fired():
         return True
     greenlet = sys.modules.get("greenlet")
     greenlet_exit = getattr(greenlet, "GreenletExit", None)
