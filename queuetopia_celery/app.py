@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from celery import signals as celery_signals
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
@@ -198,6 +199,8 @@ class Queuetopia:
     ) -> Job:
         """Create a job at the end of ``queue``; the queue exists from its first job.
 
+        ``params`` is any JSON value (Queuetopia takes a map only); None is stored as ``{}``.
+
         With ``connection`` (a SQLAlchemy Connection or Session) the job joins the
         caller's transaction: it commits or rolls back with it, and workers are woken
         only after the commit. Raises :class:`~queuetopia_celery.InvalidJobError` on bad
@@ -289,7 +292,8 @@ class Queuetopia:
         state: JobState | str | None = None,
         limit: int | None = None,
     ) -> list[Job]:
-        """Jobs of this scope, newest sequence first, filtered by queue, action, state."""
+        """Jobs of this scope, newest first (by creation across queues, by sequence
+        within a queue), filtered by queue, action, state."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise InvalidJobError("limit", "must be None or an int >= 0")
         return self.store.list_jobs(queue=queue, action=action, state=_state(state), limit=limit)
@@ -387,7 +391,24 @@ class Queuetopia:
             cleanup.s().set(queue=self.celery_queue) if self.celery_queue else cleanup.s(),
             name=f"queuetopia.{self.scope}.cleanup",
         )
+        # Weakly held: the receiver goes with this Queuetopia.
+        celery_signals.beat_init.connect(self._cleanup_at_start)
         return cleanup
+
+    def _cleanup_at_start(self, sender: Any = None, **_: Any) -> None:
+        """On ``beat_init``: send one cleanup as beat starts, as Queuetopia cleans when
+        its scheduler starts (an interval entry first fires one interval after start,
+        so a beat restarted more often than ``cleanup_interval`` would never clean).
+        Several beats each send one; the cleanup is idempotent."""
+        if getattr(sender, "app", None) is not self.app or self.cleanup_task is None:
+            return
+        try:
+            self.cleanup_task.apply_async(queue=self.celery_queue)
+        except Exception:
+            logger.exception(
+                "could not send the cleanup at beat start; it runs every cleanup_interval",
+                extra={"scope": self.scope},
+            )
 
     def drain(self, queue: str | None = None, *, with_scheduled: bool = False) -> DrainResult:
         """Run jobs now, in this process, without Celery workers: for tests.

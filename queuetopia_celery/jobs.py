@@ -206,12 +206,15 @@ def validate_on_exhausted(value: object) -> str:
 
 
 def validate_name(field: str, value: object) -> str:
-    """Check a scope, queue or action name: a non-empty string of at most 255
-    characters that the database can store."""
+    """Check a scope, queue or action name: a string of at most 255 characters, not
+    empty nor only whitespace (Queuetopia refuses blank names), that the database can
+    store."""
     if not isinstance(value, str):
         raise InvalidJobError(field, f"must be a string, got {type(value).__name__}")
     if not value:
         raise InvalidJobError(field, "must not be empty")
+    if not value.strip():
+        raise InvalidJobError(field, "must not be blank (only whitespace)")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidJobError(field, f"must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
     _check_text(field, value)

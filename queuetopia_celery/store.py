@@ -514,7 +514,9 @@ class Store:
         offset: int = 0,
     ) -> list[Job]:
         query = self._filtered(sa.select(*_JOB_COLUMNS), queue, action, state)
-        query = query.order_by(J.c.sequence.desc(), J.c.id.desc()).offset(offset)
+        # Newest created first across queues (Queuetopia's order), by sequence within
+        # a queue (jobs created together share their inserted_at).
+        query = query.order_by(J.c.inserted_at.desc(), J.c.sequence.desc(), J.c.id.desc()).offset(offset)
         if limit is not None:
             query = query.limit(limit)
         with self._tx() as conn:
@@ -571,6 +573,8 @@ class Store:
                 limit = min(limit, max(max_concurrent - int(held), 0))
                 if limit == 0:
                     return []
+                if queues is None:
+                    return self._fill_slots(conn, grace, limit, locked_by)
             candidates = sorted(set(self._due_queues(conn, limit) if queues is None else queues))
             if not candidates:
                 return []
@@ -601,6 +605,28 @@ class Store:
         if stale:
             with self._tx() as conn:
                 self._refresh_due(conn, sorted(stale))
+        return taken
+
+    def _fill_slots(
+        self, conn: Connection, grace: float, slots: int, locked_by: str | None
+    ) -> list[Dispatch]:
+        """:meth:`dispatch` of the due queues under a concurrency limit: up to ``slots``
+        leases, taken in ``due_at`` order. A queue found not due (its ``due_at`` left
+        behind when it emptied) is passed over for the next one and its ``due_at``
+        raised, so that it never keeps a free slot from a waiting queue."""
+        candidates = self._due_queues(conn, max(slots, 1000))
+        taken: list[Dispatch] = []
+        stale: list[str] = []
+        tried = 0
+        while len(taken) < slots and tried < len(candidates):
+            chunk = candidates[tried : tried + slots - len(taken)]
+            tried += len(chunk)
+            got = self._take_leases(conn, sorted(chunk), grace, len(chunk), locked_by)
+            taken.extend(got)
+            leased = {d.queue for d in got}
+            stale.extend(queue for queue in chunk if queue not in leased)
+        if stale:
+            self._refresh_due(conn, sorted(stale))
         return taken
 
     def _due_queues(self, conn: Connection, limit: int) -> list[str]:
@@ -953,6 +979,18 @@ class Store:
             )
             self._release(conn, job.queue, lost.token)
         return True
+
+    def replace_error(self, job_id: int, recorded: str, error: str) -> bool:
+        """Replace a job's stored error with ``error`` if it is still ``recorded`` (no
+        other attempt has ended since): how the scan adds what a failure hook raised to
+        a lost attempt it has already recorded."""
+        with self._tx() as conn:
+            moved = conn.execute(
+                sa.update(J)
+                .where(J.c.scope == self.scope, J.c.id == job_id, J.c.error == recorded)
+                .values(error=error)
+            )
+        return moved.rowcount == 1
 
     def _release(self, conn: Connection, queue: str, token: str) -> None:
         """Drop the queue's lease if ``token`` still holds it."""

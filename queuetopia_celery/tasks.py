@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import JobTimeoutError, ResultNotJSONError
 from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
-from .performer import PerformerProtocol, safe_backoff
+from .performer import PerformerProtocol, is_stop_signal, safe_backoff
 from .store import Burst, Dispatch, LostAttempt, Outcome
 
 if TYPE_CHECKING:
@@ -154,10 +154,14 @@ class Runner:
                     )
                     return attempted
                 if nxt is None:
-                    # Released: a job committed meanwhile may have missed us. Look again.
+                    # Released: a job committed meanwhile may have missed us. Look again;
+                    # under a concurrency limit, give the freed slot to the due queues
+                    # (this one included) now rather than at the next scan.
                     qt.send(
                         store.dispatch(
-                            [queue], grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues
+                            [queue] if qt.max_concurrent_queues is None else None,
+                            grace=qt.dispatch_grace,
+                            max_concurrent=qt.max_concurrent_queues,
                         )
                     )
                     return attempted
@@ -189,17 +193,33 @@ class Runner:
             except ValueError as exc:
                 raise ResultNotJSONError(f"performer returned a value that is not JSON: {exc}") from None
             return Outcome(True, result=result)
-        except Exception as exc:
+        except BaseException as exc:
+            # sys.exit() in a performer is a failed attempt too; only a request to stop
+            # the process goes through (the scan records the attempt later).
+            if is_stop_signal(exc):
+                raise
             return self._failure(job, performer, exc)
 
     def _failure(self, job: Job, performer: PerformerProtocol | None, exc: BaseException) -> Outcome:
+        error, backoff = self._failed_attempt(job, performer, exc)
+        hook_error = self._failure_hook(job, performer, error)
+        if hook_error:
+            error = f"{error}\n{hook_error}"
+        return Outcome(False, error=self._storable(error), backoff=backoff)
+
+    def _storable(self, error: str) -> str:
+        return storable_text(self.qt.store.redact(error))
+
+    def _failed_attempt(
+        self, job: Job, performer: PerformerProtocol | None, exc: BaseException
+    ) -> tuple[str, float]:
+        """The error text and the backoff of a failed attempt (the backoff hook is
+        guarded: what it raises is added to the error); logs the failure."""
         qt = self.qt
         error = format_error(exc)
         backoff, problem = safe_backoff(performer, job)
         if problem:
             error = f"{error}\n{problem}"
-        exhausted = job.attempts >= job.max_attempts
-        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD  # the hook sees job.state HELD
         logger.warning(
             "job %s of queue %r failed attempt %s/%s: %s",
             job.id,
@@ -209,18 +229,28 @@ class Runner:
             f"{type(exc).__name__}: {exc}",
             extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
         )
-        if performer is not None:
-            failed = dataclasses.replace(
-                job,
-                error=error,
-                status=STATUS_EXHAUSTED if exhausted and not held else STATUS_PENDING,
-                next_attempt_at=HELD_UNTIL if held else job.next_attempt_at,
-            )
-            try:
-                performer.handle_failed_job(failed)
-            except Exception as hook_exc:
-                error = f"{error}\nhandle_failed_job raised {format_error(hook_exc)}"
-        return Outcome(False, error=storable_text(qt.store.redact(error)), backoff=backoff)
+        return error, backoff
+
+    def _failure_hook(self, job: Job, performer: PerformerProtocol | None, error: str) -> str | None:
+        """Call ``handle_failed_job`` with the job as it will be stored. Returns what
+        it raised (``SystemExit`` included), as text to add to the job's error."""
+        if performer is None:
+            return None
+        exhausted = job.attempts >= job.max_attempts
+        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD  # the hook sees job.state HELD
+        failed = dataclasses.replace(
+            job,
+            error=error,
+            status=STATUS_EXHAUSTED if exhausted and not held else STATUS_PENDING,
+            next_attempt_at=HELD_UNTIL if held else job.next_attempt_at,
+        )
+        try:
+            performer.handle_failed_job(failed)
+        except BaseException as hook_exc:
+            if is_stop_signal(hook_exc):
+                raise
+            return f"handle_failed_job raised {format_error(hook_exc)}"
+        return None
 
     # ------------------------------------------------------------------ scan and kick
 
@@ -254,13 +284,20 @@ class Runner:
             performer: PerformerProtocol | None = qt.registry.resolve(job.action)
         except LookupError:
             performer = None
-        outcome = self._failure(job, performer, lost_error)
-        if qt.store.record_lost(lost, outcome):
-            logger.warning(
-                "WorkerLostError: %s",
-                lost_error,
-                extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
-            )
+        error, backoff = self._failed_attempt(job, performer, lost_error)
+        outcome = Outcome(False, error=self._storable(error), backoff=backoff)
+        # Recorded before handle_failed_job runs: a hook that raises, exits or kills
+        # this process can neither leave the attempt unrecorded nor block its queue.
+        if not qt.store.record_lost(lost, outcome):
+            return
+        logger.warning(
+            "WorkerLostError: %s",
+            lost_error,
+            extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
+        )
+        hook_error = self._failure_hook(job, performer, error)
+        if hook_error and outcome.error is not None:
+            qt.store.replace_error(job.id, outcome.error, self._storable(f"{error}\n{hook_error}"))
 
     def kick(self, queues: Sequence[str]) -> int:
         qt = self.qt
