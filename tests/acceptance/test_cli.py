@@ -267,3 +267,13 @@ def test_the_cli_works_on_sqlite(cli, tmp_path: Path, scope):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[2].split()[:2] == ["account-2", "BLOCKED"]
     assert cli("abort", str(bad.id), "--reason", "test", url=url).returncode == 0
+
+
+def test_an_unmigrated_sqlite_file_says_to_run_migrate(cli, tmp_path: Path):
+    path = tmp_path / "empty.db"
+    empty = sa.create_engine(f"sqlite:///{path}")
+    empty.connect().close()  # an empty database file
+    empty.dispose()
+    out = cli("jobs", url=f"sqlite:///{path}")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"run `queuetopia-celery migrate --database-url sqlite:///{path}`" in out.stderr
