@@ -16,6 +16,8 @@ from .errors import (
     NoPerformerError,
     QueuetopiaError,
     ResultNotJSONError,
+    SchemaMissingError,
+    UnknownActionError,
 )
 from .jobs import DrainResult, Job, JobState, NewJob, Page, QueueStatus, default_backoff
 from .performer import Performer
@@ -39,6 +41,8 @@ __all__ = [
     "Queuetopia",
     "QueuetopiaError",
     "ResultNotJSONError",
+    "SchemaMissingError",
+    "UnknownActionError",
     "default_backoff",
     "make_engine",
 ]

@@ -412,14 +412,17 @@ def first_line(text: str) -> str:
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
-    """A JSON-ready view of a job, with its derived state."""
+    """A JSON-ready view of a job: its fields, with its ``state`` in place of the stored
+    ``status`` column (one word per meaning, as the README lists them)."""
     out: dict[str, Any] = {}
     for field in _FIELDS:
+        if field.name == "status":
+            out["state"] = job.state.value
+            continue
         value = getattr(job, field.name)
         out[field.name] = _iso(value) if isinstance(value, dt.datetime) else value
     if job.held:
         out["next_attempt_at"] = None
-    out["state"] = job.state.value
     return out
 
 

@@ -24,10 +24,10 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import JobTimeoutError, ResultNotJSONError
+from .errors import JobTimeoutError, ResultNotJSONError, SchemaMissingError
 from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
 from .performer import PerformerProtocol, is_stop_signal, safe_backoff
 from .store import Burst, Dispatch, LostAttempt, Outcome
@@ -98,6 +98,8 @@ class Runner:
 
     qt: Queuetopia
     soft_limit: _SoftLimit = dataclasses.field(default_factory=_SoftLimit)
+    #: Whether "the tables are missing" was logged (once per process, see unless_schema_missing).
+    told_schema_missing: bool = False
 
     # ------------------------------------------------------------------ perform
 
@@ -221,11 +223,14 @@ class Runner:
         if problem:
             error = f"{error}\n{problem}"
         logger.warning(
-            "job %s of queue %r failed attempt %s/%s: %s",
+            "job %s of queue %r failed attempt %s/%s%s: %s",
             job.id,
             job.queue,
             job.attempts,
             job.max_attempts,
+            ("; held: its queue waits for an operator" if held else "; exhausted: its queue moves on")
+            if exhausted
+            else "",
             f"{type(exc).__name__}: {exc}",
             extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
         )
@@ -299,6 +304,19 @@ class Runner:
         if hook_error and outcome.error is not None:
             qt.store.replace_error(job.id, outcome.error, self._storable(f"{error}\n{hook_error}"))
 
+    def unless_schema_missing(self, fn: Callable[[], int]) -> int:
+        """Run a periodic task's body; if the tables are missing (not migrated), log
+        that once per process, clearly, instead of a traceback every poll_interval."""
+        try:
+            result = fn()
+        except SchemaMissingError as exc:
+            if not self.told_schema_missing:
+                self.told_schema_missing = True
+                logger.error("%s", exc, extra={"scope": self.qt.scope})
+            return 0
+        self.told_schema_missing = False
+        return result
+
     def kick(self, queues: Sequence[str]) -> int:
         qt = self.qt
         taken = qt.store.dispatch(
@@ -329,13 +347,56 @@ def register(qt: Queuetopia) -> tuple[Any, Any, Any]:
 
     @app.task(name=f"{prefix}.scan", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
     def scan() -> int:
-        return runner.scan()
+        return runner.unless_schema_missing(runner.scan)
 
     @app.task(name=f"{prefix}.kick", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
     def kick(queues: list[str]) -> int:
         return runner.kick(queues)
 
+    quiet_routine_tasks([f"{prefix}.scan", f"{prefix}.kick", f"{prefix}.cleanup"])
     return perform, scan, kick
+
+
+class _RoutineTasks(logging.Filter):
+    """Celery logs three INFO lines for every task (beat's "Sending due task", the
+    worker's "received" and "succeeded"): for a scan every poll_interval, noise that
+    hides what an operator must act on. For the tasks named here, those lines are
+    logged at DEBUG instead (dropped unless the logger is enabled for DEBUG). Failures
+    keep Celery's levels; what a scan finds that matters (a lost attempt, a failed job)
+    is logged by queuetopia itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not self._routine(record):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+    def _routine(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, dict):
+            return args.get("name") in self.names
+        return isinstance(args, tuple) and any(arg in self.names for arg in args if isinstance(arg, str))
+
+
+_ROUTINE = _RoutineTasks()
+#: Celery's loggers of the per-task INFO lines (beat's send, the worker's receipt,
+#: success, and discarding an expired message).
+_CELERY_TASK_LOGGERS = ("celery.beat", "celery.worker.strategy", "celery.app.trace", "celery.worker.request")
+
+
+def quiet_routine_tasks(names: Sequence[str]) -> None:
+    """Log Celery's routine INFO lines about these tasks at DEBUG (see _RoutineTasks)."""
+    _ROUTINE.names.update(names)
+    for name in _CELERY_TASK_LOGGERS:
+        celery_logger = logging.getLogger(name)
+        if _ROUTINE not in celery_logger.filters:
+            celery_logger.addFilter(_ROUTINE)
 
 
 def publish(qt: Queuetopia, perform_task: Any, dispatches: Sequence[Dispatch]) -> None:
