@@ -17,6 +17,8 @@ from .errors import (
     NoPerformerError,
     QueuetopiaError,
     ResultNotJSONError,
+    SchemaMissingError,
+    UnknownActionError,
     UnsupportedOptionError,
     WaitTimeoutError,
 )
@@ -46,6 +48,8 @@ __all__ = [
     "Queuetopia",
     "QueuetopiaError",
     "ResultNotJSONError",
+    "SchemaMissingError",
+    "UnknownActionError",
     "UnsupportedOptionError",
     "WaitTimeoutError",
     "default_backoff",

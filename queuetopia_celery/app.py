@@ -10,11 +10,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from celery import signals as celery_signals
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
 from .create_task import register_create_task
-from .errors import ConfigurationError, InvalidJobError
+from .errors import ConfigurationError, InvalidJobError, UnknownActionError
 from .jobs import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_BACKOFF,
@@ -44,12 +45,20 @@ F = TypeVar("F", bound=PerformFn)
 DEFAULT_JOB_RETENTION = 7 * 24 * 3600.0
 
 
+#: The databases and drivers queuetopia-celery runs on, as said in URL errors.
+SUPPORTED_DATABASES = (
+    "supported: PostgreSQL with psycopg 3 (postgresql+psycopg://user@host/dbname, or postgresql://) "
+    "and SQLite (sqlite:///path/to/jobs.db)"
+)
+
 #: A pooled connection idle for longer than this is pinged before it is handed out.
 PING_AFTER_IDLE = 1.0
 
 
 def make_engine(database_url: str, **options: Any) -> Engine:
-    """An engine for ``database_url``; ``postgresql://`` means psycopg 3.
+    """An engine for ``database_url``; ``postgresql://`` means psycopg 3. Any other
+    database or driver raises :class:`~queuetopia_celery.ConfigurationError` naming the
+    supported ones.
 
     On PostgreSQL a pooled connection is checked with a ping before use when it has been
     idle for more than :data:`PING_AFTER_IDLE` seconds (a dead one is replaced), so a
@@ -57,20 +66,41 @@ def make_engine(database_url: str, **options: Any) -> Engine:
     that time is handed out without a round trip. ``pool_pre_ping=True`` pings every
     time instead.
     """
-    url = sa.engine.make_url(database_url)
-    if url.drivername in ("postgresql", "postgres"):
+    try:
+        url = sa.engine.make_url(database_url)
+    except (sa.exc.ArgumentError, ValueError):
+        # Never echo the text: it may hold a password.
+        raise ConfigurationError(f"the database URL cannot be parsed; {SUPPORTED_DATABASES}") from None
+    backend, _, driver = url.drivername.partition("+")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
         url = url.set(drivername="postgresql+psycopg")
-    backend = url.get_backend_name()
+        backend = "postgresql"
+    elif backend != "sqlite" or driver not in ("", "pysqlite"):
+        raise ConfigurationError(f"unsupported database URL {url.drivername}://...; {SUPPORTED_DATABASES}")
     if backend == "sqlite" and url.database in (None, "", ":memory:"):
         raise ConfigurationError(
             "an in-memory SQLite database cannot be shared by workers: use a file, sqlite:///jobs.db"
         )
-    engine = sa.create_engine(url, **options)
+    try:
+        engine = sa.create_engine(url, **options)
+    except (ImportError, sa.exc.NoSuchModuleError) as exc:
+        raise ConfigurationError(f"cannot load the database driver ({exc}); {SUPPORTED_DATABASES}") from None
     if backend == "sqlite":
         configure_sqlite(engine)
     elif backend == "postgresql" and "pool_pre_ping" not in options:
         ping_when_idle(engine, PING_AFTER_IDLE)
     return engine
+
+
+#: Shortest life of a beat message (scan, cleanup) in the broker: a worker whose clock
+#: runs ahead of beat's by less than this never discards a fresh one.
+MIN_PERIODIC_EXPIRY = 5.0
+
+
+def periodic_expiry(interval: float) -> float:
+    """Seconds a periodic (beat) message may wait in the broker before a worker discards
+    it: its interval (a newer one follows), at least :data:`MIN_PERIODIC_EXPIRY`."""
+    return max(interval, MIN_PERIODIC_EXPIRY)
 
 
 class Queuetopia:
@@ -102,6 +132,7 @@ class Queuetopia:
         on_exhausted: str = ON_EXHAUSTED_SKIP,
         cleanup_interval: float | dt.timedelta | None = None,
         job_retention: float | dt.timedelta = DEFAULT_JOB_RETENTION,
+        check_actions: bool = True,
     ) -> None:
         try:
             self.scope = validate_name("scope", scope)
@@ -147,6 +178,7 @@ class Queuetopia:
         self.burst_jobs = burst_jobs
         self.scan_limit = scan_limit
         self.disabled = disabled
+        self.check_actions = bool(check_actions)
         self.perform_task, self.scan_task, self.kick_task = register(self)
         self.create_task = register_create_task(self)  # send_task path: see create_task.py
         if not disabled:
@@ -154,6 +186,9 @@ class Queuetopia:
                 dt.timedelta(seconds=self.poll_interval),
                 self.scan_task.s().set(queue=celery_queue) if celery_queue else self.scan_task.s(),
                 name=f"queuetopia.{self.scope}.scan",
+                # A scan waiting in the broker longer than this is useless (a newer one
+                # follows): while no worker runs, old scans are discarded, not piled up.
+                expires=periodic_expiry(self.poll_interval),
             )
         self.cleanup_task = self._register_cleanup()
 
@@ -213,10 +248,13 @@ class Queuetopia:
     ) -> Job:
         """Create a job at the end of ``queue``; the queue exists from its first job.
 
+        ``params`` is any JSON value (Queuetopia takes a map only); None is stored as ``{}``.
+
         With ``connection`` (a SQLAlchemy Connection or Session) the job joins the
         caller's transaction: it commits or rolls back with it, and workers are woken
         only after the commit. Raises :class:`~queuetopia_celery.InvalidJobError` on bad
-        input, writing nothing.
+        input, writing nothing; :class:`~queuetopia_celery.UnknownActionError` (one of
+        them) when no registered performer handles ``action`` (see ``check_actions``).
         """
         spec = new_job(
             queue,
@@ -242,6 +280,7 @@ class Queuetopia:
         specs = [item if isinstance(item, NewJob) else _spec(item, self.on_exhausted) for item in jobs]
         if not specs:
             return []
+        self._check_actions(specs)
         queues = list(dict.fromkeys(spec.queue for spec in specs))
         if connection is None:
             # One connection for the insert and the kick: one pool checkout. The insert
@@ -258,6 +297,18 @@ class Queuetopia:
         if not self.disabled:
             self.store.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
         return created
+
+    def _check_actions(self, specs: Sequence[NewJob]) -> None:
+        """Refuse an action no performer handles, when this Queuetopia knows its
+        performers (some function performers and no class performer; not with
+        ``check_actions=False``): such a job would block its queue for all its attempts."""
+        known = self.registry.actions
+        if not self.check_actions or not known or self.registry.default is not None:
+            return
+        handled = set(known)
+        for spec in specs:
+            if spec.action not in handled:
+                raise UnknownActionError(self.scope, spec.action, known)
 
     def _kick_after(self, queues: set[str], committed: bool) -> None:
         self._kick(sorted(queues), committed=committed)
@@ -288,8 +339,24 @@ class Queuetopia:
             )
 
     def send(self, dispatches: Sequence[Dispatch]) -> None:
-        """Publish one perform message per lease taken."""
-        publish(self, self.perform_task, dispatches)
+        """Publish one perform message per lease taken. If publishing fails (the broker
+        is down), the leases are given back before the error propagates, so that the
+        next scan sends them again (a message that did go out finds its token gone and
+        is dropped)."""
+        try:
+            publish(self, self.perform_task, dispatches)
+        except Exception:
+            try:
+                self.store.release_unsent(dispatches)
+            except Exception:
+                logger.warning(
+                    "could not give back the leases of queues %s either: they are sent again "
+                    "when they expire (dispatch_grace)",
+                    [d.queue for d in dispatches],
+                    exc_info=True,
+                    extra={"scope": self.scope},
+                )
+            raise
 
     # ------------------------------------------------------------------ reading jobs
 
@@ -304,7 +371,8 @@ class Queuetopia:
         state: JobState | str | None = None,
         limit: int | None = None,
     ) -> list[Job]:
-        """Jobs of this scope, newest sequence first, filtered by queue, action, state."""
+        """Jobs of this scope, newest first (by creation across queues, by sequence
+        within a queue), filtered by queue, action, state."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise InvalidJobError("limit", "must be None or an int >= 0")
         return self.store.list_jobs(queue=queue, action=action, state=_state(state), limit=limit)
@@ -355,11 +423,13 @@ class Queuetopia:
         why and since when. For alerts and dashboards."""
         return self.store.queue_statuses(blocked_only=True)
 
-    def retry_job(self, job_id: int) -> Job:
+    def retry_job(self, job_id: int, *, force: bool = False) -> Job:
         """Make a retrying, held, exhausted or scheduled job due now, and wake its
         queue. Raises :class:`~queuetopia_celery.JobNotFoundError` (no such job in
-        this scope) or :class:`~queuetopia_celery.JobStateError` (running, done, aborted)."""
-        job = self.store.retry(_job_id(job_id))
+        this scope) or :class:`~queuetopia_celery.JobStateError` (running, done,
+        aborted; or exhausted while a later job of its queue has already run, so that
+        it would run out of order: ``force=True`` retries it anyway)."""
+        job = self.store.retry(_job_id(job_id), force=force)
         self._kick([job.queue], committed=True)
         return job
 
@@ -393,16 +463,38 @@ class Queuetopia:
         if self.cleanup_interval is None or self.disabled:
             return None
 
+        from .tasks import Runner
+
+        runner = Runner(self)
+
         @self.app.task(name=f"queuetopia.{self.scope}.cleanup", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
         def cleanup() -> int:
-            return self.purge_jobs()
+            return runner.unless_schema_missing(self.purge_jobs)
 
         self.app.add_periodic_task(
             dt.timedelta(seconds=self.cleanup_interval),
             cleanup.s().set(queue=self.celery_queue) if self.celery_queue else cleanup.s(),
             name=f"queuetopia.{self.scope}.cleanup",
+            expires=periodic_expiry(self.cleanup_interval),
         )
+        # Weakly held: the receiver goes with this Queuetopia.
+        celery_signals.beat_init.connect(self._cleanup_at_start)
         return cleanup
+
+    def _cleanup_at_start(self, sender: Any = None, **_: Any) -> None:
+        """On ``beat_init``: send one cleanup as beat starts, as Queuetopia cleans when
+        its scheduler starts (an interval entry first fires one interval after start,
+        so a beat restarted more often than ``cleanup_interval`` would never clean).
+        Several beats each send one; the cleanup is idempotent."""
+        if getattr(sender, "app", None) is not self.app or self.cleanup_task is None:
+            return
+        try:
+            self.cleanup_task.apply_async(queue=self.celery_queue)
+        except Exception:
+            logger.exception(
+                "could not send the cleanup at beat start; it runs every cleanup_interval",
+                extra={"scope": self.scope},
+            )
 
     def drain(self, queue: str | None = None, *, with_scheduled: bool = False) -> DrainResult:
         """Run jobs now, in this process, without Celery workers: for tests.

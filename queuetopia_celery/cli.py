@@ -11,6 +11,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -64,10 +65,22 @@ def migrate(obj: _Context, local_url: str | None, dry_run: bool) -> None:
     """Create or upgrade the queuetopia tables (idempotent)."""
     url = local_url or obj.require_url()
     try:
-        if dry_run:
-            click.echo(_migrate.upgrade_sql(_offline_url(url)))
-            return
         engine = make_engine(url)
+        if dry_run:
+            # Only what would run: nothing when the tables are at the newest version.
+            if _missing_sqlite_file(engine):
+                version, sql = None, _migrate.upgrade_sql(_offline_url(url))
+            else:
+                version, sql = _migrate.pending_sql(engine)
+            if not sql:
+                click.echo(f"-- queuetopia tables already at version {version}, the newest: nothing to run")
+            else:
+                click.echo(
+                    f"-- queuetopia tables at version {version or 'nothing (no tables yet)'}; "
+                    f"the SQL that brings them to {_migrate.head()}:"
+                )
+                click.echo(sql)
+            return
         before = _migrate.current(engine)
         _migrate.upgrade(engine)
         after = _migrate.current(engine)
@@ -88,10 +101,27 @@ def _store(obj: _Context) -> Store:
     if not obj.scope:
         raise click.UsageError("no scope: give --scope or set QUEUETOPIA_SCOPE")
     try:
-        return Store(make_engine(url), validate_name("scope", obj.scope))
+        engine = make_engine(url)
+        missing = _missing_sqlite_file(engine)
+        if missing:
+            # Connecting would create an empty file.
+            safe = engine.url.render_as_string(hide_password=True)
+            _fail(
+                f"no SQLite database at {missing} (the file does not exist): "
+                f"create it with `queuetopia-celery migrate --database-url {safe}`"
+            )
+        return Store(engine, validate_name("scope", obj.scope))
     except (QueuetopiaError, sa.exc.ArgumentError) as exc:
         _fail(str(exc))
         raise  # unreachable: _fail exits
+
+
+def _missing_sqlite_file(engine: sa.Engine) -> str | None:
+    """The path of a SQLite database file that does not exist (None otherwise)."""
+    if engine.dialect.name != "sqlite" or engine.url.query.get("uri"):
+        return None
+    path = engine.url.database or ""
+    return None if os.path.exists(path) else path
 
 
 def _expected_errors(fn: Callable[..., None]) -> Callable[..., None]:
@@ -160,6 +190,14 @@ def _next_attempt(job: Job | None, now: dt.datetime) -> str:
     return "now" if due <= now else f"in {_span((due - now).total_seconds() + 0.999)}"
 
 
+def attempts_text(job: Job) -> str:
+    """``1/20``; beyond the maximum (an operator retried the job after its last
+    attempt) ``3 (max 2)``."""
+    if job.attempts > job.max_attempts:
+        return f"{job.attempts} (max {job.max_attempts})"
+    return f"{job.attempts}/{job.max_attempts}"
+
+
 def _status_word(row: QueueStatus) -> str:
     if row.head is not None and row.head.state is JobState.HELD:
         return "HELD"
@@ -214,7 +252,7 @@ def status(obj: _Context, as_json: bool, queue: str | None) -> None:
                 _status_word(row),
                 str(row.pending),
                 f"#{head.id} {_clip(head.action, 24)}" if head else "-",
-                f"{head.attempts}/{head.max_attempts}" if head else "-",
+                attempts_text(head) if head else "-",
                 _next_attempt(head, now),
                 locked,
                 ago(row.oldest_pending_at, now),
@@ -254,7 +292,7 @@ def jobs(
             str(job.sequence),
             _clip(job.action, 24),
             job.state.value,
-            f"{job.attempts}/{job.max_attempts}",
+            attempts_text(job),
             ago(job.inserted_at, now),
             _clip(first_line(job.error or job.abort_reason or ""), 60),
         ]
@@ -285,6 +323,8 @@ def show(obj: _Context, job_id: int, as_json: bool) -> None:
     error = data.pop("error")
     for key, value in data.items():
         shown = json.dumps(value) if isinstance(value, (dict, list)) else value
+        if key == "attempts" and job.attempts > job.max_attempts:
+            shown = f"{value} (beyond max_attempts {job.max_attempts}: retried by an operator)"
         click.echo(f"{key:>16}: {'-' if shown is None else shown}")
     if error:
         click.echo(f"{'error':>16}:")
@@ -296,11 +336,16 @@ _NO_KICK = "no worker was woken from here: the next scan (every poll_interval) s
 
 @cli.command()
 @click.argument("job_id", type=click.IntRange(min=1))
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Retry an exhausted job even though later jobs of its queue already ran (it runs after them).",
+)
 @click.pass_obj
 @_expected_errors
-def retry(obj: _Context, job_id: int) -> None:
+def retry(obj: _Context, job_id: int, force: bool) -> None:
     """Make a retrying, held or exhausted job due now."""
-    job = _store(obj).retry(job_id)
+    job = _store(obj).retry(job_id, force=force)
     click.echo(f"job {job.id} of queue {job.queue!r} is due now ({job.attempts} attempts so far); {_NO_KICK}")
 
 

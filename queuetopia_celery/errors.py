@@ -24,6 +24,27 @@ class InvalidJobError(QueuetopiaError, ValueError):
         super().__init__(f"invalid {field}: {reason}")
 
 
+class UnknownActionError(InvalidJobError):
+    """Raised when ``create_job`` or ``create_jobs`` gets an action that no performer of
+    the creating Queuetopia handles, while that Queuetopia has performers registered
+    (a job nobody can run would block its queue for all its attempts).
+
+    Nothing is written. ``scope``, ``action`` and ``known`` (the registered actions)
+    say which. A producer that does not register the workers' performers builds its
+    Queuetopia with ``check_actions=False``.
+    """
+
+    def __init__(self, scope: str, action: str, known: list[str]) -> None:
+        self.scope = scope
+        self.action = action
+        self.known = known
+        super().__init__(
+            "action",
+            f"no performer handles {action!r} in scope {scope!r} (registered: {', '.join(known)}); "
+            "register one, or build this producer's Queuetopia with check_actions=False",
+        )
+
+
 class ConfigurationError(QueuetopiaError, ValueError):
     """Raised when a :class:`~queuetopia_celery.Queuetopia` is built with options
     that cannot work together (no database, an unknown option value, ...)."""
@@ -88,6 +109,19 @@ class DatabaseError(QueuetopiaError):
     def __init__(self, message: str, *, connection_lost: bool = False) -> None:
         super().__init__(message)
         self.connection_lost = connection_lost
+
+
+class SchemaMissingError(DatabaseError):
+    """Raised when the queuetopia tables are missing from the database, or older than
+    this version of queuetopia-celery: run ``queuetopia-celery migrate`` (or
+    ``Queuetopia.migrate()``). ``database`` is the database URL, without its password."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        super().__init__(
+            "the queuetopia tables are missing or out of date in this database: "
+            f"run `queuetopia-celery migrate --database-url {database}`"
+        )
 
 
 class JobStateError(QueuetopiaError):

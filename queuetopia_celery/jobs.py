@@ -206,12 +206,15 @@ def validate_on_exhausted(value: object) -> str:
 
 
 def validate_name(field: str, value: object) -> str:
-    """Check a scope, queue or action name: a non-empty string of at most 255
-    characters that the database can store."""
+    """Check a scope, queue or action name: a string of at most 255 characters, not
+    empty nor only whitespace (Queuetopia refuses blank names), that the database can
+    store."""
     if not isinstance(value, str):
         raise InvalidJobError(field, f"must be a string, got {type(value).__name__}")
     if not value:
         raise InvalidJobError(field, "must not be empty")
+    if not value.strip():
+        raise InvalidJobError(field, "must not be blank (only whitespace)")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidJobError(field, f"must be at most {MAX_NAME_LENGTH} characters, got {len(value)}")
     _check_text(field, value)
@@ -409,14 +412,17 @@ def first_line(text: str) -> str:
 
 
 def job_to_dict(job: Job) -> dict[str, Any]:
-    """A JSON-ready view of a job, with its derived state."""
+    """A JSON-ready view of a job: its fields, with its ``state`` in place of the stored
+    ``status`` column (one word per meaning, as the README lists them)."""
     out: dict[str, Any] = {}
     for field in _FIELDS:
+        if field.name == "status":
+            out["state"] = job.state.value
+            continue
         value = getattr(job, field.name)
         out[field.name] = _iso(value) if isinstance(value, dt.datetime) else value
     if job.held:
         out["next_attempt_at"] = None
-    out["state"] = job.state.value
     return out
 
 

@@ -72,14 +72,26 @@ def downgrade(engine: Engine, revision: str = "base") -> None:
         raise DatabaseError(_safe(engine, exc)) from exc
 
 
-def upgrade_sql(url: str, revision: str = "head") -> str:
-    """The SQL that ``upgrade`` would run on an empty database of ``url``'s kind."""
+def upgrade_sql(url: str, revision: str = "head", *, since: str | None = None) -> str:
+    """The SQL that ``upgrade`` would run on a database of ``url``'s kind that is at
+    version ``since`` (None: an empty database)."""
     out = io.StringIO()
     cfg = config(url=url)
     cfg.output_buffer = out
     with contextlib.redirect_stdout(out):
-        command.upgrade(cfg, revision, sql=True)
+        command.upgrade(cfg, revision if since is None else f"{since}:{revision}", sql=True)
     return out.getvalue()
+
+
+def pending_sql(engine: Engine) -> tuple[str | None, str]:
+    """``(current version, SQL)``: what ``upgrade(engine)`` would run on this database
+    now. The SQL is empty when the tables are at the newest version. Reads the version
+    only; writes nothing."""
+    version = current(engine)
+    if version == head():
+        return version, ""
+    url = engine.url.render_as_string(hide_password=False)
+    return version, upgrade_sql(url, since=version)
 
 
 def _safe(engine: Engine, exc: Exception) -> str:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
+
+from billiard import common as billiard_common
+from celery.exceptions import WorkerShutdown, WorkerTerminate
 
 from .errors import ConfigurationError, DuplicatePerformerError, NoPerformerError
 from .jobs import Job, default_backoff, validate_name
@@ -50,7 +54,9 @@ class Performer:
 
     def handle_failed_job(self, job: Job) -> None:
         """Called after each failed attempt with the job as it will be stored
-        (``job.error`` set). An exception raised here is appended to the job's error."""
+        (``job.error`` set). An exception raised here (``SystemExit`` included) is
+        appended to the job's error. For an attempt whose worker died, the scan records
+        the attempt first and calls this afterwards."""
         return None
 
 
@@ -125,8 +131,43 @@ def safe_backoff(performer: PerformerProtocol | None, job: Job) -> tuple[float, 
         return fallback, None
     try:
         value = performer.backoff(job)
-    except Exception as exc:
+    except BaseException as exc:
+        if is_stop_signal(exc):
+            raise
         return fallback, f"backoff hook raised {type(exc).__name__}: {exc}; used the default backoff"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
         return fallback, f"backoff hook returned {value!r}, not seconds >= 0; used the default backoff"
     return float(min(value, job.max_backoff)), None
+
+
+def is_stop_signal(exc: BaseException) -> bool:
+    """Whether ``exc`` asks the process to stop rather than reports an error of user
+    code: Ctrl-C (``KeyboardInterrupt``), Celery's warm or cold shutdown
+    (``WorkerShutdown``, ``WorkerTerminate``), a killed greenlet (``GreenletExit``), and
+    whatever is raised once a prefork child's SIGTERM handler has run (the hard time
+    limit, a cold shutdown): that handler raises ``SystemExit`` in the running code, and
+    what the code's own cleanup raises meanwhile (a database call cut in half) replaces
+    it. Billiard itself treats every exception after that point as the process leaving.
+
+    Anything else raised by a performer or a hook, ``Exception`` or not (a
+    ``sys.exit()`` in user code raises ``SystemExit``), is a failed attempt: the worker
+    records it and carries on. A stop signal is raised on: the attempt stays begun, and
+    the scan records it once its lease expires.
+    """
+    if isinstance(exc, (KeyboardInterrupt, WorkerShutdown, WorkerTerminate)):
+        return True
+    if _terminate_handler_fired():
+        return True
+    greenlet = sys.modules.get("greenlet")
+    greenlet_exit = getattr(greenlet, "GreenletExit", None)
+    return isinstance(greenlet_exit, type) and isinstance(exc, greenlet_exit)
+
+
+def _terminate_handler_fired() -> bool:
+    """Whether billiard's terminate-signal handler has run in this process: it raises
+    ``SystemExit`` in whatever code runs, and the process is on its way out."""
+    fired = getattr(billiard_common, "terminate_handler_fired", None)
+    if callable(fired):
+        return bool(fired())
+    flag = getattr(billiard_common, "_should_have_exited", None)  # billiard < 4.3
+    return bool(flag and flag[0])

@@ -41,7 +41,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import schema
-from .errors import DatabaseError, JobNotFoundError, JobStateError
+from .errors import DatabaseError, JobNotFoundError, JobStateError, SchemaMissingError
 from .jobs import (
     HELD_UNTIL,
     ON_EXHAUSTED_HOLD,
@@ -197,7 +197,7 @@ class Store:
             else:
                 yield connection
         except (SQLAlchemyError, psycopg.Error) as exc:
-            raise DatabaseError(self.redact(f"database error: {exc}")) from exc
+            raise self._error(exc) from exc
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
@@ -211,7 +211,7 @@ class Store:
         try:
             conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         except SQLAlchemyError as exc:
-            raise DatabaseError(self.redact(f"database error: {exc}")) from exc
+            raise self._error(exc) from exc
         local.conn = conn
         try:
             yield
@@ -240,7 +240,14 @@ class Store:
                 self._local.conn = None
                 with contextlib.suppress(SQLAlchemyError):
                     pinned.invalidate()
-            raise DatabaseError(self.redact(f"database error: {exc}"), connection_lost=lost) from exc
+            raise self._error(exc, connection_lost=lost) from exc
+
+    def _error(self, exc: BaseException, *, connection_lost: bool = False) -> DatabaseError:
+        """Our exception for a driver error: :class:`SchemaMissingError` when the
+        tables (or their newest columns) are missing, else :class:`DatabaseError`."""
+        if _schema_missing(exc):
+            return SchemaMissingError(self._engine.url.render_as_string(hide_password=True))
+        return DatabaseError(self.redact(f"database error: {exc}"), connection_lost=connection_lost)
 
     def _now(self) -> sa.ColumnElement[dt.datetime]:
         """The database clock (PostgreSQL), or this process's clock (SQLite)."""
@@ -516,7 +523,9 @@ class Store:
         offset: int = 0,
     ) -> list[Job]:
         query = self._filtered(sa.select(*_JOB_COLUMNS), queue, action, state)
-        query = query.order_by(J.c.sequence.desc(), J.c.id.desc()).offset(offset)
+        # Newest created first across queues (Queuetopia's order), by sequence within
+        # a queue (jobs created together share their inserted_at).
+        query = query.order_by(J.c.inserted_at.desc(), J.c.sequence.desc(), J.c.id.desc()).offset(offset)
         if limit is not None:
             query = query.limit(limit)
         with self._tx() as conn:
@@ -573,6 +582,8 @@ class Store:
                 limit = min(limit, max(max_concurrent - int(held), 0))
                 if limit == 0:
                     return []
+                if queues is None:
+                    return self._fill_slots(conn, grace, limit, locked_by)
             candidates = sorted(set(self._due_queues(conn, limit) if queues is None else queues))
             if not candidates:
                 return []
@@ -603,6 +614,28 @@ class Store:
         if stale:
             with self._tx() as conn:
                 self._refresh_due(conn, sorted(stale))
+        return taken
+
+    def _fill_slots(
+        self, conn: Connection, grace: float, slots: int, locked_by: str | None
+    ) -> list[Dispatch]:
+        """:meth:`dispatch` of the due queues under a concurrency limit: up to ``slots``
+        leases, taken in ``due_at`` order. A queue found not due (its ``due_at`` left
+        behind when it emptied) is passed over for the next one and its ``due_at``
+        raised, so that it never keeps a free slot from a waiting queue."""
+        candidates = self._due_queues(conn, max(slots, 1000))
+        taken: list[Dispatch] = []
+        stale: list[str] = []
+        tried = 0
+        while len(taken) < slots and tried < len(candidates):
+            chunk = candidates[tried : tried + slots - len(taken)]
+            tried += len(chunk)
+            got = self._take_leases(conn, sorted(chunk), grace, len(chunk), locked_by)
+            taken.extend(got)
+            leased = {d.queue for d in got}
+            stale.extend(queue for queue in chunk if queue not in leased)
+        if stale:
+            self._refresh_due(conn, sorted(stale))
         return taken
 
     def _due_queues(self, conn: Connection, limit: int) -> list[str]:
@@ -956,9 +989,45 @@ class Store:
             self._release(conn, job.queue, lost.token)
         return True
 
+    def replace_error(self, job_id: int, recorded: str, error: str) -> bool:
+        """Replace a job's stored error with ``error`` if it is still ``recorded`` (no
+        other attempt has ended since): how the scan adds what a failure hook raised to
+        a lost attempt it has already recorded."""
+        with self._tx() as conn:
+            moved = conn.execute(
+                sa.update(J)
+                .where(J.c.scope == self.scope, J.c.id == job_id, J.c.error == recorded)
+                .values(error=error)
+            )
+        return moved.rowcount == 1
+
     def _release(self, conn: Connection, queue: str, token: str) -> None:
         """Drop the queue's lease if ``token`` still holds it."""
         conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token))
+
+    def release_unsent(self, dispatches: Sequence[Dispatch]) -> int:
+        """Give back leases whose perform message could not be sent (the broker is
+        down): each is dropped if its token still holds it unstarted, and its queue is
+        made due, so that the next scan takes it again instead of waiting for the
+        lease to expire. Returns how many were dropped."""
+        if not dispatches:
+            return 0
+        with self._tx() as conn:
+            dropped = 0
+            for d in dispatches:
+                dropped += int(
+                    conn.execute(
+                        sa.delete(L).where(
+                            L.c.scope == self.scope,
+                            L.c.queue == d.queue,
+                            L.c.token == d.token,
+                            L.c.started_at.is_(None),
+                        )
+                    ).rowcount
+                    or 0
+                )
+            self._lower_due(conn, sorted({d.queue for d in dispatches}))
+        return dropped
 
     def extend_lease(self, queue: str, token: str, seconds: float) -> bool:
         """Make a started lease last ``seconds`` from now (database clock), if
@@ -1007,16 +1076,39 @@ class Store:
             query = query.where(Q.c.queue.in_(list(queues)))
         conn.execute(query.values(due_at=now))
 
-    def retry(self, job_id: int) -> Job:
+    def retry(self, job_id: int, *, force: bool = False) -> Job:
         """Make a job that waits for a retry, is held or exhausted, or is scheduled,
         due now. An exhausted job comes back to its place in its queue for one more
-        attempt (failing it exhausts or holds it again). Raises
+        attempt (failing it exhausts or holds it again); if a later job of its queue
+        has already run, it would run after that job: refused unless ``force``. Raises
         :class:`JobNotFoundError` or :class:`JobStateError`."""
         with self._tx() as conn:
             job = self._get_for_update(conn, job_id)
             if job.status not in (STATUS_PENDING, STATUS_EXHAUSTED):
                 hint = "its attempt is in progress" if job.status == STATUS_RUNNING else ""
                 raise JobStateError(job_id, job.state.value, "retry", hint)
+            if job.status == STATUS_EXHAUSTED and not force:
+                later = conn.execute(
+                    sa.select(J.c.id)
+                    .where(
+                        J.c.scope == self.scope,
+                        J.c.queue == job.queue,
+                        J.c.attempts > 0,
+                        sa.or_(
+                            J.c.scheduled_at > job.scheduled_at,
+                            sa.and_(J.c.scheduled_at == job.scheduled_at, J.c.sequence > job.sequence),
+                        ),
+                    )
+                    .limit(1)
+                ).scalar()
+                if later is not None:
+                    raise JobStateError(
+                        job_id,
+                        job.state.value,
+                        "retry",
+                        f"its queue has moved on (job {later}, after it in the queue, has already run), "
+                        "so it would now run out of order; retry with force (CLI: --force) if that is fine",
+                    )
             row = (
                 conn.execute(
                     sa.update(J)
@@ -1258,6 +1350,17 @@ class Store:
 def _driver_sql(sql: str) -> str:
     """``:name`` placeholders to psycopg's ``%(name)s``."""
     return re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", sql)
+
+
+def _schema_missing(exc: BaseException) -> bool:
+    """Whether ``exc`` says a table or column of ours does not exist (not migrated)."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if isinstance(orig, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
+        return True
+    text = str(orig)
+    return isinstance(exc, sa.exc.OperationalError) and (
+        "no such table: queuetopia_" in text or "no such column" in text
+    )
 
 
 def _connection_lost(exc: BaseException, conn: Connection | None) -> bool:

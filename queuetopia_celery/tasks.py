@@ -24,12 +24,12 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import DoNotRetry, JobTimeoutError, ResultNotJSONError
+from .errors import DoNotRetry, JobTimeoutError, ResultNotJSONError, SchemaMissingError
 from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
-from .performer import PerformerProtocol, safe_backoff
+from .performer import PerformerProtocol, is_stop_signal, safe_backoff
 from .store import Burst, Dispatch, LostAttempt, Outcome
 
 if TYPE_CHECKING:
@@ -98,6 +98,8 @@ class Runner:
 
     qt: Queuetopia
     soft_limit: _SoftLimit = dataclasses.field(default_factory=_SoftLimit)
+    #: Whether "the tables are missing" was logged (once per process, see unless_schema_missing).
+    told_schema_missing: bool = False
 
     # ------------------------------------------------------------------ perform
 
@@ -154,10 +156,14 @@ class Runner:
                     )
                     return attempted
                 if nxt is None:
-                    # Released: a job committed meanwhile may have missed us. Look again.
+                    # Released: a job committed meanwhile may have missed us. Look again;
+                    # under a concurrency limit, give the freed slot to the due queues
+                    # (this one included) now rather than at the next scan.
                     qt.send(
                         store.dispatch(
-                            [queue], grace=qt.dispatch_grace, max_concurrent=qt.max_concurrent_queues
+                            [queue] if qt.max_concurrent_queues is None else None,
+                            grace=qt.dispatch_grace,
+                            max_concurrent=qt.max_concurrent_queues,
                         )
                     )
                     return attempted
@@ -189,39 +195,72 @@ class Runner:
             except ValueError as exc:
                 raise ResultNotJSONError(f"performer returned a value that is not JSON: {exc}") from None
             return Outcome(True, result=result)
-        except Exception as exc:
+        except BaseException as exc:
+            # sys.exit() in a performer is a failed attempt too; only a request to stop
+            # the process goes through (the scan records the attempt later).
+            if is_stop_signal(exc):
+                raise
             return self._failure(job, performer, exc)
 
     def _failure(self, job: Job, performer: PerformerProtocol | None, exc: BaseException) -> Outcome:
+        final = isinstance(exc, DoNotRetry)  # no further attempt, whatever max_attempts
+        error, backoff = self._failed_attempt(job, performer, exc, final=final)
+        hook_error = self._failure_hook(job, performer, error, final=final)
+        if hook_error:
+            error = f"{error}\n{hook_error}"
+        return Outcome(False, error=self._storable(error), backoff=backoff, final=final)
+
+    def _storable(self, error: str) -> str:
+        return storable_text(self.qt.store.redact(error))
+
+    def _failed_attempt(
+        self, job: Job, performer: PerformerProtocol | None, exc: BaseException, *, final: bool = False
+    ) -> tuple[str, float]:
+        """The error text and the backoff of a failed attempt (the backoff hook is
+        guarded: what it raises is added to the error); logs the failure."""
         qt = self.qt
         error = format_error(exc)
         backoff, problem = safe_backoff(performer, job)
         if problem:
             error = f"{error}\n{problem}"
-        final = isinstance(exc, DoNotRetry)
         exhausted = final or job.attempts >= job.max_attempts
-        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD  # the hook sees job.state HELD
+        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD
         logger.warning(
-            "job %s of queue %r failed attempt %s/%s: %s",
+            "job %s of queue %r failed attempt %s/%s%s: %s",
             job.id,
             job.queue,
             job.attempts,
             job.max_attempts,
+            ("; held: its queue waits for an operator" if held else "; exhausted: its queue moves on")
+            if exhausted
+            else "",
             f"{type(exc).__name__}: {exc}",
             extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
         )
-        if performer is not None:
-            failed = dataclasses.replace(
-                job,
-                error=error,
-                status=STATUS_EXHAUSTED if exhausted and not held else STATUS_PENDING,
-                next_attempt_at=HELD_UNTIL if held else job.next_attempt_at,
-            )
-            try:
-                performer.handle_failed_job(failed)
-            except Exception as hook_exc:
-                error = f"{error}\nhandle_failed_job raised {format_error(hook_exc)}"
-        return Outcome(False, error=storable_text(qt.store.redact(error)), backoff=backoff, final=final)
+        return error, backoff
+
+    def _failure_hook(
+        self, job: Job, performer: PerformerProtocol | None, error: str, *, final: bool = False
+    ) -> str | None:
+        """Call ``handle_failed_job`` with the job as it will be stored. Returns what
+        it raised (``SystemExit`` included), as text to add to the job's error."""
+        if performer is None:
+            return None
+        exhausted = final or job.attempts >= job.max_attempts
+        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD  # the hook sees job.state HELD
+        failed = dataclasses.replace(
+            job,
+            error=error,
+            status=STATUS_EXHAUSTED if exhausted and not held else STATUS_PENDING,
+            next_attempt_at=HELD_UNTIL if held else job.next_attempt_at,
+        )
+        try:
+            performer.handle_failed_job(failed)
+        except BaseException as hook_exc:
+            if is_stop_signal(hook_exc):
+                raise
+            return f"handle_failed_job raised {format_error(hook_exc)}"
+        return None
 
     # ------------------------------------------------------------------ scan and kick
 
@@ -255,13 +294,33 @@ class Runner:
             performer: PerformerProtocol | None = qt.registry.resolve(job.action)
         except LookupError:
             performer = None
-        outcome = self._failure(job, performer, lost_error)
-        if qt.store.record_lost(lost, outcome):
-            logger.warning(
-                "WorkerLostError: %s",
-                lost_error,
-                extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
-            )
+        error, backoff = self._failed_attempt(job, performer, lost_error)
+        outcome = Outcome(False, error=self._storable(error), backoff=backoff)
+        # Recorded before handle_failed_job runs: a hook that raises, exits or kills
+        # this process can neither leave the attempt unrecorded nor block its queue.
+        if not qt.store.record_lost(lost, outcome):
+            return
+        logger.warning(
+            "WorkerLostError: %s",
+            lost_error,
+            extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
+        )
+        hook_error = self._failure_hook(job, performer, error)
+        if hook_error and outcome.error is not None:
+            qt.store.replace_error(job.id, outcome.error, self._storable(f"{error}\n{hook_error}"))
+
+    def unless_schema_missing(self, fn: Callable[[], int]) -> int:
+        """Run a periodic task's body; if the tables are missing (not migrated), log
+        that once per process, clearly, instead of a traceback every poll_interval."""
+        try:
+            result = fn()
+        except SchemaMissingError as exc:
+            if not self.told_schema_missing:
+                self.told_schema_missing = True
+                logger.error("%s", exc, extra={"scope": self.qt.scope})
+            return 0
+        self.told_schema_missing = False
+        return result
 
     def kick(self, queues: Sequence[str]) -> int:
         qt = self.qt
@@ -293,13 +352,56 @@ def register(qt: Queuetopia) -> tuple[Any, Any, Any]:
 
     @app.task(name=f"{prefix}.scan", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
     def scan() -> int:
-        return runner.scan()
+        return runner.unless_schema_missing(runner.scan)
 
     @app.task(name=f"{prefix}.kick", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
     def kick(queues: list[str]) -> int:
         return runner.kick(queues)
 
+    quiet_routine_tasks([f"{prefix}.scan", f"{prefix}.kick", f"{prefix}.cleanup"])
     return perform, scan, kick
+
+
+class _RoutineTasks(logging.Filter):
+    """Celery logs three INFO lines for every task (beat's "Sending due task", the
+    worker's "received" and "succeeded"): for a scan every poll_interval, noise that
+    hides what an operator must act on. For the tasks named here, those lines are
+    logged at DEBUG instead (dropped unless the logger is enabled for DEBUG). Failures
+    keep Celery's levels; what a scan finds that matters (a lost attempt, a failed job)
+    is logged by queuetopia itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not self._routine(record):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+    def _routine(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, dict):
+            return args.get("name") in self.names
+        return isinstance(args, tuple) and any(arg in self.names for arg in args if isinstance(arg, str))
+
+
+_ROUTINE = _RoutineTasks()
+#: Celery's loggers of the per-task INFO lines (beat's send, the worker's receipt,
+#: success, and discarding an expired message).
+_CELERY_TASK_LOGGERS = ("celery.beat", "celery.worker.strategy", "celery.app.trace", "celery.worker.request")
+
+
+def quiet_routine_tasks(names: Sequence[str]) -> None:
+    """Log Celery's routine INFO lines about these tasks at DEBUG (see _RoutineTasks)."""
+    _ROUTINE.names.update(names)
+    for name in _CELERY_TASK_LOGGERS:
+        celery_logger = logging.getLogger(name)
+        if _ROUTINE not in celery_logger.filters:
+            celery_logger.addFilter(_ROUTINE)
 
 
 def publish(qt: Queuetopia, perform_task: Any, dispatches: Sequence[Dispatch]) -> None:

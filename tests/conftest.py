@@ -180,6 +180,7 @@ def start_worker(
         queue_: str | None = None,
         env: dict[str, str] | None = None,
         wait: bool = True,
+        loglevel: str = "INFO",
     ) -> Proc:
         n = len(procs)
         ready = tmp_path / f"ready-{n}"
@@ -209,7 +210,7 @@ def start_worker(
             "-n",
             f"w{n}-{uuid.uuid4().hex[:6]}@%h",
             "--loglevel",
-            "INFO",
+            loglevel,
             "--without-mingle",
             "--without-gossip",
         ]

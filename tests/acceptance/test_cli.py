@@ -105,6 +105,74 @@ def test_jobs_and_show(oqt, cli):
     assert json.loads(cli("show", str(bad.id), "--json").stdout)["params"] == {"fail": True}
 
 
+def test_a_job_is_described_by_its_state_alone(oqt, cli):
+    """One word per meaning: the README's ``state``, never the stored ``status`` too."""
+    bad, _ = blocked_setup(oqt)
+    shown = cli("show", str(bad.id)).stdout
+    assert "           state: retrying" in shown.splitlines()
+    assert not [line for line in shown.splitlines() if line.strip().startswith("status:")]
+    as_json = json.loads(cli("show", str(bad.id), "--json").stdout)
+    assert as_json["state"] == "retrying" and "status" not in as_json
+    listed = json.loads(cli("jobs", "--json").stdout)
+    assert all("state" in job and "status" not in job for job in listed)
+
+
+def test_retry_of_an_exhausted_job_whose_queue_moved_on_asks_for_force(oqt, cli):
+    bad = oqt.create_job("account-9", "charge", {"fail": True}, max_attempts=1)
+    later = oqt.create_job("account-9", "charge", {})
+    oqt.drain("account-9")
+    assert oqt.get_job(later.id).state is JobState.DONE
+    out = cli("retry", str(bad.id))
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert f"error: cannot retry job {bad.id}: it is exhausted; its queue has moved on" in out.stderr
+    assert "--force" in out.stderr and oqt.get_job(bad.id).state is JobState.EXHAUSTED
+    out = cli("retry", str(bad.id), "--force")
+    assert out.returncode == 0, out.stderr
+    oqt.drain("account-9")  # the extra attempt fails again
+    # Attempts beyond the maximum (an operator retried the job) read as such.
+    row = cli("jobs", "--queue", "account-9").stdout.splitlines()[2]
+    assert "2 (max 1)" in row and "2/1" not in row
+    shown = cli("show", str(bad.id)).stdout
+    assert "attempts: 2 (beyond max_attempts 1: retried by an operator)" in shown
+
+
+@pytest.fixture
+def unmigrated_url() -> Iterator[str]:
+    """An empty database, reached with a password (trust authentication ignores it)."""
+    from tests.conftest import PG_ADMIN_URL
+
+    name = f"qt_empty_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name, password="s3cret")
+    yield url.render_as_string(hide_password=False)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.mark.parametrize(
+    "command", [["status"], ["jobs"], ["show", "1"], ["retry", "1"], ["purge", "--older-than", "1d"]]
+)
+def test_an_unmigrated_database_says_to_run_migrate(cli, unmigrated_url, command):
+    out = cli(*command, url=unmigrated_url)
+    assert out.returncode == 1 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "the queuetopia tables are missing or out of date" in out.stderr
+    assert "run `queuetopia-celery migrate --database-url postgresql+psycopg://postgres:***@" in out.stderr
+    assert "s3cret" not in out.stderr
+
+
+def test_status_on_a_sqlite_file_that_does_not_exist_does_not_create_it(cli, tmp_path: Path):
+    path = tmp_path / "typo.db"
+    out = cli("status", url=f"sqlite:///{path}")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+    assert f"error: no SQLite database at {path} (the file does not exist)" in out.stderr
+    assert "queuetopia-celery migrate --database-url" in out.stderr
+    assert not path.exists()
+
+
 def test_retry_makes_the_job_due_and_says_the_scan_will_start_it(oqt, cli):
     bad, _ = blocked_setup(oqt)
     out = cli("retry", str(bad.id))
@@ -153,7 +221,19 @@ def test_purge(oqt, cli, engine):
             1,
             "error: database error:",
         ),
-        (["status"], {"url": "notaurl"}, 1, "error: Could not parse"),
+        (
+            ["status"],
+            {"url": "notaurl"},
+            1,
+            "error: the database URL cannot be parsed; supported: PostgreSQL",
+        ),
+        (
+            ["status"],
+            {"url": "mysql://root:s3cret@127.0.0.1:3306/shop"},
+            1,
+            "error: unsupported database URL mysql://...; supported: PostgreSQL with psycopg 3",
+        ),
+        (["migrate"], {"url": "oracle://scott:s3cret@db/orcl", "scope_": False}, 1, "SQLite (sqlite:///"),
         (["status"], {"scope_": False}, 2, "no scope"),
         (["purge", "--older-than", "soon"], {}, 2, "is not a duration"),
         (["abort", "1"], {}, 2, "--reason"),
@@ -187,3 +267,13 @@ def test_the_cli_works_on_sqlite(cli, tmp_path: Path, scope):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[2].split()[:2] == ["account-2", "BLOCKED"]
     assert cli("abort", str(bad.id), "--reason", "test", url=url).returncode == 0
+
+
+def test_an_unmigrated_sqlite_file_says_to_run_migrate(cli, tmp_path: Path):
+    path = tmp_path / "empty.db"
+    empty = sa.create_engine(f"sqlite:///{path}")
+    empty.connect().close()  # an empty database file
+    empty.dispose()
+    out = cli("jobs", url=f"sqlite:///{path}")
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"run `queuetopia-celery migrate --database-url sqlite:///{path}`" in out.stderr

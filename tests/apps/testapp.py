@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ def build(
     burst_jobs: int = 50,
     with_performers: bool = True,
     application_name: str | None = None,
+    cleanup_interval: float | None = None,
 ) -> tuple[Celery, Queuetopia]:
     app = Celery(f"qt-test-{scope}", broker=broker_url)
     app.conf.update(
@@ -73,6 +75,7 @@ def build(
         time_limit_grace=time_limit_grace,
         max_concurrent_queues=max_concurrent_queues,
         burst_jobs=burst_jobs,
+        cleanup_interval=cleanup_interval,
     )
     if with_performers:
         _register(qt)
@@ -122,12 +125,15 @@ def _register(qt: Queuetopia) -> None:
     @qt.performer("work")
     def work(job: Job) -> Any:
         """params: sleep (s), fail_times (fail while attempts <= n), crash_times
-        (kill own process while attempts <= n), hang (ignore the soft time limit)."""
+        (kill own process while attempts <= n), exit_times (sys.exit(1) while attempts
+        <= n), hang (ignore the soft time limit)."""
         params = job.params
         event = _record(qt, job, "started", True)
         try:
             if job.attempts <= params.get("crash_times", 0):
                 os.kill(os.getpid(), signal.SIGKILL)
+            if job.attempts <= params.get("exit_times", 0):
+                sys.exit(1)
             if params.get("sleep"):
                 if params.get("hang"):
                     deadline = time.monotonic() + params["sleep"]
@@ -152,12 +158,21 @@ def _register(qt: Queuetopia) -> None:
         return work(job)
 
     def on_failure(job: Job) -> None:
-        """Records kind "hook" with the failed attempt; raises when params hook_raises."""
+        """Records kind "hook" with the failed attempt; raises when params hook_raises,
+        calls sys.exit(3) when params hook_exits."""
         _record(qt, job, "hook", True)
         if job.params.get("hook_raises"):
             raise RuntimeError(f"hook boom {job.attempts}")
+        if job.params.get("hook_exits"):
+            sys.exit(3)
 
-    @qt.performer("hooked", backoff=lambda job: float(job.params["backoff"]), on_failure=on_failure)
+    def backoff(job: Job) -> float:
+        """params backoff (s); calls sys.exit(4) when params backoff_exits."""
+        if job.params.get("backoff_exits"):
+            sys.exit(4)
+        return float(job.params["backoff"])
+
+    @qt.performer("hooked", backoff=backoff, on_failure=on_failure)
     def hooked(job: Job) -> Any:
         """work, retried after params backoff seconds, with the on_failure hook above."""
         return work(job)
@@ -309,6 +324,9 @@ if os.environ.get("QT_TEST_SCOPE"):
         with_performers=os.environ.get("QT_TEST_NO_PERFORMERS") != "1",
         time_limit_grace=float(os.environ.get("QT_TEST_TIME_LIMIT_GRACE", "1")),
         application_name=os.environ.get("QT_TEST_APP_NAME") or None,
+        cleanup_interval=float(os.environ["QT_TEST_CLEANUP_INTERVAL"])
+        if os.environ.get("QT_TEST_CLEANUP_INTERVAL")
+        else None,
     )
     _install_faults(app, qt)
     if os.environ.get("QT_TEST_EXTRA_SCOPE"):

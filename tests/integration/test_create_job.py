@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from queuetopia_celery import InvalidJobError, JobState
+from queuetopia_celery import InvalidJobError, JobState, UnknownActionError
 from queuetopia_celery import store as store_module
 from queuetopia_celery.jobs import new_job
 from tests.conftest import wait_for
@@ -357,3 +357,78 @@ def blocked_inserts(engine: sa.Engine) -> int:
                 )
             ).scalar_one()
         )
+
+
+# ----------------------------------------------------------------------- unknown actions
+
+
+def test_an_action_no_performer_handles_is_refused_and_nothing_is_written(qt, engine, scope):
+    qt.create_job("q", "work", {})
+    before = counts(engine, scope)
+    with pytest.raises(UnknownActionError) as info:
+        qt.create_job("q", "wrok", {})
+    assert info.value.field == "action" and info.value.action == "wrok"
+    assert "work" in info.value.known and "check_actions=False" in str(info.value)
+    with pytest.raises(UnknownActionError):
+        qt.create_jobs([{"queue": "q", "action": "work"}, {"queue": "other", "action": "wrok"}])
+    assert isinstance(info.value, InvalidJobError)
+    assert counts(engine, scope) == before
+
+
+def test_a_producer_without_performers_or_with_check_actions_off_creates_any_action(database_url, scope):
+    from celery import Celery
+
+    from queuetopia_celery import Performer, Queuetopia
+
+    class Everything(Performer):
+        def perform(self, job: Any) -> Any:
+            return None
+
+    app = Celery("producers", broker="memory://")
+    bare = Queuetopia(scope, app=app, database_url=database_url, disabled=True)
+    unchecked = Queuetopia(
+        scope + "-u", app=app, database_url=database_url, disabled=True, check_actions=False
+    )
+    classy = Queuetopia(
+        scope + "-c", app=app, database_url=database_url, disabled=True, performer=Everything()
+    )
+    for producer in (unchecked, classy):
+        producer.performer("work")(lambda job: None)
+    try:
+        for producer in (bare, unchecked, classy):
+            assert producer.create_job("q", "handled-elsewhere", {}).action == "handled-elsewhere"
+    finally:
+        for producer in (bare, unchecked, classy):
+            producer.engine.dispose()
+
+
+# ----------------------------------------------------------------------- broker down at create_job
+
+
+def test_a_wake_up_that_could_not_be_sent_leaves_the_queue_to_the_next_scan(
+    database_url, scope, celery_queue, make_qt, caplog
+):
+    """The broker is down when the job is created: the lease its insert took is given
+    back, so the next scan (not the end of dispatch_grace) sends the job."""
+    from tests.apps import testapp
+
+    _, down = testapp.build(
+        scope,
+        database_url=database_url,
+        broker_url="redis://127.0.0.1:1/0",  # nothing listens there
+        celery_queue=celery_queue,
+        dispatch_grace=300,
+    )
+    try:
+        with caplog.at_level("ERROR", logger="queuetopia_celery.app"):
+            job = down.create_job("q", "work", {})
+        assert "could not wake queues ['q']; the next scan will" in caplog.text
+        assert down.store.lease_of("q") is None
+        (row,) = down.queue_statuses()
+        assert row.locked_until is None and row.locked_by is None
+        # The next scan (of a process whose broker works) takes the queue at once.
+        assert make_qt().scan() == 1
+        lease = down.store.lease_of("q")
+        assert lease is not None and lease["job_id"] == job.id
+    finally:
+        down.engine.dispose()

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from queuetopia_celery import DatabaseError, make_engine, migrate
+from queuetopia_celery import ConfigurationError, DatabaseError, make_engine, migrate
 from queuetopia_celery.schema import VERSION_TABLE, metadata
 from tests.conftest import PG_ADMIN_URL, ROOT
 
@@ -97,6 +97,59 @@ def test_cli_migrate_dry_run_prints_sql_and_writes_nothing(empty_database: str) 
     engine = make_engine(empty_database)
     assert migrate.current(engine) is None
     engine.dispose()
+
+
+def test_cli_migrate_dry_run_prints_only_what_would_run(empty_database: str) -> None:
+    engine = make_engine(empty_database)
+    migrate.upgrade(engine, "0002")
+    out = _cli("migrate", "--database-url", empty_database, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("-- queuetopia tables at version 0002; the SQL that brings them to 0003:")
+    assert "CREATE INDEX" in out.stdout  # 0003's step
+    assert "CREATE TABLE" not in out.stdout and "abort_reason" not in out.stdout  # 0001's, 0002's
+    assert migrate.current(engine) == "0002"
+    migrate.upgrade(engine)
+    out = _cli("migrate", "--database-url", empty_database, "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert (
+        out.stdout.strip()
+        == f"-- queuetopia tables already at version {migrate.head()}, the newest: nothing to run"
+    )
+    engine.dispose()
+
+
+def test_cli_migrate_dry_run_on_a_new_sqlite_file_prints_everything_and_creates_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "new.db"
+    out = _cli("migrate", "--database-url", f"sqlite:///{path}", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "no tables yet" in out.stdout and "CREATE TABLE queuetopia_jobs" in out.stdout
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://root:s3cr3t-pw@127.0.0.1:3306/shop",
+        "mysql+pymysql://root:s3cr3t-pw@127.0.0.1/shop",
+        "oracle://scott:s3cr3t-pw@db/orcl",
+        "postgresql+psycopg2://u:s3cr3t-pw@127.0.0.1/db",
+        "postgresql+asyncpg://u:s3cr3t-pw@127.0.0.1/db",
+        "sqlite+aiosqlite:///jobs.db",
+        "postgresql://u:s3cr3t-pw@127.0.0.1:port/db",
+        "not a url s3cr3t-pw",
+    ],
+)
+def test_an_unsupported_database_url_names_the_supported_ones(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        make_engine(url)
+    assert "supported: PostgreSQL with psycopg 3 (postgresql+psycopg://" in str(info.value)
+    assert "SQLite (sqlite:///" in str(info.value) and "s3cr3t-pw" not in str(info.value)
+    out = _cli("migrate", "--database-url", url)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("error: ") and "supported: PostgreSQL" in out.stderr
+    assert "Traceback" not in out.stderr and "s3cr3t-pw" not in out.stderr
 
 
 def test_cli_migrate_unreachable_database_is_one_line_without_password() -> None:

@@ -74,11 +74,31 @@ def test_retry_job_makes_it_due_now_and_wakes_its_queue(make_qt):
 def test_retry_of_an_exhausted_job_gives_it_one_more_attempt_at_its_place(make_qt):
     qt = make_qt()
     job = qt.create_job("q", "fail", max_attempts=1)
+    later = qt.create_job("q", "ok", scheduled_at=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    assert qt.drain().exhausted == 1
+    assert qt.get_job(later.id).state is JobState.SCHEDULED  # the queue has not moved on yet
+    assert qt.retry_job(job.id).state is JobState.RETRYING
+    assert qt.drain().exhausted == 1  # one more attempt, exhausted again
+    assert qt.get_job(job.id).attempts == 2
+
+
+def test_retry_of_an_exhausted_job_whose_queue_moved_on_needs_force(make_qt):
+    """In skip mode the queue went on after the job exhausted: retried now, it would
+    run after later jobs. Refused (nothing changes) unless forced."""
+    qt = make_qt()
+    job = qt.create_job("q", "fail", max_attempts=1)
     later = qt.create_job("q", "ok")
     assert qt.drain().exhausted == 1
     assert qt.get_job(later.id).state is JobState.DONE
-    assert qt.retry_job(job.id).state is JobState.RETRYING
-    assert qt.drain().exhausted == 1  # one more attempt, exhausted again
+    with pytest.raises(
+        JobStateError, match=f"job {later.id}, after it in the queue, has already run"
+    ) as info:
+        qt.retry_job(job.id)
+    assert (info.value.job_id, info.value.state, info.value.action) == (job.id, "exhausted", "retry")
+    assert "force" in str(info.value)
+    assert qt.get_job(job.id).state is JobState.EXHAUSTED and qt.store.lease_of("q") is None
+    assert qt.retry_job(job.id, force=True).state is JobState.RETRYING
+    assert qt.drain().exhausted == 1
     assert qt.get_job(job.id).attempts == 2
 
 

@@ -293,7 +293,7 @@ def test_a_lost_last_attempt_exhausts_the_job_and_the_queue_moves_on(qt, engine,
 def test_list_and_paginate_jobs_filter_and_order_newest_sequence_first(qt, make_qt, scope):
     created = [
         qt.create_job("q1", "work", {"n": 0}),
-        qt.create_job("q1", "other", {"n": 1}),
+        qt.create_job("q1", "hooked", {"n": 1}),
         qt.create_job("q2", "work", {"n": 2}),
         qt.create_job("q1", "work", {"n": 3}),
         qt.create_job("q2", "work", {"n": 4}, scheduled_at=dt.datetime.now(UTC) + dt.timedelta(hours=1)),
@@ -308,7 +308,7 @@ def test_list_and_paginate_jobs_filter_and_order_newest_sequence_first(qt, make_
 
     assert ns(qt.list_jobs(queue="q1")) == [3, 1, 0]
     assert ns(qt.list_jobs(queue="q2")) == [4, 2]
-    assert ns(qt.list_jobs(action="other")) == [1]
+    assert ns(qt.list_jobs(action="hooked")) == [1]
     assert ns(qt.list_jobs(state="done")) == [0]
     assert ns(qt.list_jobs(state=JobState.SCHEDULED)) == [4]
     assert ns(qt.list_jobs(queue="q1", state="available")) == [3, 1]

@@ -146,6 +146,20 @@ def test_bad_input_is_refused_with_the_offending_field(kwargs, field):
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("blank", [" ", "   ", "\t", "\n", " \t\r\n ", "\u00a0", "\u2003"])
+@pytest.mark.parametrize("field", ["queue", "action"])
+def test_blank_names_are_refused_like_queuetopia_does(field, blank):
+    args = {"queue": "q", "action": "a", field: blank}
+    with pytest.raises(InvalidJobError, match="blank") as info:
+        new_job(args["queue"], args["action"], {})
+    assert info.value.field == field
+
+
+def test_names_with_whitespace_around_other_characters_are_kept_as_given():
+    spec = new_job(" q ", "\tsend mail", {})
+    assert (spec.queue, spec.action) == (" q ", "\tsend mail")
+
+
 def test_names_of_exactly_the_maximum_length_are_accepted():
     spec = new_job("q" * MAX_NAME_LENGTH, "a" * MAX_NAME_LENGTH, {})
     assert len(spec.queue) == MAX_NAME_LENGTH

@@ -6,10 +6,11 @@ import dataclasses
 import datetime as dt
 
 import pytest
+from celery.exceptions import WorkerShutdown, WorkerTerminate
 
 from queuetopia_celery import ConfigurationError, DuplicatePerformerError, Job, NoPerformerError, Performer
 from queuetopia_celery.jobs import STATUS_PENDING
-from queuetopia_celery.performer import FunctionPerformer, Registry, safe_backoff
+from queuetopia_celery.performer import FunctionPerformer, Registry, is_stop_signal, safe_backoff
 
 UTC = dt.timezone.utc
 
@@ -129,3 +130,57 @@ def test_safe_backoff_reports_a_raising_hook():
 
 def test_safe_backoff_without_performer_is_the_default():
     assert safe_backoff(None, make_job(attempts=5)) == (17, None)
+
+
+# --------------------------------------------------------------------------- stop signals
+
+
+@pytest.mark.parametrize(
+    ("exc", "stop"),
+    [
+        (SystemExit(1), False),
+        (SystemExit(0), False),
+        (SystemExit("bye"), False),
+        (GeneratorExit(), False),
+        (RuntimeError("boom"), False),
+        (KeyboardInterrupt(), True),
+        (WorkerShutdown(0), True),
+        (WorkerTerminate(1), True),
+    ],
+)
+def test_only_requests_to_stop_the_process_are_stop_signals(exc, stop):
+    assert is_stop_signal(exc) is stop
+
+
+def test_anything_raised_after_billiards_terminate_handler_ran_is_a_stop_signal(monkeypatch):
+    """A prefork child's SIGTERM handler (hard time limit, cold shutdown) raises
+    SystemExit in whatever runs; billiard says when its handler fired."""
+    import billiard.common
+
+    if hasattr(billiard.common, "terminate_handler_fired"):
+        monkeypatch.setattr(billiard.common, "terminate_handler_fired", lambda: True)
+    else:
+        monkeypatch.setattr(billiard.common, "_should_have_exited", [True])
+    assert is_stop_signal(SystemExit(-241))
+    # Whoever raised it, the process is on its way out (billiard's rule too): a
+    # performer's cleanup that fails on a database call cut in half replaces the
+    # SystemExit with its own error.
+    assert is_stop_signal(SystemExit(1))
+    assert is_stop_signal(RuntimeError("another command is already in progress"))
+
+
+def test_a_backoff_hook_calling_sys_exit_falls_back_to_the_default_backoff():
+    def backoff(job: Job) -> float:
+        raise SystemExit(4)
+
+    seconds, problem = safe_backoff(FunctionPerformer(lambda job: None, backoff), make_job(attempts=3))
+    assert seconds == 5
+    assert problem == "backoff hook raised SystemExit: 4; used the default backoff"
+
+
+def test_a_backoff_hook_asked_to_stop_the_process_stops_it():
+    def backoff(job: Job) -> float:
+        raise WorkerShutdown(0)
+
+    with pytest.raises(WorkerShutdown):
+        safe_backoff(FunctionPerformer(lambda job: None, backoff), make_job(attempts=3))
