@@ -106,8 +106,8 @@ def periodic_expiry(interval: float) -> float:
 class Queuetopia:
     """A scope of named, persistent, blocking FIFO queues run by Celery workers.
 
-    Builds its tables' access on ``database_url`` (or ``engine``) and registers three
-    tasks (``queuetopia.<scope>.perform``, ``.scan``, ``.kick``) and one beat entry on
+    Builds its tables' access on ``database_url`` (or ``engine``) and registers four
+    tasks (``queuetopia.<scope>.perform``, ``.scan``, ``.kick``, ``.create``) and one beat entry on
     ``app``. All options are keyword-only; the defaults work.
     """
 
