@@ -42,7 +42,7 @@ def start_ordered_worker(
 ) -> Iterator[Callable[..., Proc]]:
     procs: list[Proc] = []
 
-    def start(*, concurrency: int = 3) -> Proc:
+    def start(*, concurrency: int = 3, env: dict[str, str] | None = None) -> Proc:
         n = len(procs)
         ready = tmp_path / f"ordered-ready-{n}"
         env = {
@@ -53,6 +53,7 @@ def start_ordered_worker(
             "QT_ORDERED_BACKEND_URL": REDIS_URL,
             "QT_ORDERED_CELERY_QUEUE": celery_queue,
             "QT_ORDERED_READY_FILE": str(ready),
+            **(env or {}),
         }
         args = [
             sys.executable,
@@ -264,6 +265,30 @@ def test_send_task_creates_each_message_once_in_commit_order_with_recipes_for_st
     assert bad.state == "FAILURE"
     assert qt.list_jobs(queue="account-6") == []
     wait_for(lambda: all(job.state is JobState.DONE for job in qt.list_jobs()), timeout=60)
+
+
+def test_a_message_redelivered_after_its_worker_died_creates_nothing_twice(
+    ordered: tuple[Queuetopia, dict[str, Any]],
+    start_ordered_worker: Callable[..., Proc],
+    scope: str,
+    celery_queue: str,
+    tmp_path: Path,
+) -> None:
+    """The worker process dies after the create committed and before Celery acked the
+    message: the message is requeued (acks_late, reject_on_worker_lost) and delivered
+    again, and the second delivery finds the first one's jobs."""
+    qt, _ = ordered
+    worker = start_ordered_worker(concurrency=1, env={"QT_ORDERED_DIE_AFTER_CREATE": str(tmp_path)})
+    message_id = f"die-{uuid.uuid4().hex}"
+    fields = {"queue": "account-1", "action": "charge", "params": {"account_id": 1, "amount": 10}}
+    result = _sender().send_task(
+        f"queuetopia.{scope}.create", kwargs=fields, queue=celery_queue, task_id=message_id
+    )
+    job_id = result.get(timeout=60)
+    assert (tmp_path / message_id).read_text() == str(job_id)  # the first delivery created it, then died
+    assert "WorkerLostError" in worker.output()
+    assert [job.id for job in qt.list_jobs(queue="account-1")] == [job_id]
+    assert qt.wait(job_id, timeout=60).state is JobState.DONE
 
 
 #: A Redis database of this test's own: the example uses Celery's default queue.

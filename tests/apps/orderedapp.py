@@ -9,6 +9,7 @@ only the decorator says that it runs in order per account. Each run is recorded 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,23 @@ if os.environ.get("QT_ORDERED_SCOPE"):
         celery_queue=os.environ["QT_ORDERED_CELERY_QUEUE"],
         backend_url=os.environ.get("QT_ORDERED_BACKEND_URL"),
     )
+
+    if os.environ.get("QT_ORDERED_DIE_AFTER_CREATE"):
+        # Fault knob: the process that created the jobs of a message named "die-..." is
+        # killed before Celery acks it, once (a marker file per message id).
+        from queuetopia_celery import create_task
+
+        create_once = create_task.create_from_message
+
+        def create_then_die(qt_: Queuetopia, message_id: str, fields: Any) -> Any:
+            ids = create_once(qt_, message_id, fields)
+            marker = Path(os.environ["QT_ORDERED_DIE_AFTER_CREATE"]) / message_id
+            if message_id.startswith("die-") and not marker.exists():
+                marker.write_text(str(ids))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return ids
+
+        create_task.create_from_message = create_then_die
 
     @signals.worker_ready.connect
     def _ready(**_: Any) -> None:
