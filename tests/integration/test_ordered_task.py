@@ -28,6 +28,7 @@ from queuetopia_celery import (
 )
 from queuetopia_celery.create_task import create_from_message
 from queuetopia_celery.schema import messages
+from queuetopia_celery.testing import assert_job_created
 
 UTC = dt.timezone.utc
 
@@ -144,6 +145,7 @@ def test_the_performer_gets_the_call_arguments_and_its_return_value_is_stored(qt
     params = {"key": "a", "first": 1, "rest": [2, 3], "flag": True, "extra": {"x": "y"}}
     assert (job.action, job.params) == ("custom.name", params)
     other = bound.delay("a")
+    assert_job_created(qt, action="custom.name", params={"first": 1, "flag": True})  # a subset
     assert qt.drain().succeeded == 2
     assert qt.wait(job, timeout=0).result == params
     assert qt.wait(other.id, timeout=0).result == [other.id, 1, other.idempotency_key, "a"]
