@@ -222,6 +222,8 @@ class Runner:
         backoff, problem = safe_backoff(performer, job)
         if problem:
             error = f"{error}\n{problem}"
+        exhausted = job.attempts >= job.max_attempts
+        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD
         logger.warning(
             "job %s of queue %r failed attempt %s/%s%s: %s",
             job.id,
