@@ -141,7 +141,8 @@ def test_beat_cleans_as_it_starts_not_one_cleanup_interval_later(qt, engine, sta
             )
     hourly = {"QT_TEST_CLEANUP_INTERVAL": "3600"}
     # Two beats (one embedded in the worker, one standalone): each cleans once at start.
-    worker = start_worker(concurrency=1, beat=True, env=hourly)
+    # Routine task lines (received, succeeded) are logged at DEBUG.
+    worker = start_worker(concurrency=1, beat=True, env=hourly, loglevel="DEBUG")
     start_beat(env=hourly)
     wait_for(lambda: qt.get_job(old.id) is None, timeout=30, message="the cleanup at beat start")
     wait_for(
