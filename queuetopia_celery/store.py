@@ -239,17 +239,19 @@ class Store:
         """An autocommit connection (PostgreSQL): each statement is its own transaction.
         The pinned one when inside :meth:`pinned`."""
         pinned = getattr(self._local, "conn", None)
-        current: Connection | None = pinned
+        # The driver's connection, kept to tell afterwards whether it died (the
+        # SQLAlchemy connection is closed by then).
+        driver: Any = None if pinned is None else pinned.connection.driver_connection
         try:
             if pinned is not None:
                 yield pinned
             else:
                 with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                    current = conn
+                    driver = conn.connection.driver_connection
                     yield conn
         except (SQLAlchemyError, psycopg.Error) as exc:
             # No connection yet (the server is down or restarting): nothing was sent.
-            lost = _connection_lost(exc, current) or (current is None and _operational(exc))
+            lost = _connection_lost(exc, driver) or (driver is None and _operational(exc))
             if pinned is not None:
                 # A broken connection must not be reused by the rest of the burst.
                 self._local.conn = None
@@ -1439,15 +1441,15 @@ def _driver_sql(sql: str) -> str:
     return re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", sql)
 
 
-def _connection_lost(exc: BaseException, conn: Connection | None) -> bool:
-    """Whether ``exc`` came from a dead connection rather than from the statement."""
+def _connection_lost(exc: BaseException, driver: Any) -> bool:
+    """Whether ``exc`` came from a dead connection (``driver``, the psycopg connection
+    that ran the statement) rather than from the statement."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    if not isinstance(exc, psycopg.OperationalError) or conn is None:
+    if not isinstance(exc, (psycopg.OperationalError, sa.exc.OperationalError)) or driver is None:
         return False
     with contextlib.suppress(Exception):
-        driver = conn.connection.driver_connection
-        return bool(driver is not None and (driver.broken or driver.closed))
+        return bool(driver.broken or driver.closed)
     return False
 
 
