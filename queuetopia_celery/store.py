@@ -202,16 +202,22 @@ class Store:
     def _tx(self, connection: Executor | None = None) -> Iterator[Connection]:
         """A connection in a transaction: the caller's (joined, not committed here)
         or our own (committed on success)."""
+        driver: Any = None
         try:
             if connection is None:
                 with self.engine.begin() as conn:
+                    driver = conn.connection.driver_connection
                     yield conn
             elif isinstance(connection, Session):
                 yield connection.connection()
             else:
                 yield connection
         except (SQLAlchemyError, psycopg.Error) as exc:
-            raise DatabaseError(self.redact(f"database error: {exc}")) from exc
+            # Our own connection found dead, or not opened: the transaction did not commit.
+            lost = connection is None and (
+                _connection_lost(exc, driver) or (driver is None and _operational(exc))
+            )
+            raise DatabaseError(self.redact(f"database error: {exc}"), connection_lost=lost) from exc
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
@@ -429,14 +435,33 @@ class Store:
         key = new_token()
 
         def attempt(retry: bool) -> tuple[list[Job], list[Dispatch]]:
-            with self._auto() as conn:
-                if retry:
-                    found = self._created_by(conn, specs, by_queue, key)
-                    if found is not None:
-                        return found
+            if not retry:
+                with self._auto() as conn:
+                    return self._create_jobs_pg(conn, specs, by_queue, grace, key)
+            with self._tx() as conn:
+                self._wait_for_creators(conn, sorted(by_queue))
+                found = self._created_by(conn, specs, by_queue, key)
+                if found is not None:
+                    return found
                 return self._create_jobs_pg(conn, specs, by_queue, grace, key)
 
         return self._retried("create_jobs", attempt, {"scope": self.scope})
+
+    def _wait_for_creators(self, conn: Connection, queues: Sequence[str]) -> None:
+        """Lock the rows of these queues (creating missing ones) until this transaction
+        ends: a lost insert that the server may still be running (the connection cut by
+        the network, not by the server) holds them, so it has ended, committed or not,
+        before this transaction looks for its jobs."""
+        insert = postgresql.insert(Q).values(
+            [{"scope": self.scope, "queue": queue, "last_sequence": 0, "due_at": None} for queue in queues]
+        )
+        conn.execute(insert.on_conflict_do_nothing(index_elements=[Q.c.scope, Q.c.queue]))
+        conn.execute(
+            sa.select(Q.c.queue)
+            .where(Q.c.scope == self.scope, Q.c.queue.in_(list(queues)))
+            .order_by(Q.c.queue)
+            .with_for_update()
+        )
 
     def _created_by(
         self, conn: Connection, specs: Sequence[NewJob], by_queue: dict[str, list[int]], key: str
