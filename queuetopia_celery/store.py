@@ -80,6 +80,7 @@ T = TypeVar("T")
 
 #: Waits before each new try of a write whose connection was found dead (about 8 s in
 #: all: a terminated backend is replaced at once, a restarting server is waited for).
+#: An outcome write goes on trying every last wait while its task's time limit allows.
 RETRY_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0)
 #: The re-send wait doubles at each re-send of one lease, up to 2 ** this many times.
 _MAX_DOUBLINGS = 30
@@ -270,23 +271,31 @@ class Store:
         re-sent: ``resend_after``, at most ``grace``."""
         return min(self.resend_after, grace)
 
-    def _retried(self, what: str, attempt: Callable[[bool], T], extra: dict[str, Any]) -> T:
+    def _retried(
+        self, what: str, attempt: Callable[[bool], T], extra: dict[str, Any], *, seconds: float | None = None
+    ) -> T:
         """``attempt(False)``; when its connection is found dead (or cannot be opened),
-        ``attempt(True)`` on a new connection after each of :data:`RETRY_DELAYS`. The
-        retry must recognise a write of the lost try that committed."""
+        ``attempt(True)`` on a new connection after each of :data:`RETRY_DELAYS`, then
+        after the last of them again as long as ``seconds`` (from now) allow. The retry
+        must recognise a write of the lost try that committed."""
+        end = None if seconds is None else time.monotonic() + seconds
         retry = False
-        for delay in (*RETRY_DELAYS, None):
+        tries = 0
+        while True:
             try:
                 return attempt(retry)
             except DatabaseError as exc:
-                if not exc.connection_lost or delay is None:
+                if not exc.connection_lost:
+                    raise
+                delay = RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)]
+                if tries >= len(RETRY_DELAYS) and (end is None or time.monotonic() + delay > end):
                     raise
                 logger.warning(
                     "lost the database connection during %s; retrying on a new one", what, extra=extra
                 )
                 time.sleep(delay)
                 retry = True
-        raise AssertionError("unreachable")
+                tries += 1
 
     def _now(self) -> sa.ColumnElement[dt.datetime]:
         """The database clock (PostgreSQL), or this process's clock (SQLite)."""
@@ -931,10 +940,14 @@ class Store:
             "margin": burst.lease_margin,
             "left": burst.deadline_left,
         }
+        # Its lease is valid until after the task's hard time limit: while the task
+        # may run, a server down for a while is waited for rather than the job run again.
+        left = burst.deadline_left
         return self._retried(
             f"the outcome write of job {job.id}",
             lambda retry: self._finish_once(job, params, burst, retry),
             {"scope": self.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
+            seconds=None if left is None else left - 1.0,
         )
 
     def _finish_once(

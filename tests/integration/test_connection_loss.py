@@ -15,7 +15,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from queuetopia_celery import JobState, Queuetopia
+from queuetopia_celery import DatabaseError, JobState, Queuetopia
+from queuetopia_celery import store as store_module
 from queuetopia_celery.store import Burst, Outcome
 
 #: The first lines of the statements a test can cut (see queuetopia_celery/store.py).
@@ -33,17 +34,20 @@ class Cutter:
         self.admin_url = admin_url
         self.marker: str | None = None
         self.when = "after"
+        self.times = 0
         self.cuts = 0
         self.lock = threading.Lock()
 
-    def arm(self, marker: str, when: str) -> None:
-        self.marker, self.when = marker, when
+    def arm(self, marker: str, when: str, times: int = 1) -> None:
+        self.marker, self.when, self.times = marker, when, times
 
     def _take(self, query: Any) -> bool:
         with self.lock:
             if self.marker is None or self.marker not in str(query):
                 return False
-            self.marker = None
+            self.times -= 1
+            if self.times <= 0:
+                self.marker = None
             return True
 
     def cut(self, conn: psycopg.Connection[Any]) -> None:
@@ -239,3 +243,23 @@ def test_the_runner_runs_each_job_once_when_its_outcome_write_is_cut_after_commi
     assert attempted == 4
     assert runs(engine, scope) == {job.id: 1 for job in jobs}
     assert all(qt.get_job(job.id).state is JobState.DONE for job in jobs)
+
+
+def test_an_outcome_write_keeps_trying_while_its_task_may_still_run(cut_qt, monkeypatch):
+    """A server down for longer than the fixed retries (here: every try cut, with the
+    waits shortened) is waited for as long as the task's time limit allows, since the
+    lease outlives it; without a time limit the write gives up after the fixed tries."""
+    monkeypatch.setattr(store_module, "RETRY_DELAYS", (0.0, 0.01, 0.01))
+    qt, cutter = cut_qt
+    first = qt.create_job("q", "work", {})
+    token = qt.store.lease_of("q")["token"]
+    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    cutter.arm(FINISH, "before", times=4)
+    with pytest.raises(DatabaseError) as info:
+        qt.store.finish_and_start(job, token, Outcome(True), grace=20, burst=BURST)
+    assert info.value.connection_lost and cutter.cuts == 4
+    cutter.arm(FINISH, "before", times=8)
+    timed = Burst(worker="w/1", start_next=True, time_limit_grace=1, lease_margin=1, deadline_left=30)
+    assert qt.store.finish_and_start(job, token, Outcome(True), grace=20, burst=timed) == (True, None, None)
+    assert cutter.cuts == 12
+    assert qt.get_job(first.id).state is JobState.DONE
