@@ -92,6 +92,7 @@ class Queuetopia:
         performer: PerformerProtocol | None = None,
         celery_queue: str | None = None,
         dispatch_grace: float | dt.timedelta = 120,
+        resend_after: float | dt.timedelta = 5,
         time_limit_grace: float | dt.timedelta = 5,
         lease_margin: float | dt.timedelta = 10,
         burst_jobs: int = 50,
@@ -106,6 +107,7 @@ class Queuetopia:
             self.scope = validate_name("scope", scope)
             self.poll_interval = validate_duration("poll_interval", poll_interval, allow_zero=False)
             self.dispatch_grace = validate_duration("dispatch_grace", dispatch_grace, allow_zero=False)
+            self.resend_after = validate_duration("resend_after", resend_after, allow_zero=False)
             self.time_limit_grace = validate_duration("time_limit_grace", time_limit_grace, allow_zero=True)
             self.lease_margin = validate_duration("lease_margin", lease_margin, allow_zero=True)
             self.burst_seconds = validate_duration("burst_seconds", burst_seconds, allow_zero=True)
@@ -139,7 +141,7 @@ class Queuetopia:
         scopes.add(scope)
         self.app = app
         self.engine = engine if engine is not None else make_engine(str(database_url))
-        self.store = Store(self.engine, self.scope)
+        self.store = Store(self.engine, self.scope, resend_after=self.resend_after)
         self.registry = Registry(self.scope, performer)
         self.max_concurrent_queues = max_concurrent_queues
         self.celery_queue = celery_queue

@@ -11,7 +11,8 @@ compares the two.
   job becomes due: the scan reads only queues whose ``due_at`` has passed.
 * ``queuetopia_leases``: at most one row per (scope, queue): the queue is taken. The
   ``token`` fences stale messages and stale workers; ``expires_at`` is computed by the
-  database clock.
+  database clock. An unstarted lease "expires" when its message is due to be re-sent
+  (same token); ``resends`` counts the re-sends.
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ jobs = Table(
     Column("on_exhausted", String(8), nullable=False, server_default=text("'skip'")),
     Column("abort_reason", Text(), nullable=True),
     Column("aborted_at", UTCDateTime(), nullable=True),
+    # Version 4: the id of the create call that inserted the job (on PostgreSQL, without
+    # a caller connection), so that a retried insert whose reply was lost finds its jobs.
+    Column("create_key", String(32), nullable=True),
     UniqueConstraint("scope", "queue", "sequence", name="uq_queuetopia_jobs_scope_queue_sequence"),
 )
 
@@ -114,6 +118,12 @@ Index(
     sqlite_where=text(_OPEN),
 )
 Index("ix_queuetopia_jobs_scope_id", jobs.c.scope, jobs.c.id)
+Index(
+    "ix_queuetopia_jobs_create_key",
+    jobs.c.create_key,
+    postgresql_where=text("create_key IS NOT NULL"),
+    sqlite_where=text("create_key IS NOT NULL"),
+)
 Index(
     "ix_queuetopia_jobs_done",
     jobs.c.scope,
@@ -151,6 +161,9 @@ leases = Table(
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("started_at", UTCDateTime(), nullable=True),
     Column("locked_by", String(255), nullable=True),
+    # Version 4: how many times the perform message of an unstarted lease was re-sent
+    # (the next re-send waits twice as long).
+    Column("resends", Integer(), nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("scope", "queue", name="pk_queuetopia_leases"),
 )
 

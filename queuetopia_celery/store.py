@@ -6,15 +6,21 @@ Each public method is one transaction (or joins the caller's, where it takes
 Lease protocol, in short:
 
 * ``dispatch`` takes a queue's lease (``INSERT .. ON CONFLICT DO NOTHING``) for its
-  head job when that job is due, with a fresh token and a short expiry (the dispatch
-  grace, covering the wait in the broker).
+  head job when that job is due, with a fresh token and a short expiry: the time its
+  perform message may wait in the broker before it is re-sent (``resend_after``).
 * ``start`` checks the token, marks the lease started, extends it past the job's hard
   time limit and counts the attempt: one transaction.
 * ``finish`` checks the token, writes the outcome and hands the lease on to the next
   due job (new token) or releases it: one transaction. A released queue is re-checked
   by the caller (``dispatch``) so that a job committed meanwhile is never missed.
 * ``recover`` (the scan) records a failed attempt for every started lease that has
-  expired (the worker died) and drops every expired lease.
+  expired (the worker died) and re-sends the message of every unstarted lease whose
+  wait is over, under the same token, waiting twice as long before the next re-send
+  (at most the dispatch grace).
+
+A write whose connection dies (``start``, ``finish_and_start``, ``create_jobs``
+without a caller connection) is retried on a new connection, and the retry recognises
+its own write when the first one committed and only its reply was lost.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
@@ -69,6 +75,14 @@ L = schema.leases
 Executor = Connection | Session
 
 _JOB_COLUMNS = [J.c[name] for name in (f.name for f in dataclasses.fields(Job))]
+
+T = TypeVar("T")
+
+#: Waits before each new try of a write whose connection was found dead (about 8 s in
+#: all: a terminated backend is replaced at once, a restarting server is waited for).
+RETRY_DELAYS = (0.0, 0.2, 0.5, 1.0, 2.0, 4.0)
+#: The re-send wait doubles at each re-send of one lease, up to 2 ** this many times.
+_MAX_DOUBLINGS = 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +171,12 @@ class _CommitHook:
 class Store:
     """All reads and writes of one scope."""
 
-    def __init__(self, engine: Engine, scope: str) -> None:
+    def __init__(self, engine: Engine, scope: str, *, resend_after: float = 5.0) -> None:
         self._engine = engine
         self._pid = os.getpid()
         self.scope = scope
+        #: Seconds an unstarted lease's message may wait before its first re-send.
+        self.resend_after = resend_after
         self.dialect = engine.dialect.name
         self.is_postgres = self.dialect == "postgresql"
         self._secrets = [engine.url.password if isinstance(engine.url.password, str) else None]
@@ -186,16 +202,22 @@ class Store:
     def _tx(self, connection: Executor | None = None) -> Iterator[Connection]:
         """A connection in a transaction: the caller's (joined, not committed here)
         or our own (committed on success)."""
+        driver: Any = None
         try:
             if connection is None:
                 with self.engine.begin() as conn:
+                    driver = conn.connection.driver_connection
                     yield conn
             elif isinstance(connection, Session):
                 yield connection.connection()
             else:
                 yield connection
         except (SQLAlchemyError, psycopg.Error) as exc:
-            raise DatabaseError(self.redact(f"database error: {exc}")) from exc
+            # Our own connection found dead, or not opened: the transaction did not commit.
+            lost = connection is None and (
+                _connection_lost(exc, driver) or (driver is None and _operational(exc))
+            )
+            raise DatabaseError(self.redact(f"database error: {exc}"), connection_lost=lost) from exc
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
@@ -223,22 +245,48 @@ class Store:
         """An autocommit connection (PostgreSQL): each statement is its own transaction.
         The pinned one when inside :meth:`pinned`."""
         pinned = getattr(self._local, "conn", None)
-        current: Connection | None = pinned
+        # The driver's connection, kept to tell afterwards whether it died (the
+        # SQLAlchemy connection is closed by then).
+        driver: Any = None if pinned is None else pinned.connection.driver_connection
         try:
             if pinned is not None:
                 yield pinned
             else:
                 with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                    current = conn
+                    driver = conn.connection.driver_connection
                     yield conn
         except (SQLAlchemyError, psycopg.Error) as exc:
-            lost = _connection_lost(exc, current)
+            # No connection yet (the server is down or restarting): nothing was sent.
+            lost = _connection_lost(exc, driver) or (driver is None and _operational(exc))
             if pinned is not None:
                 # A broken connection must not be reused by the rest of the burst.
                 self._local.conn = None
                 with contextlib.suppress(SQLAlchemyError):
                     pinned.invalidate()
             raise DatabaseError(self.redact(f"database error: {exc}"), connection_lost=lost) from exc
+
+    def _first_wait(self, grace: float) -> float:
+        """How long a new unstarted lease waits for its start before its message is
+        re-sent: ``resend_after``, at most ``grace``."""
+        return min(self.resend_after, grace)
+
+    def _retried(self, what: str, attempt: Callable[[bool], T], extra: dict[str, Any]) -> T:
+        """``attempt(False)``; when its connection is found dead (or cannot be opened),
+        ``attempt(True)`` on a new connection after each of :data:`RETRY_DELAYS`. The
+        retry must recognise a write of the lost try that committed."""
+        retry = False
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                return attempt(retry)
+            except DatabaseError as exc:
+                if not exc.connection_lost or delay is None:
+                    raise
+                logger.warning(
+                    "lost the database connection during %s; retrying on a new one", what, extra=extra
+                )
+                time.sleep(delay)
+                retry = True
+        raise AssertionError("unreachable")
 
     def _now(self) -> sa.ColumnElement[dt.datetime]:
         """The database clock (PostgreSQL), or this process's clock (SQLite)."""
@@ -318,10 +366,9 @@ class Store:
         if self.is_postgres:
             if connection is None:
                 # One statement is its own transaction: no BEGIN/COMMIT round trips.
-                with self._auto() as conn:
-                    return self._create_jobs_pg(conn, specs, by_queue, None)[0]
+                return self._create_jobs_own(specs, by_queue, None)[0]
             with self._tx(connection) as conn:
-                return self._create_jobs_pg(conn, specs, by_queue, None)[0]
+                return self._create_jobs_pg(conn, specs, by_queue, None, None)[0]
         with self._tx(connection) as conn:
             now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
             now = now.astimezone(UTC)
@@ -376,8 +423,77 @@ class Store:
             return [], []
         if not self.is_postgres:
             return self.create_jobs(specs), []
-        with self._auto() as conn:
-            return self._create_jobs_pg(conn, specs, _by_queue(specs), grace)
+        return self._create_jobs_own(specs, _by_queue(specs), grace)
+
+    def _create_jobs_own(
+        self, specs: Sequence[NewJob], by_queue: dict[str, list[int]], grace: float | None
+    ) -> tuple[list[Job], list[Dispatch]]:
+        """:meth:`_create_jobs_pg` in its own autocommit statement, retried on a new
+        connection when the connection dies. The jobs carry a key of this call: a retry
+        first looks for them, so an insert that committed but whose reply was lost is
+        returned, not made twice."""
+        key = new_token()
+
+        def attempt(retry: bool) -> tuple[list[Job], list[Dispatch]]:
+            if not retry:
+                with self._auto() as conn:
+                    return self._create_jobs_pg(conn, specs, by_queue, grace, key)
+            with self._tx() as conn:
+                self._wait_for_creators(conn, sorted(by_queue))
+                found = self._created_by(conn, specs, by_queue, key)
+                if found is not None:
+                    return found
+                return self._create_jobs_pg(conn, specs, by_queue, grace, key)
+
+        return self._retried("create_jobs", attempt, {"scope": self.scope})
+
+    def _wait_for_creators(self, conn: Connection, queues: Sequence[str]) -> None:
+        """Lock the rows of these queues (creating missing ones) until this transaction
+        ends: a lost insert that the server may still be running (the connection cut by
+        the network, not by the server) holds them, so it has ended, committed or not,
+        before this transaction looks for its jobs."""
+        insert = postgresql.insert(Q).values(
+            [{"scope": self.scope, "queue": queue, "last_sequence": 0, "due_at": None} for queue in queues]
+        )
+        conn.execute(insert.on_conflict_do_nothing(index_elements=[Q.c.scope, Q.c.queue]))
+        conn.execute(
+            sa.select(Q.c.queue)
+            .where(Q.c.scope == self.scope, Q.c.queue.in_(list(queues)))
+            .order_by(Q.c.queue)
+            .with_for_update()
+        )
+
+    def _created_by(
+        self, conn: Connection, specs: Sequence[NewJob], by_queue: dict[str, list[int]], key: str
+    ) -> tuple[list[Job], list[Dispatch]] | None:
+        """The jobs inserted by the create call ``key`` (in the order given), with the
+        unstarted leases that call took (to send again: a duplicate message is
+        harmless), or None when that call wrote nothing."""
+        rows = conn.execute(
+            sa.select(*_JOB_COLUMNS).where(J.c.create_key == key).order_by(J.c.queue, J.c.sequence)
+        ).mappings()
+        found: dict[str, list[Job]] = {}
+        for row in rows:
+            job = Job.from_row(row)
+            found.setdefault(job.queue, []).append(job)
+        if not found:
+            return None
+        created: list[Job | None] = [None] * len(specs)
+        for queue, indexes in by_queue.items():
+            for i, job in zip(indexes, found[queue], strict=True):
+                created[i] = job
+        by_id = {job.id: job for jobs in found.values() for job in jobs}
+        leases = conn.execute(
+            sa.select(L.c.queue, L.c.job_id, L.c.token)
+            .where(L.c.scope == self.scope, L.c.queue.in_(sorted(found)), L.c.started_at.is_(None))
+            .order_by(L.c.queue)
+        )
+        taken = [
+            Dispatch(row.queue, row.job_id, row.token, by_id[row.job_id].timeout)
+            for row in leases
+            if row.job_id in by_id
+        ]
+        return [job for job in created if job is not None], taken
 
     def _create_jobs_pg(
         self,
@@ -385,6 +501,7 @@ class Store:
         specs: Sequence[NewJob],
         by_queue: dict[str, list[int]],
         grace: float | None,
+        key: str | None,
     ) -> tuple[list[Job], list[Dispatch]]:
         """:meth:`create_jobs` on PostgreSQL: one statement for any number of jobs and
         queues (queue rows upserted in queue order, so concurrent bulk producers cannot
@@ -422,7 +539,8 @@ class Store:
             "r_exhausted": [spec.on_exhausted for spec in specs],
             "r_scheduled": [spec.scheduled_at for spec in specs],
             "take": grace is not None,
-            "grace": grace or 0.0,
+            "grace": 0.0 if grace is None else self._first_wait(grace),
+            "key": key,
         }
         created: list[Job | None] = [None] * len(specs)
         taken: dict[str, Dispatch] = {}
@@ -593,7 +711,7 @@ class Store:
         """:meth:`dispatch` of the due queues (PostgreSQL, no concurrency limit): one
         autocommit statement finds them, looks up their heads and takes the leases;
         then the ``due_at`` of the queues found not due is raised."""
-        params = {"s": self.scope, "limit": limit, "grace": grace, "by": locked_by}
+        params = {"s": self.scope, "limit": limit, "grace": self._first_wait(grace), "by": locked_by}
         taken: list[Dispatch] = []
         stale: list[str] = []
         with self._auto() as conn:
@@ -643,8 +761,8 @@ class Store:
         self, conn: Connection, queues: Sequence[str], grace: float, limit: int, locked_by: str | None
     ) -> list[Dispatch]:
         if self.is_postgres:
-            params = {"s": self.scope, "queues": list(queues), "limit": limit, "grace": grace}
-            params["by"] = locked_by
+            params = {"s": self.scope, "queues": list(queues), "limit": limit, "by": locked_by}
+            params["grace"] = self._first_wait(grace)
             return [
                 Dispatch(row.queue, row.job_id, row.token, row.timeout)
                 for row in conn.execute(_TAKE_SQL, params)
@@ -669,7 +787,7 @@ class Store:
                     token=token,
                     job_id=first.id,
                     locked_at=self._now(),
-                    expires_at=self._after(grace),
+                    expires_at=self._after(self._first_wait(grace)),
                     locked_by=locked_by,
                 )
                 .on_conflict_do_nothing(index_elements=[L.c.scope, L.c.queue])
@@ -744,23 +862,18 @@ class Store:
     def _start_pg(self, queue: str, job_id: int, token: str, *, worker: str, lease: float) -> Job | None:
         """:meth:`start` in one statement (one round trip, autocommit). A connection
         found dead (a pooled connection in use less than a second ago is not pinged
-        first) is replaced once: if the statement did run before the connection died,
-        the second try finds the attempt begun and drops the message, as for any stale
-        one, and the lease's expiry recovers the attempt."""
+        first, the server restarted) is replaced and the start tried again; if the lost
+        statement did commit, the retry finds the lease started by this worker under
+        this token and the job running for it, and begins the attempt (a duplicate
+        message, which finds the lease started by another, is still dropped)."""
         params = {"s": self.scope, "q": queue, "tok": token, "jid": job_id, "w": worker, "lease": lease}
-        try:
-            return self._start_once(queue, token, params)
-        except DatabaseError as exc:
-            if not exc.connection_lost:
-                raise
-            logger.warning(
-                "lost the database connection before starting job %s; retrying on a new one",
-                job_id,
-                extra={"scope": self.scope, "queue": queue, "job_id": job_id},
-            )
-            return self._start_once(queue, token, params)
+        return self._retried(
+            f"the start of job {job_id}",
+            lambda retry: self._start_once(queue, token, params, retry),
+            {"scope": self.scope, "queue": queue, "job_id": job_id},
+        )
 
-    def _start_once(self, queue: str, token: str, params: dict[str, Any]) -> Job | None:
+    def _start_once(self, queue: str, token: str, params: dict[str, Any], retry: bool) -> Job | None:
         with self._auto() as conn:
             row = _raw_one(conn, _START_SQL, params)
             if row["id"] is not None:
@@ -768,6 +881,10 @@ class Store:
             if row["leased"]:
                 # The lease points at a job that is no longer open: release the queue.
                 self._release(conn, queue, token)
+            elif retry:
+                mine = _raw_all(conn, _STARTED_BY_SQL, params)
+                if mine:
+                    return Job.from_row(mine[0])
         return None
 
     def finish_and_start(
@@ -833,16 +950,28 @@ class Store:
             "until": until,
             "result": None if outcome.result is None else json.dumps(outcome.result),
             "new": fresh,
-            "grace": grace,
+            "grace": self._first_wait(grace),
             "start": burst.start_next,
             "w": burst.worker,
             "tlg": burst.time_limit_grace,
             "margin": burst.lease_margin,
             "left": burst.deadline_left,
         }
+        return self._retried(
+            f"the outcome write of job {job.id}",
+            lambda retry: self._finish_once(job, params, burst, retry),
+            {"scope": self.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
+        )
+
+    def _finish_once(
+        self, job: Job, params: dict[str, Any], burst: Burst, retry: bool
+    ) -> tuple[bool, Dispatch | None, Job | None]:
+        fresh = params["new"]
         with self._auto() as conn:
             row = _raw_one(conn, _FINISH_SQL, params)
             if not row["written"]:
+                if retry:
+                    return self._finished_by(conn, job, params, burst)
                 return False, None, None
             if row["next_id"] is None:
                 return True, None, None
@@ -855,6 +984,40 @@ class Store:
                 self._release(conn, job.queue, fresh)
                 return True, None, None
             return True, nxt, Job.from_row(row)
+
+    def _finished_by(
+        self, conn: Connection, job: Job, params: dict[str, Any], burst: Burst
+    ) -> tuple[bool, Dispatch | None, Job | None]:
+        """After a retried outcome write found its token gone: was it this write that
+        committed (its reply lost)? The job then holds exactly this outcome for this
+        attempt (a lost attempt recorded by the scan has another error), and the lease
+        is released, handed on under the new token chosen for this write (the message
+        is to be sent), or started at once for this worker (the burst runs it)."""
+        mine = conn.execute(sa.select(J.c.status, J.c.error, J.c.attempts).where(J.c.id == job.id)).first()
+        if mine is None or (mine.status, mine.error, mine.attempts) != (
+            params["status"],
+            params["error"],
+            job.attempts,
+        ):
+            return False, None, None
+        lease = conn.execute(
+            sa.select(L.c.job_id, L.c.started_at, L.c.locked_at, L.c.locked_by).where(
+                L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == params["new"]
+            )
+        ).first()
+        if lease is None:
+            return True, None, None
+        nxt = conn.execute(sa.select(*_JOB_COLUMNS).where(J.c.id == lease.job_id)).mappings().first()
+        if nxt is None:
+            return True, None, None
+        following = Job.from_row(nxt)
+        handed = Dispatch(job.queue, following.id, params["new"], following.timeout)
+        if lease.started_at is None:
+            return True, handed, None
+        inline = lease.started_at == lease.locked_at and lease.locked_by == burst.worker
+        if inline and following.status == STATUS_RUNNING and following.attempted_by == burst.worker:
+            return True, handed, following
+        return True, None, None
 
     def finish(
         self, job: Job, token: str, outcome: Outcome, *, grace: float, hand_off: bool = True
@@ -915,33 +1078,37 @@ class Store:
                 job_id=head.id,
                 started_at=None,
                 locked_at=self._now(),
-                expires_at=self._after(grace),
+                expires_at=self._after(self._first_wait(grace)),
+                resends=0,
             )
         )
         if moved.rowcount != 1:
             return None
         return Dispatch(queue, head.id, fresh, head.timeout)
 
-    def recover(self, *, limit: int = 1000, claim: float = 60.0) -> tuple[list[LostAttempt], int]:
-        """Find expired leases. Un-started ones (a message lost or stuck in the broker)
-        are dropped now; started ones (a worker died mid-job) are claimed (a new token,
-        held ``claim`` more seconds) and returned: record each with :meth:`record_lost`.
-        The claim keeps a concurrent scan from handling the same attempt (and calling
-        the failure hook twice) and fences off the dead worker's late outcome; if this
-        scan dies before recording, the claim expires and a later scan takes over.
-        Returns (lost attempts, leases dropped)."""
+    def recover(
+        self, *, limit: int = 1000, claim: float = 60.0, grace: float = 120.0
+    ) -> tuple[list[LostAttempt], list[Dispatch]]:
+        """Find expired leases. Un-started ones (a message lost, or still waiting in a
+        busy broker) are re-sent under the same token, so that a message that was only
+        late still starts its job: each waits twice as long as the one before for its
+        start (``resend_after``, then twice that, ..., at most ``grace``) and is
+        returned: send it. Started ones (a worker died mid-job) are claimed (a new
+        token, held ``claim`` more seconds) and returned: record each with
+        :meth:`record_lost`. The claim keeps a concurrent scan from handling the same
+        attempt (and calling the failure hook twice) and fences off the dead worker's
+        late outcome; if this scan dies before recording, the claim expires and a
+        later scan takes over. Returns (lost attempts, leases to re-send)."""
         with self._tx() as conn:
             query = (
-                sa.select(L.c.queue, L.c.token, L.c.job_id, L.c.started_at)
+                sa.select(L.c.queue, L.c.token, L.c.job_id, L.c.started_at, L.c.resends)
                 .where(L.c.scope == self.scope, L.c.expires_at < self._now())
                 .limit(limit)
             )
             if self.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             expired = conn.execute(query).all()
-            unstarted = [row.token for row in expired if row.started_at is None]
-            if unstarted:
-                conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.token.in_(unstarted)))
+            resent = self._resend(conn, [row for row in expired if row.started_at is None], grace)
             started: dict[int, str] = {}
             for row in expired:
                 if row.started_at is None:
@@ -956,7 +1123,48 @@ class Store:
             if started:
                 rows = conn.execute(sa.select(*_JOB_COLUMNS).where(J.c.id.in_(list(started)))).mappings()
                 lost = [LostAttempt(Job.from_row(row), started[row["id"]]) for row in rows]
-        return lost, len(unstarted)
+        return lost, resent
+
+    def _resend(self, conn: Connection, unstarted: Sequence[Any], grace: float) -> list[Dispatch]:
+        """Count a re-send of each of these unstarted leases (locked) and set when the
+        next is due: ``resend_after * 2 ** resends``, at most ``grace``, from now."""
+        if not unstarted:
+            return []
+        first = self._first_wait(grace)
+        timeouts = dict(
+            conn.execute(
+                sa.select(J.c.id, J.c.timeout).where(J.c.id.in_(sorted({row.job_id for row in unstarted})))
+            ).all()
+        )
+        now = None if self.is_postgres else utcnow()
+        updates = []
+        for row in unstarted:
+            wait = dt.timedelta(seconds=min(first * 2 ** min(row.resends + 1, _MAX_DOUBLINGS), grace))
+            updates.append(
+                {
+                    "b_queue": row.queue,
+                    "b_token": row.token,
+                    "b_resends": row.resends + 1,
+                    "b_wait": wait if now is None else now + wait,
+                }
+            )
+        until: Any = (
+            func.now() + sa.bindparam("b_wait", type_=sa.Interval())
+            if self.is_postgres
+            else sa.bindparam("b_wait", type_=schema.UTCDateTime())
+        )
+        conn.execute(
+            sa.update(L)
+            .where(L.c.scope == self.scope, L.c.queue == sa.bindparam("b_queue"))
+            .where(L.c.token == sa.bindparam("b_token"))
+            .values(resends=sa.bindparam("b_resends"), expires_at=until),
+            updates,
+        )
+        # A job gone from the table (deleted by hand): the message's start releases the lease.
+        return [
+            Dispatch(row.queue, row.job_id, row.token, float(timeouts.get(row.job_id, 60.0)))
+            for row in sorted(unstarted, key=lambda r: r.queue)
+        ]
 
     def record_lost(self, lost: LostAttempt, outcome: Outcome) -> bool:
         """Record the failed attempt of a job whose worker died, and drop its lease,
@@ -1296,16 +1504,21 @@ def _driver_sql(sql: str) -> str:
     return re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", sql)
 
 
-def _connection_lost(exc: BaseException, conn: Connection | None) -> bool:
-    """Whether ``exc`` came from a dead connection rather than from the statement."""
+def _connection_lost(exc: BaseException, driver: Any) -> bool:
+    """Whether ``exc`` came from a dead connection (``driver``, the psycopg connection
+    that ran the statement) rather than from the statement."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
-    if not isinstance(exc, psycopg.OperationalError) or conn is None:
+    if not isinstance(exc, (psycopg.OperationalError, sa.exc.OperationalError)) or driver is None:
         return False
     with contextlib.suppress(Exception):
-        driver = conn.connection.driver_connection
-        return bool(driver is not None and (driver.broken or driver.closed))
+        return bool(driver.broken or driver.closed)
     return False
+
+
+def _operational(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure to reach the server (refused, shutting down)."""
+    return isinstance(exc, (sa.exc.OperationalError, psycopg.OperationalError))
 
 
 def _raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1369,10 +1582,10 @@ WITH q AS (
     ) AS r(queue, action, params, k, n, timeout, max_backoff, max_attempts, on_exhausted, scheduled_at)
 ), j AS (
     INSERT INTO queuetopia_jobs AS j (scope, queue, action, params, sequence, timeout, max_backoff,
-        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at)
+        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at, create_key)
     SELECT :s, r.queue, r.action, CAST(r.params AS json), q.last_sequence - r.n + r.k, r.timeout,
         r.max_backoff, r.max_attempts, r.on_exhausted, coalesce(r.scheduled_at, q.locked_at),
-        'pending', 0, q.locked_at
+        'pending', 0, q.locked_at, CAST(:key AS text)
     FROM r JOIN q ON q.queue = r.queue
     RETURNING {", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))}
 ), old AS (
@@ -1512,6 +1725,18 @@ FROM (SELECT 1) AS one LEFT JOIN j ON true
 #: fits; otherwise release the lease. A job to be retried or held stays the head (its
 #: status stays 'pending'), so the lease is released. The head is taken first and only
 #: then checked (due, pending), so a not-yet-due head still blocks the jobs behind it.
+#: After a retried start found nothing to start: the job this worker began under this
+#: token, if the lost try did begin it (its reply lost).
+_STARTED_BY_SQL = _driver_sql(
+    f"""
+SELECT {_JOB_FIELDS}
+FROM queuetopia_leases AS l JOIN queuetopia_jobs AS j ON j.id = l.job_id
+WHERE l.scope = :s AND l.queue = :q AND l.token = :tok AND l.job_id = :jid
+    AND l.started_at IS NOT NULL AND l.locked_by = :w
+    AND j.status = 'running' AND j.attempted_by = :w
+"""
+)
+
 _FINISH_SQL = _driver_sql(
     f"""
 WITH lease AS (
@@ -1542,7 +1767,7 @@ WITH lease AS (
         AND CAST(:status AS text) <> 'pending'
 ), moved AS (
     UPDATE queuetopia_leases AS l
-    SET token = :new, job_id = nxt.id, locked_at = now(),
+    SET token = :new, job_id = nxt.id, locked_at = now(), resends = 0,
         started_at = CASE WHEN nxt.inline THEN now() END,
         expires_at = now() + make_interval(secs => CASE WHEN nxt.inline
             THEN greatest(nxt.timeout + :tlg, coalesce(CAST(:left AS float8), 0)) + :margin

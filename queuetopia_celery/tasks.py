@@ -6,7 +6,8 @@ Three tasks per scope, all carrying only names, ids and tokens (JSON):
   queue's next due jobs in the same task within a burst budget, then hand the queue on
   through the broker or release it.
 * ``queuetopia.<scope>.scan()``: sent by beat every ``poll_interval``: recover expired
-  leases, dispatch every queue whose head job is due.
+  leases (re-send the messages of unstarted ones), dispatch every queue whose head job
+  is due.
 * ``queuetopia.<scope>.kick(queues)``: dispatch these queues now (sent by producers
   whose transaction commits through a plain SQLAlchemy Connection).
 
@@ -258,12 +259,16 @@ class Runner:
         """Recover expired leases and dispatch due queues. Returns leases taken."""
         qt = self.qt
         store = qt.store
-        lost, dropped = store.recover(limit=qt.scan_limit)
+        lost, resent = store.recover(limit=qt.scan_limit, grace=qt.dispatch_grace)
         for item in lost:
             self._record_lost(item)
-        if dropped:
-            logger.info("released %s expired dispatch leases", dropped, extra={"scope": qt.scope})
-        total = 0
+        if resent:
+            # Lost, or still waiting in a busy broker: the same token, so either copy starts it.
+            logger.info(
+                "re-sent %s perform messages not started in time", len(resent), extra={"scope": qt.scope}
+            )
+            qt.send(resent)
+        total = len(resent)
         while True:
             taken = store.dispatch(
                 grace=qt.dispatch_grace, limit=qt.scan_limit, max_concurrent=qt.max_concurrent_queues

@@ -118,3 +118,30 @@ def v3_upgrade() -> None:
 def v3_downgrade() -> None:
     op.drop_index("ix_queuetopia_leases_expires", table_name="queuetopia_leases")
     op.create_index("ix_queuetopia_leases_expires", "queuetopia_leases", ["scope", "expires_at"])
+
+
+def v4_upgrade() -> None:
+    """Lost wake-ups and lost replies: ``resends`` on leases (an unstarted lease's
+    message is re-sent under the same token, each time after twice the wait), and
+    ``create_key`` on jobs (the id of the create call, found again by a retried insert
+    whose reply was lost), with a partial index."""
+    op.add_column(
+        "queuetopia_leases",
+        sa.Column("resends", sa.Integer(), nullable=False, server_default=sa.text("0")),
+    )
+    op.add_column("queuetopia_jobs", sa.Column("create_key", sa.String(32), nullable=True))
+    op.create_index(
+        "ix_queuetopia_jobs_create_key",
+        "queuetopia_jobs",
+        ["create_key"],
+        postgresql_where=sa.text("create_key IS NOT NULL"),
+        sqlite_where=sa.text("create_key IS NOT NULL"),
+    )
+
+
+def v4_downgrade() -> None:
+    op.drop_index("ix_queuetopia_jobs_create_key", table_name="queuetopia_jobs")
+    with op.batch_alter_table("queuetopia_jobs") as batch:
+        batch.drop_column("create_key")
+    with op.batch_alter_table("queuetopia_leases") as batch:
+        batch.drop_column("resends")

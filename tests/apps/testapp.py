@@ -185,6 +185,7 @@ def _register(qt: Queuetopia) -> None:
 def _install_faults(app: Celery, qt: Queuetopia) -> None:
     """Install the fault-injection knobs read from the environment.
 
+    * QT_TEST_PREFETCH_MULTIPLIER=n: Celery's worker_prefetch_multiplier (default here 1).
     * QT_TEST_ACKS_LATE=1, QT_TEST_VISIBILITY_TIMEOUT=s: ack after the task, and let
       Redis redeliver a message unacked for that long (duplicate delivery).
     * QT_TEST_DUPLICATE_SENDS=1: publish every perform message twice.
@@ -196,6 +197,9 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
       its message's token is stale. Only for proving that the chaos checker sees it.
     """
     env = os.environ
+    if env.get("QT_TEST_PREFETCH_MULTIPLIER"):
+        # Celery's default is 4 (this app sets 1): a worker then holds more messages.
+        app.conf.worker_prefetch_multiplier = int(env["QT_TEST_PREFETCH_MULTIPLIER"])
     if env.get("QT_TEST_ACKS_LATE") == "1":
         app.conf.task_acks_late = True
     if env.get("QT_TEST_VISIBILITY_TIMEOUT"):

@@ -151,7 +151,7 @@ def test_an_exhausted_job_within_a_burst_hands_the_queue_to_the_next_one_at_once
 def test_a_stale_perform_message_is_dropped_without_running_the_job(qt, engine, scope):
     job = qt.create_job("q", "work", {"echo": 1})
     old = qt.store.lease_of("q")["token"]
-    expire_leases(engine, scope)
+    qt.store.release_unstarted("q")  # (what drain does) so that the scan takes a new lease
     assert qt.scan() == 1  # re-dispatched with a new token
     new = qt.store.lease_of("q")["token"]
     assert new != old
