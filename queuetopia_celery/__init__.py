@@ -14,6 +14,7 @@ from .errors import (
     JobStateError,
     JobTimeoutError,
     NoPerformerError,
+    QueueNotFoundError,
     QueuetopiaError,
     ResultNotJSONError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "NoPerformerError",
     "Page",
     "Performer",
+    "QueueNotFoundError",
     "QueueStatus",
     "Queuetopia",
     "QueuetopiaError",

@@ -198,6 +198,7 @@ class Queuetopia:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         on_exhausted: str | None = None,
         connection: Executor | None = None,
+        unique_key: str | None = None,
     ) -> Job:
         """Create a job at the end of ``queue``; the queue exists from its first job.
 
@@ -207,6 +208,12 @@ class Queuetopia:
         caller's transaction: it commits or rolls back with it, and workers are woken
         only after the commit. Raises :class:`~queuetopia_celery.InvalidJobError` on bad
         input, writing nothing.
+
+        With ``unique_key`` (at most 255 characters): while an open job (pending,
+        running, retrying or held: not done, exhausted nor aborted) of this scope has
+        the same key, in any queue, no job is created and that job is returned
+        instead. The database enforces it (a partial unique index), so concurrent
+        producers create one job between them.
         """
         spec = new_job(
             queue,
@@ -217,6 +224,7 @@ class Queuetopia:
             max_backoff=max_backoff,
             max_attempts=max_attempts,
             on_exhausted=self.on_exhausted if on_exhausted is None else on_exhausted,
+            unique_key=unique_key,
         )
         return self.create_jobs([spec], connection=connection)[0]
 
@@ -487,6 +495,7 @@ def _spec(item: dict[str, Any], on_exhausted: str = ON_EXHAUSTED_SKIP) -> NewJob
         "max_backoff",
         "max_attempts",
         "on_exhausted",
+        "unique_key",
     }
     unknown = set(item) - known
     if unknown:
@@ -504,4 +513,5 @@ def _spec(item: dict[str, Any], on_exhausted: str = ON_EXHAUSTED_SKIP) -> NewJob
         max_backoff=item.get("max_backoff", DEFAULT_MAX_BACKOFF),
         max_attempts=item.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
         on_exhausted=on_exhausted if item.get("on_exhausted") is None else item["on_exhausted"],
+        unique_key=item.get("unique_key"),
     )

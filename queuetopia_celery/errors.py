@@ -101,3 +101,14 @@ class JobStateError(QueuetopiaError):
         self.action = action
         message = f"cannot {action} job {job_id}: it is {state}"
         super().__init__(f"{message}; {hint}" if hint else message)
+
+
+class QueueNotFoundError(QueuetopiaError, LookupError):
+    """Raised when an operator action names a queue that this scope has never had (no
+    row in ``queuetopia_queues``: no job was ever created in it): ``scope`` and
+    ``queue`` say which."""
+
+    def __init__(self, scope: str, queue: str) -> None:
+        self.scope = scope
+        self.queue = queue
+        super().__init__(f"no queue {queue!r} in scope {scope!r} (no job was ever created in it)")

@@ -27,6 +27,8 @@ MAX_NAME_LENGTH = 255
 MAX_DURATION = 366 * 24 * 3600.0
 #: Largest accepted ``max_attempts`` (a 32-bit column).
 MAX_ATTEMPTS_LIMIT = 2**31 - 1
+#: Longest accepted ``unique_key``.
+MAX_UNIQUE_KEY_LENGTH = 255
 #: Largest accepted params document, serialized, in bytes.
 MAX_PARAMS_BYTES = 8 * 1024 * 1024
 
@@ -93,6 +95,8 @@ class Job:
     on_exhausted: str = ON_EXHAUSTED_SKIP
     abort_reason: str | None = None
     aborted_at: dt.datetime | None = None
+    #: The job's unique key (``create_job(unique_key=...)``), or None.
+    unique_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | Any) -> Job:
@@ -197,6 +201,7 @@ class NewJob:
     max_backoff: float
     max_attempts: int
     on_exhausted: str = ON_EXHAUSTED_SKIP
+    unique_key: str | None = None
 
 
 def validate_on_exhausted(value: object) -> str:
@@ -228,6 +233,22 @@ def _check_text(field: str, value: str, where: str = "") -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidJobError(field, f"{where}must be valid Unicode (no lone surrogates)") from exc
+
+
+def validate_unique_key(value: object) -> str | None:
+    """A unique job's key: None, or a string of at most 255 characters, not blank."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidJobError("unique_key", f"must be a string or None, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidJobError("unique_key", "must not be empty or blank (only whitespace)")
+    if len(value) > MAX_UNIQUE_KEY_LENGTH:
+        raise InvalidJobError(
+            "unique_key", f"must be at most {MAX_UNIQUE_KEY_LENGTH} characters, got {len(value)}"
+        )
+    _check_text("unique_key", value)
+    return value
 
 
 def validate_duration(field: str, value: object, *, allow_zero: bool) -> float:
@@ -325,6 +346,7 @@ def new_job(
     max_backoff: object = DEFAULT_MAX_BACKOFF,
     max_attempts: object = DEFAULT_MAX_ATTEMPTS,
     on_exhausted: object = ON_EXHAUSTED_SKIP,
+    unique_key: object = None,
 ) -> NewJob:
     """Validate the arguments of ``create_job``; raise :class:`InvalidJobError` on bad input."""
     return NewJob(
@@ -336,6 +358,7 @@ def new_job(
         max_backoff=validate_duration("max_backoff", max_backoff, allow_zero=True),
         max_attempts=validate_max_attempts(max_attempts),
         on_exhausted=validate_on_exhausted(on_exhausted),
+        unique_key=validate_unique_key(unique_key),
     )
 
 

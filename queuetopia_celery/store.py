@@ -361,6 +361,11 @@ class Store:
         order given."""
         if not specs:
             return []
+        kept, position = _unique_specs(specs)
+        if len(kept) < len(specs):
+            # Items repeating an earlier item's unique_key get that item's job.
+            made = self.create_jobs(kept, connection=connection)
+            return [made[p] for p in position]
         by_queue = _by_queue(specs)
         created: list[Job | None] = [None] * len(specs)
         if self.is_postgres:
@@ -372,9 +377,17 @@ class Store:
         with self._tx(connection) as conn:
             now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
             now = now.astimezone(UTC)
+            # Unique jobs: one writer at a time on SQLite, so looking first is race-free
+            # (the unique index still stands behind it). Found ones take no sequence.
+            existing = self._open_by_key(conn, [s.unique_key for s in specs if s.unique_key is not None])
+            for i, spec in enumerate(specs):
+                if spec.unique_key is not None and spec.unique_key in existing:
+                    created[i] = existing[spec.unique_key]
             # Lock queue rows in a stable order so concurrent bulk producers cannot deadlock.
             for queue in sorted(by_queue):
-                indexes = by_queue[queue]
+                indexes = [i for i in by_queue[queue] if created[i] is None]
+                if not indexes:
+                    continue
                 first_due = min(specs[i].scheduled_at or now for i in indexes)
                 last, locked_at = self._bump_sequence(conn, queue, len(indexes), first_due)
                 rows = []
@@ -398,6 +411,7 @@ class Store:
                             "status": STATUS_PENDING,
                             "attempts": 0,
                             "inserted_at": locked_at,
+                            "unique_key": spec.unique_key,
                         }
                     )
                 result = conn.execute(
@@ -421,6 +435,10 @@ class Store:
         """
         if not specs:
             return [], []
+        kept, position = _unique_specs(specs)
+        if len(kept) < len(specs):
+            made, taken = self.create_jobs_and_dispatch(kept, grace=grace)
+            return [made[p] for p in position], taken
         if not self.is_postgres:
             return self.create_jobs(specs), []
         return self._create_jobs_own(specs, _by_queue(specs), grace)
@@ -480,8 +498,16 @@ class Store:
             return None
         created: list[Job | None] = [None] * len(specs)
         for queue, indexes in by_queue.items():
-            for i, job in zip(indexes, found[queue], strict=True):
-                created[i] = job
+            # In sequence order; an item whose unique_key was taken inserted nothing.
+            mine = iter(found.get(queue, []))
+            following = next(mine, None)
+            for i in indexes:
+                wanted = specs[i].unique_key
+                if following is not None and (wanted is None or following.unique_key == wanted):
+                    created[i] = following
+                    following = next(mine, None)
+        if any(job is None for job in created):
+            self._fill_existing(conn, specs, created)
         by_id = {job.id: job for jobs in found.values() for job in jobs}
         leases = conn.execute(
             sa.select(L.c.queue, L.c.job_id, L.c.token)
@@ -538,6 +564,7 @@ class Store:
             "r_attempts": [spec.max_attempts for spec in specs],
             "r_exhausted": [spec.on_exhausted for spec in specs],
             "r_scheduled": [spec.scheduled_at for spec in specs],
+            "r_unique": [spec.unique_key for spec in specs],
             "take": grace is not None,
             "grace": 0.0 if grace is None else self._first_wait(grace),
             "key": key,
@@ -552,7 +579,49 @@ class Store:
                 taken[row["queue"]] = Dispatch(
                     row["queue"], int(row["lease_job_id"]), row["lease_token"], float(row["lease_timeout"])
                 )
+        if any(job is None for job in created):
+            # Unique jobs whose key an open job holds: that job instead.
+            self._fill_existing(conn, specs, created)
         return [job for job in created if job is not None], [taken[q] for q in sorted(taken)]
+
+    def _open_by_key(self, conn: Connection, keys: Sequence[str]) -> dict[str, Job]:
+        """The open job holding each of these unique keys, where one does."""
+        if not keys:
+            return {}
+        rows = conn.execute(
+            sa.select(*_JOB_COLUMNS).where(
+                J.c.scope == self.scope,
+                J.c.unique_key.in_(sorted(set(keys))),
+                J.c.unique_key.is_not(None),
+                J.c.status.in_(OPEN_STATUSES),
+            )
+        ).mappings()
+        return {row["unique_key"]: Job.from_row(row) for row in rows}
+
+    def _fill_existing(self, conn: Connection, specs: Sequence[NewJob], created: list[Job | None]) -> None:
+        """Fill the places of items not inserted because an open job held their
+        unique_key with that job. This runs in a statement after the insert, which
+        sees the holder even when it was committed by another producer while the
+        insert waited; if the holder has ended since, the newest job with the key is
+        the one that held it."""
+        missing = [i for i, job in enumerate(created) if job is None]
+        keys = [specs[i].unique_key for i in missing]
+        if any(key is None for key in keys):
+            raise DatabaseError("a job without unique_key was not inserted")
+        found = self._open_by_key(conn, [key for key in keys if key is not None])
+        gone = sorted({key for key in keys if key is not None and key not in found})
+        if gone:
+            rows = conn.execute(
+                sa.select(*_JOB_COLUMNS)
+                .where(J.c.scope == self.scope, J.c.unique_key.in_(gone))
+                .order_by(J.c.id)
+            ).mappings()
+            found.update({row["unique_key"]: Job.from_row(row) for row in rows})
+        for i in missing:
+            key = specs[i].unique_key
+            if key not in found:
+                raise DatabaseError(f"the job holding unique_key {key!r} vanished; create the job again")
+            created[i] = found[key]
 
     def _bump_sequence(
         self, conn: Connection, queue: str, count: int, due: dt.datetime
@@ -1560,6 +1629,11 @@ _JOB_FIELDS = ", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))
 #: so a queue is only decided here when the jobs it sees end exactly where the counter
 #: stood before this statement (``last_sequence - n``). Any other queue, and one whose
 #: lease is held, is left to a dispatch after the commit, as without ``:take``.
+#:
+#: A unique job whose key an open job of the scope holds is not inserted (``ON CONFLICT
+#: .. DO NOTHING`` on the partial unique index, which waits for a producer inserting the
+#: same key to end): its sequence number is left unused, a gap that keeps the order, and
+#: its queue is then left to the dispatch after the commit (the check above fails).
 _CREATE_SQL = _driver_sql(
     f"""
 WITH q AS (
@@ -1578,15 +1652,18 @@ WITH q AS (
         CAST(:r_queue AS text[]), CAST(:r_action AS text[]), CAST(:r_params AS text[]),
         CAST(:r_k AS int[]), CAST(:r_n AS int[]), CAST(:r_timeout AS float8[]),
         CAST(:r_backoff AS float8[]), CAST(:r_attempts AS int[]), CAST(:r_exhausted AS text[]),
-        CAST(:r_scheduled AS timestamptz[])
-    ) AS r(queue, action, params, k, n, timeout, max_backoff, max_attempts, on_exhausted, scheduled_at)
+        CAST(:r_scheduled AS timestamptz[]), CAST(:r_unique AS text[])
+    ) AS r(queue, action, params, k, n, timeout, max_backoff, max_attempts, on_exhausted, scheduled_at,
+           unique_key)
 ), j AS (
     INSERT INTO queuetopia_jobs AS j (scope, queue, action, params, sequence, timeout, max_backoff,
-        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at, create_key)
+        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at, create_key, unique_key)
     SELECT :s, r.queue, r.action, CAST(r.params AS json), q.last_sequence - r.n + r.k, r.timeout,
         r.max_backoff, r.max_attempts, r.on_exhausted, coalesce(r.scheduled_at, q.locked_at),
-        'pending', 0, q.locked_at, CAST(:key AS text)
+        'pending', 0, q.locked_at, CAST(:key AS text), r.unique_key
     FROM r JOIN q ON q.queue = r.queue
+    ON CONFLICT (scope, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'running')
+    DO NOTHING
     RETURNING {", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))}
 ), old AS (
     SELECT q.queue, h.id, h.status, h.timeout, h.scheduled_at, h.sequence, h.due
@@ -1791,6 +1868,24 @@ SELECT (SELECT count(*) FROM done) AS written, moved.id AS next_id, moved.timeou
 FROM (SELECT 1) AS one LEFT JOIN moved ON true LEFT JOIN started ON true
 """
 )
+
+
+def _unique_specs(specs: Sequence[NewJob]) -> tuple[list[NewJob], list[int]]:
+    """The specs without those repeating an earlier spec's unique_key, and for each
+    spec given the position of its kept spec."""
+    kept: list[NewJob] = []
+    position: list[int] = []
+    first: dict[str, int] = {}
+    for spec in specs:
+        key = spec.unique_key
+        if key is not None and key in first:
+            position.append(first[key])
+            continue
+        if key is not None:
+            first[key] = len(kept)
+        position.append(len(kept))
+        kept.append(spec)
+    return kept, position
 
 
 def _by_queue(specs: Sequence[NewJob]) -> dict[str, list[int]]:
