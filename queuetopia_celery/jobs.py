@@ -384,6 +384,8 @@ class QueueStatus:
     locked_until: dt.datetime | None
     #: When the oldest job still in the queue was created.
     oldest_pending_at: dt.datetime | None
+    #: An operator paused the queue (:meth:`Queuetopia.pause_queue`): nothing starts.
+    paused: bool = False
 
     @property
     def error(self) -> str | None:
@@ -413,7 +415,54 @@ class QueueStatus:
             "locked_at": _iso(self.locked_at),
             "locked_until": _iso(self.locked_until),
             "oldest_pending_at": _iso(self.oldest_pending_at),
+            "paused": self.paused,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkResult:
+    """What a bulk operator action (:meth:`Queuetopia.retry_jobs`,
+    :meth:`Queuetopia.abort_jobs`) did, or would do with ``dry_run=True``."""
+
+    #: Jobs retried or aborted (with ``dry_run``: that would be).
+    count: int
+    #: Jobs that matched the filter but were left alone, by reason (``running``: a
+    #: running job cannot be aborted; ``moved_on``: an exhausted job whose queue has
+    #: run later jobs, retried only with ``force``; ``unique_key``: an exhausted job
+    #: whose key another open job holds now).
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    dry_run: bool = False
+    #: The queues of the jobs retried or aborted.
+    queues: tuple[str, ...] = ()
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueFacts:
+    """What the database says about one queue, for :func:`queuetopia_celery.explain.explain`."""
+
+    queue: str
+    #: The queue has a row (a job was created in it once).
+    known: bool
+    paused: bool
+    #: Open jobs (pending or running) in the queue.
+    open_jobs: int
+    head: Job | None
+    #: The queue's lease: who holds it (``host/pid``), when taken, started, until when,
+    #: how many times its message was re-sent, and for which job.
+    lease_job_id: int | None
+    locked_by: str | None
+    locked_at: dt.datetime | None
+    started_at: dt.datetime | None
+    expires_at: dt.datetime | None
+    resends: int
+    #: Leases held in the whole scope (for a concurrency limit).
+    scope_leases: int
+    #: The database clock when the facts were read.
+    now: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True)

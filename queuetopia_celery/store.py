@@ -47,7 +47,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import schema
-from .errors import DatabaseError, JobNotFoundError, JobStateError
+from .errors import DatabaseError, JobNotFoundError, JobStateError, QueueNotFoundError
 from .jobs import (
     HELD_UNTIL,
     ON_EXHAUSTED_HOLD,
@@ -58,9 +58,11 @@ from .jobs import (
     STATUS_PENDING,
     STATUS_RUNNING,
     UTC,
+    BulkResult,
     Job,
     JobState,
     NewJob,
+    QueueFacts,
     QueueStatus,
     utcnow,
 )
@@ -353,6 +355,19 @@ class Store:
 
     def _queue_key(self, queue: str) -> sa.ColumnElement[int]:
         return func.hashtextextended(sa.literal(f"queuetopia\x1f{self.scope}\x1f{queue}"), 0)
+
+    def _paused_clause(self, queue: str) -> sa.ColumnElement[bool]:
+        """Whether an operator paused the queue (see :meth:`pause`)."""
+        return sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.queue == queue, Q.c.paused).exists()
+
+    def _is_paused(self, conn: Connection, queue: str) -> bool:
+        return bool(conn.execute(sa.select(self._paused_clause(queue))).scalar())
+
+    def _paused_among(self, conn: Connection, queues: Sequence[str]) -> set[str]:
+        query = sa.select(Q.c.queue).where(
+            Q.c.scope == self.scope, Q.c.queue.in_(sorted(set(queues))), Q.c.paused
+        )
+        return set(conn.execute(query).scalars())
 
     # ------------------------------------------------------------------ creating jobs
 
@@ -820,7 +835,7 @@ class Store:
         held = sa.select(L.c.queue).where(L.c.scope == Q.c.scope, L.c.queue == Q.c.queue)
         query = (
             sa.select(Q.c.queue)
-            .where(Q.c.scope == self.scope, Q.c.due_at <= self._now(), ~held.exists())
+            .where(Q.c.scope == self.scope, Q.c.due_at <= self._now(), ~held.exists(), ~Q.c.paused)
             .order_by(Q.c.due_at)
             .limit(limit)
         )
@@ -845,7 +860,7 @@ class Store:
             first = conn.execute(self._open_head(queue)).first()
             if first is None or first.status != STATUS_PENDING:
                 continue
-            if (first.next_attempt_at or first.scheduled_at) > now:
+            if (first.next_attempt_at or first.scheduled_at) > now or self._is_paused(conn, queue):
                 continue
             token = new_token()
             inserted = conn.execute(
@@ -902,6 +917,7 @@ class Store:
                     L.c.token == token,
                     L.c.job_id == job_id,
                     L.c.started_at.is_(None),
+                    ~self._paused_clause(queue),
                 )
                 .values(started_at=self._now(), expires_at=self._after(lease), locked_by=worker)
             )
@@ -1132,7 +1148,7 @@ class Store:
 
     def _pass_on(self, conn: Connection, queue: str, token: str, grace: float) -> Dispatch | None:
         head = conn.execute(self._open_head(queue)).first()
-        if head is None or head.status != STATUS_PENDING:
+        if head is None or head.status != STATUS_PENDING or self._is_paused(conn, queue):
             return None
         due = head.next_attempt_at or head.scheduled_at
         now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
@@ -1177,7 +1193,15 @@ class Store:
             if self.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             expired = conn.execute(query).all()
-            resent = self._resend(conn, [row for row in expired if row.started_at is None], grace)
+            unstarted = [row for row in expired if row.started_at is None]
+            if unstarted:
+                # A paused queue's unstarted lease is let go (its start would refuse).
+                paused = self._paused_among(conn, [row.queue for row in unstarted])
+                for row in unstarted:
+                    if row.queue in paused:
+                        self._release(conn, row.queue, row.token)
+                unstarted = [row for row in unstarted if row.queue not in paused]
+            resent = self._resend(conn, unstarted, grace)
             started: dict[int, str] = {}
             for row in expired:
                 if row.started_at is None:
@@ -1480,8 +1504,12 @@ class Store:
             if names is not None:
                 lease_q = lease_q.where(L.c.queue.in_(names))
             held = {row["queue"]: row for row in conn.execute(lease_q).mappings()}
+            paused_q = sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.paused)
+            if names is not None:
+                paused_q = paused_q.where(Q.c.queue.in_(names))
+            paused = set(conn.execute(paused_q).scalars())
             out = []
-            for name in sorted(set(pending) | set(held)):
+            for name in sorted(set(pending) | set(held) | (set() if blocked_only else paused)):
                 head = heads.get(name)
                 blocked = head is not None and head.error is not None
                 if blocked_only and not blocked:
@@ -1505,6 +1533,7 @@ class Store:
                         locked_at=lease["locked_at"] if lease else None,
                         locked_until=lease["expires_at"] if lease else None,
                         oldest_pending_at=oldest,
+                        paused=name in paused,
                     )
                 )
         far = dt.datetime.max.replace(tzinfo=UTC)
@@ -1566,6 +1595,220 @@ class Store:
                     )
             self._lower_due(conn, [queue] if queue is not None else None)
         return True
+
+    # ------------------------------------------------------------------ pause, bulk, explain
+    # Issue 12's operator features: paused queues, bulk retry and abort by filter, and
+    # the facts behind ``explain``.
+
+    def _queue_row(self, conn: Connection, queue: str) -> Any:
+        query = sa.select(Q.c.paused).where(Q.c.scope == self.scope, Q.c.queue == queue)
+        if self.is_postgres:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise QueueNotFoundError(self.scope, queue)
+        return row
+
+    def pause(self, queue: str) -> bool:
+        """Pause a queue: no job of it starts until :meth:`resume` (the scan, the kick,
+        the hand-on and the start all check the flag); a running job finishes. The
+        queue's dispatched but unstarted lease is let go (its message is dropped as
+        stale). Returns False when the queue was already paused (nothing changed).
+        Raises :class:`QueueNotFoundError` for a queue with no row."""
+        with self._tx() as conn:
+            if self._queue_row(conn, queue).paused:
+                return False
+            conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue == queue).values(paused=True))
+            conn.execute(
+                sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.started_at.is_(None))
+            )
+        return True
+
+    def resume(self, queue: str) -> bool:
+        """Resume a paused queue and make it due for the next scan (the caller wakes it
+        at once with :meth:`dispatch`). Returns False when it was not paused.
+        Raises :class:`QueueNotFoundError` for a queue with no row."""
+        with self._tx() as conn:
+            if not self._queue_row(conn, queue).paused:
+                return False
+            conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue == queue).values(paused=False))
+            self._lower_due(conn, [queue])
+        return True
+
+    def paused_queues(self) -> list[str]:
+        with self._tx() as conn:
+            query = sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.paused).order_by(Q.c.queue)
+            return list(conn.execute(query).scalars())
+
+    def _bulk_filter(self, query: Any, queue: str | None, action: str | None) -> Any:
+        query = query.where(J.c.scope == self.scope)
+        if queue is not None:
+            query = query.where(J.c.queue == queue)
+        if action is not None:
+            query = query.where(J.c.action == action)
+        return query
+
+    def retry_many(
+        self,
+        *,
+        queue: str | None,
+        action: str | None,
+        states: Sequence[JobState],
+        force: bool = False,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """:meth:`retry` of every job of the scope in one of ``states`` (exhausted,
+        held, retrying), of ``queue`` and/or ``action``: found with one statement and
+        made due now with one statement per 10,000 jobs, in one transaction. The rules
+        of the single retry hold: an exhausted job whose queue has run a later job is
+        skipped unless ``force``; so is an exhausted job whose unique key another open
+        job holds (of several exhausted jobs with one key, the newest is retried)."""
+        state_clause = sa.or_(*(self._state_clause(state) for state in states))
+        candidates = self._bulk_filter(
+            sa.select(J.c.id, J.c.queue, J.c.status, J.c.scheduled_at, J.c.sequence, J.c.unique_key),
+            queue,
+            action,
+        ).where(state_clause)
+        if self.is_postgres:
+            candidates = candidates.with_for_update()
+        skipped: dict[str, int] = {}
+        with self._tx() as conn:
+            rows = conn.execute(candidates.order_by(J.c.id)).all()
+            exhausted = [row for row in rows if row.status == STATUS_EXHAUSTED]
+            drop: set[int] = set()
+            if exhausted and not force:
+                last = self._last_attempted(conn, sorted({row.queue for row in exhausted}))
+                moved = {
+                    row.id
+                    for row in exhausted
+                    if row.queue in last and last[row.queue] > (row.scheduled_at, row.sequence)
+                }
+                if moved:
+                    skipped["moved_on"] = len(moved)
+                    drop |= moved
+            keyed = [row for row in exhausted if row.unique_key is not None and row.id not in drop]
+            if keyed:
+                held = set(self._open_by_key(conn, [row.unique_key for row in keyed]))
+                newest: dict[str, int] = {}
+                for row in keyed:
+                    newest[row.unique_key] = max(row.id, newest.get(row.unique_key, 0))
+                taken = {
+                    row.id for row in keyed if row.unique_key in held or newest[row.unique_key] != row.id
+                }
+                if taken:
+                    skipped["unique_key"] = len(taken)
+                    drop |= taken
+            chosen = [row for row in rows if row.id not in drop]
+            queues = tuple(sorted({row.queue for row in chosen}))
+            if not dry_run and chosen:
+                ids = [row.id for row in chosen]
+                for start in range(0, len(ids), 10_000):
+                    conn.execute(
+                        sa.update(J)
+                        .where(J.c.scope == self.scope, J.c.id.in_(ids[start : start + 10_000]))
+                        .values(status=STATUS_PENDING, next_attempt_at=self._now())
+                    )
+                self._lower_due(conn, queues)
+        return BulkResult(count=len(chosen), skipped=skipped, dry_run=dry_run, queues=queues)
+
+    def _last_attempted(self, conn: Connection, queues: Sequence[str]) -> dict[str, tuple[dt.datetime, int]]:
+        """The queue position ``(scheduled_at, sequence)`` of each queue's last
+        attempted job."""
+        rank = (
+            sa.func.row_number()
+            .over(partition_by=J.c.queue, order_by=(J.c.scheduled_at.desc(), J.c.sequence.desc()))
+            .label("rank")
+        )
+        sub = (
+            sa.select(J.c.queue, J.c.scheduled_at, J.c.sequence, rank)
+            .where(J.c.scope == self.scope, J.c.queue.in_(list(queues)), J.c.attempts > 0)
+            .subquery()
+        )
+        rows = conn.execute(sa.select(sub.c.queue, sub.c.scheduled_at, sub.c.sequence).where(sub.c.rank == 1))
+        return {row.queue: (row.scheduled_at, row.sequence) for row in rows}
+
+    def abort_many(
+        self, *, queue: str | None, action: str | None, reason: str, dry_run: bool = False
+    ) -> BulkResult:
+        """:meth:`abort` of every pending job (waiting, scheduled, retrying or held) of
+        ``queue`` and/or ``action`` in one statement; running jobs are skipped (counted
+        as ``running``). Unstarted leases on the aborted jobs are let go."""
+        skipped: dict[str, int] = {}
+        with self._tx() as conn:
+            counts = conn.execute(
+                self._bulk_filter(sa.select(J.c.status, J.c.queue, func.count()), queue, action)
+                .where(J.c.status.in_(OPEN_STATUSES))
+                .group_by(J.c.status, J.c.queue)
+            ).all()
+            running = sum(int(n) for status, _, n in counts if status == STATUS_RUNNING)
+            if running:
+                skipped["running"] = running
+            queues = tuple(sorted({name for status, name, _ in counts if status == STATUS_PENDING}))
+            count = sum(int(n) for status, _, n in counts if status == STATUS_PENDING)
+            if dry_run or not count:
+                return BulkResult(count=count, skipped=skipped, dry_run=dry_run, queues=queues)
+            if self.is_postgres:
+                # Lock in the workers' order (leases, then jobs), as abort does.
+                conn.execute(
+                    sa.select(L.c.queue)
+                    .where(L.c.scope == self.scope, L.c.queue.in_(list(queues)))
+                    .order_by(L.c.queue)
+                    .with_for_update()
+                )
+            done = conn.execute(
+                self._bulk_filter(sa.update(J), queue, action)
+                .where(J.c.status == STATUS_PENDING)
+                .values(
+                    status=STATUS_ABORTED, abort_reason=reason, aborted_at=self._now(), next_attempt_at=None
+                )
+            )
+            count = int(done.rowcount or 0)
+            aborted = sa.select(J.c.id).where(J.c.id == L.c.job_id, J.c.status == STATUS_ABORTED).exists()
+            conn.execute(
+                sa.delete(L).where(
+                    L.c.scope == self.scope, L.c.queue.in_(list(queues)), L.c.started_at.is_(None), aborted
+                )
+            )
+            self._lower_due(conn, queues)
+        return BulkResult(count=count, skipped=skipped, dry_run=False, queues=queues)
+
+    def queue_facts(self, queue: str) -> QueueFacts:
+        """What :func:`queuetopia_celery.explain.explain` needs about one queue, read
+        in one transaction."""
+        with self._tx() as conn:
+            now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
+            row = conn.execute(
+                sa.select(Q.c.paused).where(Q.c.scope == self.scope, Q.c.queue == queue)
+            ).first()
+            open_jobs = conn.execute(
+                sa.select(func.count()).where(
+                    J.c.scope == self.scope, J.c.queue == queue, J.c.status.in_(OPEN_STATUSES)
+                )
+            ).scalar_one()
+            head = self._heads(conn, [queue]).get(queue)
+            lease = (
+                conn.execute(sa.select(L).where(L.c.scope == self.scope, L.c.queue == queue))
+                .mappings()
+                .first()
+            )
+            scope_leases = conn.execute(
+                sa.select(func.count()).select_from(L).where(L.c.scope == self.scope)
+            ).scalar_one()
+        return QueueFacts(
+            queue=queue,
+            known=row is not None,
+            paused=bool(row.paused) if row is not None else False,
+            open_jobs=int(open_jobs),
+            head=head,
+            lease_job_id=lease["job_id"] if lease else None,
+            locked_by=lease["locked_by"] if lease else None,
+            locked_at=lease["locked_at"] if lease else None,
+            started_at=lease["started_at"] if lease else None,
+            expires_at=lease["expires_at"] if lease else None,
+            resends=int(lease["resends"]) if lease else 0,
+            scope_leases=int(scope_leases),
+            now=now.astimezone(UTC),
+        )
 
 
 def _driver_sql(sql: str) -> str:
@@ -1646,7 +1889,7 @@ WITH q AS (
         last_sequence = qq.last_sequence + excluded.last_sequence,
         due_at = CASE WHEN qq.due_at IS NULL OR excluded.due_at < qq.due_at
                       THEN excluded.due_at ELSE qq.due_at END
-    RETURNING qq.queue, qq.last_sequence, clock_timestamp() AS locked_at
+    RETURNING qq.queue, qq.last_sequence, clock_timestamp() AS locked_at, qq.paused
 ), r AS (
     SELECT * FROM unnest(
         CAST(:r_queue AS text[]), CAST(:r_action AS text[]), CAST(:r_params AS text[]),
@@ -1696,6 +1939,7 @@ WITH q AS (
         now() + make_interval(secs => CAST(:grace AS float8))
     FROM head
     WHERE CAST(:take AS boolean) AND head.status = 'pending' AND head.due <= clock_timestamp()
+        AND NOT EXISTS (SELECT 1 FROM q WHERE q.queue = head.queue AND q.paused)
     ORDER BY head.queue
     ON CONFLICT (scope, queue) DO NOTHING
     RETURNING queue, job_id, token
@@ -1725,6 +1969,8 @@ def _lease_heads(source: str, tail: str = "") -> str:
         LIMIT 1
     ) AS h
     WHERE h.status = 'pending' AND coalesce(h.next_attempt_at, h.scheduled_at) <= now()
+        AND NOT EXISTS (SELECT 1 FROM queuetopia_queues AS p
+                        WHERE p.scope = :s AND p.queue = w.queue AND p.paused)
     {tail}
 ), taken AS (
     INSERT INTO queuetopia_leases (scope, queue, token, job_id, locked_at, expires_at, locked_by)
@@ -1757,7 +2003,7 @@ _SCAN_SQL = sa.text(
 WITH due AS (
     SELECT qq.queue
     FROM queuetopia_queues AS qq
-    WHERE qq.scope = :s AND qq.due_at <= now()
+    WHERE qq.scope = :s AND qq.due_at <= now() AND NOT qq.paused
         AND NOT EXISTS (SELECT 1 FROM queuetopia_leases AS l WHERE l.scope = :s AND l.queue = qq.queue)
     ORDER BY qq.due_at
     LIMIT :limit
@@ -1782,6 +2028,7 @@ WITH l AS (
     UPDATE queuetopia_leases
     SET started_at = now(), expires_at = now() + make_interval(secs => :lease), locked_by = :w
     WHERE scope = :s AND queue = :q AND token = :tok AND job_id = :jid AND started_at IS NULL
+        AND NOT EXISTS (SELECT 1 FROM queuetopia_queues WHERE scope = :s AND queue = :q AND paused)
     RETURNING job_id
 ), j AS (
     UPDATE queuetopia_jobs AS j
@@ -1842,6 +2089,7 @@ WITH lease AS (
     FROM head
     WHERE status = 'pending' AND due <= now() AND EXISTS (SELECT 1 FROM done)
         AND CAST(:status AS text) <> 'pending'
+        AND NOT EXISTS (SELECT 1 FROM queuetopia_queues WHERE scope = :s AND queue = :q AND paused)
 ), moved AS (
     UPDATE queuetopia_leases AS l
     SET token = :new, job_id = nxt.id, locked_at = now(), resends = 0,
