@@ -1354,6 +1354,12 @@ class Store:
             if job.status not in (STATUS_PENDING, STATUS_EXHAUSTED):
                 hint = "its attempt is in progress" if job.status == STATUS_RUNNING else ""
                 raise JobStateError(job_id, job.state.value, "retry", hint)
+            if job.status == STATUS_EXHAUSTED and job.unique_key is not None:
+                holder = self._open_by_key(conn, [job.unique_key]).get(job.unique_key)
+                if holder is not None:
+                    raise JobStateError(
+                        job_id, job.state.value, "retry", f"job {holder.id} holds its unique_key now"
+                    )
             row = (
                 conn.execute(
                     sa.update(J)

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from queuetopia_celery import InvalidJobError, Job, JobState, QueueNotFoundError, Queuetopia
+from queuetopia_celery import InvalidJobError, Job, JobState, JobStateError, QueueNotFoundError, Queuetopia
 from queuetopia_celery.jobs import HELD_UNTIL
 from queuetopia_celery.schema import UTCDateTime
 
@@ -326,6 +326,10 @@ def test_bulk_retry_skips_an_exhausted_job_whose_unique_key_is_taken(build):
     result = qt.retry_jobs(queue="q")
     assert result.count == 0 and result.skipped == {"unique_key": 1}
     assert qt.get_job(old.id).state is JobState.EXHAUSTED
+    with pytest.raises(JobStateError, match=f"job {new.id} holds its unique_key now"):
+        qt.retry_job(old.id)
+    qt.abort_job(new.id, "superseded")
+    assert qt.retry_job(old.id).state is JobState.RETRYING
 
 
 def test_bulk_abort_of_5000_pending_jobs_skips_the_running_one(build):
