@@ -17,6 +17,7 @@ from celery import Celery
 from queuetopia_celery import InvalidJobError, Job, JobState, JobStateError, QueueNotFoundError, Queuetopia
 from queuetopia_celery.jobs import HELD_UNTIL
 from queuetopia_celery.schema import UTCDateTime
+from tests.integration.test_connection_loss import CREATE, Cutter
 
 UTC = dt.timezone.utc
 
@@ -423,3 +424,41 @@ def test_explain_says_why_the_head_is_not_running(build):
     qt.abort_jobs(queue="later", reason="not needed")
     answer = qt.explain_queue("later")
     assert answer.reason == "empty" and answer.to_dict()["head"] is None
+
+
+@pytest.fixture
+def cutting_qt(make_qt: Callable[..., Queuetopia], database_url: str) -> tuple[Queuetopia, Cutter]:
+    """A Queuetopia whose connections can be cut (see test_connection_loss.py)."""
+    qt = make_qt()
+    cutter = Cutter(sa.engine.make_url(database_url).set(drivername="postgresql").render_as_string(False))
+    factory = cutter.cursor_class()
+
+    @sa.event.listens_for(qt.engine, "connect")
+    def _connect(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.cursor_factory = factory
+
+    qt.engine.dispose()
+    return qt, cutter
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_bulk_create_with_unique_keys_whose_reply_is_lost_is_found_again(cutting_qt, when):
+    """PostgreSQL: the insert is retried on a new connection; after a lost reply the
+    retry finds the jobs of the first try (by its create key) and, for an item refused
+    for its key, the job holding it."""
+    qt, cutter = cutting_qt
+    holder = qt.create_job("a", "work", unique_key="taken")
+    cutter.arm(CREATE, when)
+    jobs = qt.create_jobs(
+        [
+            {"queue": "a", "action": "work", "params": {"i": 0}},
+            {"queue": "a", "action": "work", "params": {"i": 1}, "unique_key": "taken"},
+            {"queue": "a", "action": "work", "params": {"i": 2}, "unique_key": "new"},
+            {"queue": "b", "action": "work", "params": {"i": 3}},
+        ]
+    )
+    assert cutter.cuts == 1
+    assert jobs[1].id == holder.id
+    assert [job.params for job in jobs] == [{"i": 0}, {}, {"i": 2}, {"i": 3}]
+    assert jobs[2].unique_key == "new"
+    assert len(qt.list_jobs()) == 4
