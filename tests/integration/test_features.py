@@ -167,7 +167,8 @@ def _produce(url: str, scope: str, barrier: Any, results: Any, bulk: bool) -> No
 def test_concurrent_producers_of_one_key_create_one_job(build, backend_url, scope, bulk):
     qt = build()
     producers = 6
-    ctx = multiprocessing.get_context("fork")
+    # spawn: forking a process with threads is deprecated (Python 3.12).
+    ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(producers)
     results = ctx.Queue()
     procs = [
