@@ -1641,11 +1641,6 @@ class Store:
             self._lower_due(conn, [queue])
         return True
 
-    def paused_queues(self) -> list[str]:
-        with self._tx() as conn:
-            query = sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.paused).order_by(Q.c.queue)
-            return list(conn.execute(query).scalars())
-
     def _bulk_filter(self, query: Any, queue: str | None, action: str | None) -> Any:
         query = query.where(J.c.scope == self.scope)
         if queue is not None:
