@@ -16,11 +16,13 @@ from sqlalchemy.engine import Engine
 from . import migrate as _migrate
 from .create_task import register_create_task
 from .errors import ConfigurationError, InvalidJobError, UnknownActionError
+from .explain import QueueExplanation, explain
 from .jobs import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_BACKOFF,
     DEFAULT_TIMEOUT,
     ON_EXHAUSTED_SKIP,
+    BulkResult,
     DrainResult,
     Job,
     JobState,
@@ -247,6 +249,7 @@ class Queuetopia:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         on_exhausted: str | None = None,
         connection: Executor | None = None,
+        unique_key: str | None = None,
     ) -> Job:
         """Create a job at the end of ``queue``; the queue exists from its first job.
 
@@ -257,6 +260,12 @@ class Queuetopia:
         only after the commit. Raises :class:`~queuetopia_celery.InvalidJobError` on bad
         input, writing nothing; :class:`~queuetopia_celery.UnknownActionError` (one of
         them) when no registered performer handles ``action`` (see ``check_actions``).
+
+        With ``unique_key`` (at most 255 characters): while an open job (pending,
+        running, retrying or held: not done, exhausted nor aborted) of this scope has
+        the same key, in any queue, no job is created and that job is returned
+        instead. The database enforces it (a partial unique index), so concurrent
+        producers create one job between them.
         """
         spec = new_job(
             queue,
@@ -267,6 +276,7 @@ class Queuetopia:
             max_backoff=max_backoff,
             max_attempts=max_attempts,
             on_exhausted=self.on_exhausted if on_exhausted is None else on_exhausted,
+            unique_key=unique_key,
         )
         return self.create_jobs([spec], connection=connection)[0]
 
@@ -447,6 +457,82 @@ class Queuetopia:
         self._kick([job.queue], committed=True)
         return job
 
+    def pause_queue(self, queue: str) -> bool:
+        """Pause ``queue``: its running job (if any) finishes, and no other job of it
+        starts (scan, kick, hand-on and start all check) until :meth:`resume_queue`.
+        Nothing is aborted; jobs can still be created in it. Returns False when the
+        queue was already paused (nothing changed). Raises
+        :class:`~queuetopia_celery.QueueNotFoundError` for a queue with no job ever."""
+        return self.store.pause(validate_name("queue", queue))
+
+    def resume_queue(self, queue: str) -> bool:
+        """Resume a paused queue and wake it at once. Returns False when it was not
+        paused. Raises :class:`~queuetopia_celery.QueueNotFoundError`."""
+        changed = self.store.resume(validate_name("queue", queue))
+        if changed:
+            self._kick([queue], committed=True)
+        return changed
+
+    def retry_jobs(
+        self,
+        *,
+        queue: str | None = None,
+        action: str | None = None,
+        state: JobState | str | Sequence[JobState | str] | None = None,
+        force: bool = False,
+        all: bool = False,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """:meth:`retry_job` for every failed job of ``queue`` and/or ``action``:
+        exhausted, held and retrying ones (or only ``state``), in one transaction.
+        An exhausted job whose queue has since run a later job would run out of order:
+        skipped unless ``force`` (``result.skipped["moved_on"]``), as is one whose
+        unique key another open job holds now. With neither ``queue`` nor ``action``
+        the whole scope is meant: refused unless ``all=True``. ``dry_run`` counts
+        without changing anything. Wakes the queues retried."""
+        queue, action = bulk_target(queue, action, all)
+        states = bulk_states(state)
+        result = self.store.retry_many(
+            queue=queue, action=action, states=states, force=force, dry_run=dry_run
+        )
+        if result.count and not dry_run:
+            self._kick(result.queues, committed=True)
+        return result
+
+    def abort_jobs(
+        self,
+        *,
+        reason: str,
+        queue: str | None = None,
+        action: str | None = None,
+        all: bool = False,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """:meth:`abort_job` for every pending job (waiting, scheduled, retrying,
+        held) of ``queue`` and/or ``action``, in one statement; running jobs are
+        skipped (``result.skipped["running"]``). With neither ``queue`` nor ``action``
+        refused unless ``all=True``. ``dry_run`` counts without changing anything."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise InvalidJobError("reason", "must be a non-empty string")
+        queue, action = bulk_target(queue, action, all)
+        result = self.store.abort_many(queue=queue, action=action, reason=reason.strip(), dry_run=dry_run)
+        if result.count and not dry_run:
+            self._kick(result.queues, committed=True)
+        return result
+
+    def explain_queue(self, queue: str) -> QueueExplanation:
+        """Why ``queue``'s head job is (not) running now: ``summary`` in one sentence,
+        ``details`` after it, ``reason`` a stable code (see
+        :data:`queuetopia_celery.explain.REASONS`). Uses this process's registry to
+        tell whether a performer exists for the head's action."""
+        facts = self.store.queue_facts(validate_name("queue", queue))
+        registry = self.registry
+        return explain(
+            facts,
+            has_performer=lambda action: registry.default is not None or action in registry.actions,
+            max_concurrent=self.max_concurrent_queues,
+        )
+
     def purge_jobs(self, *, older_than: float | dt.timedelta | None = None) -> int:
         """Delete done jobs that finished more than ``older_than`` ago (default
         ``job_retention``). Exhausted and aborted jobs are kept. Returns the count."""
@@ -573,6 +659,7 @@ def _spec(item: dict[str, Any], on_exhausted: str = ON_EXHAUSTED_SKIP) -> NewJob
         "max_backoff",
         "max_attempts",
         "on_exhausted",
+        "unique_key",
     }
     unknown = set(item) - known
     if unknown:
@@ -590,4 +677,35 @@ def _spec(item: dict[str, Any], on_exhausted: str = ON_EXHAUSTED_SKIP) -> NewJob
         max_backoff=item.get("max_backoff", DEFAULT_MAX_BACKOFF),
         max_attempts=item.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
         on_exhausted=on_exhausted if item.get("on_exhausted") is None else item["on_exhausted"],
+        unique_key=item.get("unique_key"),
     )
+
+
+#: What a bulk retry takes by default: every failed job that is not done.
+BULK_RETRY_STATES = (JobState.EXHAUSTED, JobState.HELD, JobState.RETRYING)
+
+
+def bulk_target(queue: str | None, action: str | None, everything: bool) -> tuple[str | None, str | None]:
+    if queue is not None:
+        validate_name("queue", queue)
+    if action is not None:
+        validate_name("action", action)
+    if queue is None and action is None and not everything:
+        raise InvalidJobError(
+            "queue", "give a queue or an action (or all=True / --all for every job of the scope)"
+        )
+    return queue, action
+
+
+def bulk_states(state: JobState | str | Sequence[JobState | str] | None) -> list[JobState]:
+    if state is None:
+        return list(BULK_RETRY_STATES)
+    given = [state] if isinstance(state, (str, JobState)) else list(state)
+    states = [st for st in (_state(item) for item in given) if st is not None]
+    wrong = [s.value for s in states if s not in BULK_RETRY_STATES]
+    if wrong or not states:
+        raise InvalidJobError(
+            "state",
+            f"a bulk retry takes {', '.join(s.value for s in BULK_RETRY_STATES)}; got {wrong or 'none'}",
+        )
+    return states

@@ -20,9 +20,9 @@ import click
 import sqlalchemy as sa
 
 from . import migrate as _migrate
-from .app import make_engine
+from .app import bulk_states, bulk_target, make_engine
 from .errors import JobNotFoundError, QueuetopiaError
-from .jobs import Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
+from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
 from .store import Store
 
 
@@ -199,6 +199,8 @@ def attempts_text(job: Job) -> str:
 
 
 def _status_word(row: QueueStatus) -> str:
+    if row.paused:
+        return "PAUSED"
     if row.head is not None and row.head.state is JobState.HELD:
         return "HELD"
     if row.blocked:
@@ -335,34 +337,258 @@ _NO_KICK = "no worker was woken from here: the next scan (every poll_interval) s
 
 
 @cli.command()
-@click.argument("job_id", type=click.IntRange(min=1))
+@click.argument("job_id", type=click.IntRange(min=1), required=False)
+@click.option("--queue", help="Bulk: every failed job of this queue.")
+@click.option("--action", help="Bulk: every failed job of this action.")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice(["exhausted", "held", "retrying"]),
+    help="Bulk: only jobs in this state (repeatable; default: all three).",
+)
+@click.option("--all", "everything", is_flag=True, help="Bulk: every failed job of the scope.")
 @click.option(
     "--force",
     is_flag=True,
     help="Retry an exhausted job even though later jobs of its queue already ran (it runs after them).",
 )
+@click.option("--dry-run", is_flag=True, help="Bulk: count the jobs, change nothing.")
 @click.pass_obj
 @_expected_errors
-def retry(obj: _Context, job_id: int, force: bool) -> None:
-    """Make a retrying, held or exhausted job due now."""
+def retry(
+    obj: _Context,
+    job_id: int | None,
+    *,
+    queue: str | None,
+    action: str | None,
+    states: tuple[str, ...],
+    everything: bool,
+    force: bool,
+    dry_run: bool,
+) -> None:
+    """Make a retrying, held or exhausted job due now (JOB_ID), or every such job of
+    a queue or action (--queue, --action, --all)."""
+    if job_id is None or queue or action or states or everything or dry_run:
+        _retry_bulk(
+            obj,
+            job_id,
+            queue=queue,
+            action=action,
+            states=states,
+            everything=everything,
+            force=force,
+            dry_run=dry_run,
+        )
+        return
     job = _store(obj).retry(job_id, force=force)
     click.echo(f"job {job.id} of queue {job.queue!r} is due now ({job.attempts} attempts so far); {_NO_KICK}")
 
 
 @cli.command()
-@click.argument("job_id", type=click.IntRange(min=1))
+@click.argument("job_id", type=click.IntRange(min=1), required=False)
 @click.option("--reason", required=True, help="Why (recorded on the job).")
+@click.option("--queue", help="Bulk: every pending job of this queue.")
+@click.option("--action", help="Bulk: every pending job of this action.")
+@click.option("--all", "everything", is_flag=True, help="Bulk: every pending job of the scope.")
+@click.option("--dry-run", is_flag=True, help="Bulk: count the jobs, change nothing.")
 @click.pass_obj
 @_expected_errors
-def abort(obj: _Context, job_id: int, reason: str) -> None:
-    """Take a blocking job out of its queue for good (recorded, never deleted)."""
+def abort(
+    obj: _Context,
+    job_id: int | None,
+    *,
+    reason: str,
+    queue: str | None,
+    action: str | None,
+    everything: bool,
+    dry_run: bool,
+) -> None:
+    """Take a blocking job out of its queue for good (recorded, never deleted), or
+    every pending job of a queue or action (--queue, --action, --all)."""
     if not reason.strip():
         raise click.BadParameter("must not be empty", param_hint="--reason")
+    if job_id is None or queue or action or everything or dry_run:
+        _abort_bulk(
+            obj,
+            job_id,
+            reason=reason.strip(),
+            queue=queue,
+            action=action,
+            everything=everything,
+            dry_run=dry_run,
+        )
+        return
     job = _store(obj).abort(job_id, reason.strip())
     click.echo(
         f"job {job.id} of queue {job.queue!r} aborted ({reason.strip()}); "
         f"the queue moves on to its next job; {_NO_KICK.replace('it', 'that job', 1)}"
     )
+
+
+# ---------------------------------------------------------------------- issue 12: pause, bulk, explain
+
+
+def _bulk_usage(job_id: int | None, queue: str | None, action: str | None, everything: bool) -> None:
+    if job_id is not None:
+        raise click.UsageError("give a JOB_ID or bulk options (--queue, --action, --all), not both")
+    if queue is None and action is None and not everything:
+        raise click.UsageError(
+            "give a JOB_ID, or --queue and/or --action for a bulk action (--all for the whole scope)"
+        )
+
+
+_SKIP_REASONS = {
+    "moved_on": "exhausted jobs whose queue has run later jobs "
+    "(they would run out of order; --force retries them)",
+    "unique_key": "exhausted jobs whose unique_key another open job holds now",
+    "running": "running jobs (abort them once their attempt has ended)",
+}
+
+
+def _bulk_report(verb: str, result: BulkResult, target: str) -> None:
+    done = f"would {verb}" if result.dry_run else {"retry": "retried", "abort": "aborted"}[verb]
+    click.echo(
+        f"{done} {result.count} job(s) {target}" + (" (dry run: nothing changed)" if result.dry_run else "")
+    )
+    for reason, count in sorted(result.skipped.items()):
+        click.echo(f"skipped {count}: {_SKIP_REASONS.get(reason, reason)}")
+    if result.count and not result.dry_run:
+        click.echo(_NO_KICK.replace("it", "them", 1))
+
+
+def _target(queue: str | None, action: str | None) -> str:
+    parts = [f"of queue {queue!r}" if queue else "", f"of action {action!r}" if action else ""]
+    return " and ".join(p for p in parts if p) or "of the whole scope"
+
+
+def _retry_bulk(
+    obj: _Context,
+    job_id: int | None,
+    *,
+    queue: str | None,
+    action: str | None,
+    states: tuple[str, ...],
+    everything: bool,
+    force: bool,
+    dry_run: bool,
+) -> None:
+    _bulk_usage(job_id, queue, action, everything)
+    queue, action = bulk_target(queue, action, everything)
+    chosen = bulk_states(list(states) or None)
+    result = _store(obj).retry_many(queue=queue, action=action, states=chosen, force=force, dry_run=dry_run)
+    _bulk_report("retry", result, f"{_target(queue, action)} ({', '.join(s.value for s in chosen)})")
+
+
+def _abort_bulk(
+    obj: _Context,
+    job_id: int | None,
+    *,
+    reason: str,
+    queue: str | None,
+    action: str | None,
+    everything: bool,
+    dry_run: bool,
+) -> None:
+    _bulk_usage(job_id, queue, action, everything)
+    queue, action = bulk_target(queue, action, everything)
+    result = _store(obj).abort_many(queue=queue, action=action, reason=reason, dry_run=dry_run)
+    _bulk_report("abort", result, f"{_target(queue, action)} (pending: waiting, scheduled, retrying, held)")
+
+
+@cli.command()
+@click.argument("queue")
+@click.pass_obj
+@_expected_errors
+def pause(obj: _Context, queue: str) -> None:
+    """Pause a queue: its running job finishes, nothing else starts until resume."""
+    if _store(obj).pause(validate_name("queue", queue)):
+        click.echo(
+            f"queue {queue!r} paused: its running job (if any) finishes; no other job of it starts "
+            f"until `queuetopia-celery resume {queue}`"
+        )
+    else:
+        click.echo(f"queue {queue!r} was already paused: nothing changed")
+
+
+@cli.command()
+@click.argument("queue")
+@click.pass_obj
+@_expected_errors
+def resume(obj: _Context, queue: str) -> None:
+    """Resume a paused queue."""
+    if _store(obj).resume(validate_name("queue", queue)):
+        click.echo(f"queue {queue!r} resumed; {_NO_KICK.replace('it', 'its next job', 1)}")
+    else:
+        click.echo(f"queue {queue!r} was not paused: nothing changed")
+
+
+def _load_queuetopia(spec: str) -> Any:
+    """The Queuetopia at ``module:attribute`` (the current directory is importable)."""
+    import importlib
+
+    from .app import Queuetopia
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise click.BadParameter(f"{spec!r} is not module:attribute (example: myapp:qt)", param_hint="--app")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="--app") from None
+    found = getattr(module, attribute, None)
+    if not isinstance(found, Queuetopia):
+        raise click.BadParameter(
+            f"{spec!r} is {type(found).__name__ if found is not None else 'missing'}, not a Queuetopia",
+            param_hint="--app",
+        )
+    return found
+
+
+@cli.command()
+@click.argument("queue")
+@click.option(
+    "--app",
+    "app_spec",
+    envvar="QUEUETOPIA_APP",
+    help="module:attribute of your Queuetopia, to tell whether a performer exists for the head's action "
+    "and what max_concurrent_queues is.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+@_expected_errors
+def explain(obj: _Context, queue: str, app_spec: str | None, as_json: bool) -> None:
+    """Why is this queue stuck? One sentence, then details."""
+    from .explain import explain as _explain
+
+    store = _store(obj)
+    has_performer: Callable[[str], bool] | None = None
+    max_concurrent = None
+    if app_spec:
+        qt = _load_queuetopia(app_spec)
+        if qt.scope != store.scope:
+            raise click.BadParameter(
+                f"{app_spec} is scope {qt.scope!r}, not {store.scope!r}", param_hint="--app"
+            )
+        registry = qt.registry
+
+        def has_performer(action: str) -> bool:
+            return registry.default is not None or action in registry.actions
+
+        max_concurrent = qt.max_concurrent_queues
+    answer = _explain(
+        store.queue_facts(validate_name("queue", queue)),
+        has_performer=has_performer,
+        max_concurrent=max_concurrent,
+    )
+    if as_json:
+        click.echo(json.dumps(answer.to_dict(), indent=2))
+        return
+    click.echo(answer.summary)
+    for line in answer.details:
+        click.echo(f"  - {line}")
 
 
 @cli.command()

@@ -165,3 +165,14 @@ class WaitTimeoutError(QueuetopiaError, TimeoutError):
         self.state = state
         self.timeout = timeout
         super().__init__(f"job {job_id} is still {state} after {timeout:g} s")
+
+
+class QueueNotFoundError(QueuetopiaError, LookupError):
+    """Raised when an operator action names a queue that this scope has never had (no
+    row in ``queuetopia_queues``: no job was ever created in it): ``scope`` and
+    ``queue`` say which."""
+
+    def __init__(self, scope: str, queue: str) -> None:
+        self.scope = scope
+        self.queue = queue
+        super().__init__(f"no queue {queue!r} in scope {scope!r} (no job was ever created in it)")

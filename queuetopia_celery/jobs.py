@@ -27,6 +27,8 @@ MAX_NAME_LENGTH = 255
 MAX_DURATION = 366 * 24 * 3600.0
 #: Largest accepted ``max_attempts`` (a 32-bit column).
 MAX_ATTEMPTS_LIMIT = 2**31 - 1
+#: Longest accepted ``unique_key``.
+MAX_UNIQUE_KEY_LENGTH = 255
 #: Largest accepted params document, serialized, in bytes.
 MAX_PARAMS_BYTES = 8 * 1024 * 1024
 
@@ -93,6 +95,8 @@ class Job:
     on_exhausted: str = ON_EXHAUSTED_SKIP
     abort_reason: str | None = None
     aborted_at: dt.datetime | None = None
+    #: The job's unique key (``create_job(unique_key=...)``), or None.
+    unique_key: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | Any) -> Job:
@@ -197,6 +201,7 @@ class NewJob:
     max_backoff: float
     max_attempts: int
     on_exhausted: str = ON_EXHAUSTED_SKIP
+    unique_key: str | None = None
 
 
 def validate_on_exhausted(value: object) -> str:
@@ -228,6 +233,22 @@ def _check_text(field: str, value: str, where: str = "") -> None:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidJobError(field, f"{where}must be valid Unicode (no lone surrogates)") from exc
+
+
+def validate_unique_key(value: object) -> str | None:
+    """A unique job's key: None, or a string of at most 255 characters, not blank."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidJobError("unique_key", f"must be a string or None, got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidJobError("unique_key", "must not be empty or blank (only whitespace)")
+    if len(value) > MAX_UNIQUE_KEY_LENGTH:
+        raise InvalidJobError(
+            "unique_key", f"must be at most {MAX_UNIQUE_KEY_LENGTH} characters, got {len(value)}"
+        )
+    _check_text("unique_key", value)
+    return value
 
 
 def validate_duration(field: str, value: object, *, allow_zero: bool) -> float:
@@ -325,6 +346,7 @@ def new_job(
     max_backoff: object = DEFAULT_MAX_BACKOFF,
     max_attempts: object = DEFAULT_MAX_ATTEMPTS,
     on_exhausted: object = ON_EXHAUSTED_SKIP,
+    unique_key: object = None,
 ) -> NewJob:
     """Validate the arguments of ``create_job``; raise :class:`InvalidJobError` on bad input."""
     return NewJob(
@@ -336,6 +358,7 @@ def new_job(
         max_backoff=validate_duration("max_backoff", max_backoff, allow_zero=True),
         max_attempts=validate_max_attempts(max_attempts),
         on_exhausted=validate_on_exhausted(on_exhausted),
+        unique_key=validate_unique_key(unique_key),
     )
 
 
@@ -361,6 +384,8 @@ class QueueStatus:
     locked_until: dt.datetime | None
     #: When the oldest job still in the queue was created.
     oldest_pending_at: dt.datetime | None
+    #: An operator paused the queue (:meth:`Queuetopia.pause_queue`): nothing starts.
+    paused: bool = False
 
     @property
     def error(self) -> str | None:
@@ -390,7 +415,54 @@ class QueueStatus:
             "locked_at": _iso(self.locked_at),
             "locked_until": _iso(self.locked_until),
             "oldest_pending_at": _iso(self.oldest_pending_at),
+            "paused": self.paused,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkResult:
+    """What a bulk operator action (:meth:`Queuetopia.retry_jobs`,
+    :meth:`Queuetopia.abort_jobs`) did, or would do with ``dry_run=True``."""
+
+    #: Jobs retried or aborted (with ``dry_run``: that would be).
+    count: int
+    #: Jobs that matched the filter but were left alone, by reason (``running``: a
+    #: running job cannot be aborted; ``moved_on``: an exhausted job whose queue has
+    #: run later jobs, retried only with ``force``; ``unique_key``: an exhausted job
+    #: whose key another open job holds now).
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    dry_run: bool = False
+    #: The queues of the jobs retried or aborted.
+    queues: tuple[str, ...] = ()
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueFacts:
+    """What the database says about one queue, for :func:`queuetopia_celery.explain.explain`."""
+
+    queue: str
+    #: The queue has a row (a job was created in it once).
+    known: bool
+    paused: bool
+    #: Open jobs (pending or running) in the queue.
+    open_jobs: int
+    head: Job | None
+    #: The queue's lease: who holds it (``host/pid``), when taken, started, until when,
+    #: how many times its message was re-sent, and for which job.
+    lease_job_id: int | None
+    locked_by: str | None
+    locked_at: dt.datetime | None
+    started_at: dt.datetime | None
+    expires_at: dt.datetime | None
+    resends: int
+    #: Leases held in the whole scope (for a concurrency limit).
+    scope_leases: int
+    #: The database clock when the facts were read.
+    now: dt.datetime
 
 
 @dataclasses.dataclass(frozen=True)

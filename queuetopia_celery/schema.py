@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -36,6 +37,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.types import TypeDecorator
@@ -104,6 +106,8 @@ jobs = Table(
     # Version 4: the id of the create call that inserted the job (on PostgreSQL, without
     # a caller connection), so that a retried insert whose reply was lost finds its jobs.
     Column("create_key", String(32), nullable=True),
+    # Version 5: a unique job's key (at most one open job per key in the scope).
+    Column("unique_key", String(255), nullable=True),
     UniqueConstraint("scope", "queue", "sequence", name="uq_queuetopia_jobs_scope_queue_sequence"),
 )
 
@@ -125,6 +129,18 @@ Index(
     postgresql_where=text("create_key IS NOT NULL"),
     sqlite_where=text("create_key IS NOT NULL"),
 )
+#: The predicate of the unique-key index: only open jobs with a key take part, so a
+#: key is free again once its job is done, exhausted or aborted.
+UNIQUE_OPEN = "unique_key IS NOT NULL AND status IN ('pending', 'running')"
+
+Index(
+    "uq_queuetopia_jobs_open_unique_key",
+    jobs.c.scope,
+    jobs.c.unique_key,
+    unique=True,
+    postgresql_where=text(UNIQUE_OPEN),
+    sqlite_where=text(UNIQUE_OPEN),
+)
 Index(
     "ix_queuetopia_jobs_done",
     jobs.c.scope,
@@ -140,6 +156,8 @@ queues = Table(
     Column("queue", String(255), nullable=False),
     Column("last_sequence", BigInteger(), nullable=False),
     Column("due_at", UTCDateTime(), nullable=True),
+    # Version 5: an operator paused the queue: no job of it starts until resumed.
+    Column("paused", Boolean(), nullable=False, server_default=false()),
     PrimaryKeyConstraint("scope", "queue", name="pk_queuetopia_queues"),
 )
 

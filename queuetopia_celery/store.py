@@ -47,7 +47,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import schema
-from .errors import DatabaseError, JobNotFoundError, JobStateError, SchemaMissingError
+from .errors import DatabaseError, JobNotFoundError, JobStateError, QueueNotFoundError, SchemaMissingError
 from .jobs import (
     HELD_UNTIL,
     ON_EXHAUSTED_HOLD,
@@ -58,9 +58,11 @@ from .jobs import (
     STATUS_PENDING,
     STATUS_RUNNING,
     UTC,
+    BulkResult,
     Job,
     JobState,
     NewJob,
+    QueueFacts,
     QueueStatus,
     utcnow,
 )
@@ -372,6 +374,19 @@ class Store:
     def _queue_key(self, queue: str) -> sa.ColumnElement[int]:
         return func.hashtextextended(sa.literal(f"queuetopia\x1f{self.scope}\x1f{queue}"), 0)
 
+    def _paused_clause(self, queue: str) -> sa.ColumnElement[bool]:
+        """Whether an operator paused the queue (see :meth:`pause`)."""
+        return sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.queue == queue, Q.c.paused).exists()
+
+    def _is_paused(self, conn: Connection, queue: str) -> bool:
+        return bool(conn.execute(sa.select(self._paused_clause(queue))).scalar())
+
+    def _paused_among(self, conn: Connection, queues: Sequence[str]) -> set[str]:
+        query = sa.select(Q.c.queue).where(
+            Q.c.scope == self.scope, Q.c.queue.in_(sorted(set(queues))), Q.c.paused
+        )
+        return set(conn.execute(query).scalars())
+
     # ------------------------------------------------------------------ creating jobs
 
     def create_jobs(self, specs: Sequence[NewJob], *, connection: Executor | None = None) -> list[Job]:
@@ -379,6 +394,11 @@ class Store:
         order given."""
         if not specs:
             return []
+        kept, position = _unique_specs(specs)
+        if len(kept) < len(specs):
+            # Items repeating an earlier item's unique_key get that item's job.
+            made = self.create_jobs(kept, connection=connection)
+            return [made[p] for p in position]
         by_queue = _by_queue(specs)
         created: list[Job | None] = [None] * len(specs)
         if self.is_postgres:
@@ -390,9 +410,17 @@ class Store:
         with self._tx(connection) as conn:
             now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
             now = now.astimezone(UTC)
+            # Unique jobs: one writer at a time on SQLite, so looking first is race-free
+            # (the unique index still stands behind it). Found ones take no sequence.
+            existing = self._open_by_key(conn, [s.unique_key for s in specs if s.unique_key is not None])
+            for i, spec in enumerate(specs):
+                if spec.unique_key is not None and spec.unique_key in existing:
+                    created[i] = existing[spec.unique_key]
             # Lock queue rows in a stable order so concurrent bulk producers cannot deadlock.
             for queue in sorted(by_queue):
-                indexes = by_queue[queue]
+                indexes = [i for i in by_queue[queue] if created[i] is None]
+                if not indexes:
+                    continue
                 first_due = min(specs[i].scheduled_at or now for i in indexes)
                 last, locked_at = self._bump_sequence(conn, queue, len(indexes), first_due)
                 rows = []
@@ -416,6 +444,7 @@ class Store:
                             "status": STATUS_PENDING,
                             "attempts": 0,
                             "inserted_at": locked_at,
+                            "unique_key": spec.unique_key,
                         }
                     )
                 result = conn.execute(
@@ -439,6 +468,10 @@ class Store:
         """
         if not specs:
             return [], []
+        kept, position = _unique_specs(specs)
+        if len(kept) < len(specs):
+            made, taken = self.create_jobs_and_dispatch(kept, grace=grace)
+            return [made[p] for p in position], taken
         if not self.is_postgres:
             return self.create_jobs(specs), []
         return self._create_jobs_own(specs, _by_queue(specs), grace)
@@ -498,8 +531,16 @@ class Store:
             return None
         created: list[Job | None] = [None] * len(specs)
         for queue, indexes in by_queue.items():
-            for i, job in zip(indexes, found[queue], strict=True):
-                created[i] = job
+            # In sequence order; an item whose unique_key was taken inserted nothing.
+            mine = iter(found.get(queue, []))
+            following = next(mine, None)
+            for i in indexes:
+                wanted = specs[i].unique_key
+                if following is not None and (wanted is None or following.unique_key == wanted):
+                    created[i] = following
+                    following = next(mine, None)
+        if any(job is None for job in created):
+            self._fill_existing(conn, specs, created)
         by_id = {job.id: job for jobs in found.values() for job in jobs}
         leases = conn.execute(
             sa.select(L.c.queue, L.c.job_id, L.c.token)
@@ -556,6 +597,7 @@ class Store:
             "r_attempts": [spec.max_attempts for spec in specs],
             "r_exhausted": [spec.on_exhausted for spec in specs],
             "r_scheduled": [spec.scheduled_at for spec in specs],
+            "r_unique": [spec.unique_key for spec in specs],
             "take": grace is not None,
             "grace": 0.0 if grace is None else self._first_wait(grace),
             "key": key,
@@ -570,7 +612,49 @@ class Store:
                 taken[row["queue"]] = Dispatch(
                     row["queue"], int(row["lease_job_id"]), row["lease_token"], float(row["lease_timeout"])
                 )
+        if any(job is None for job in created):
+            # Unique jobs whose key an open job holds: that job instead.
+            self._fill_existing(conn, specs, created)
         return [job for job in created if job is not None], [taken[q] for q in sorted(taken)]
+
+    def _open_by_key(self, conn: Connection, keys: Sequence[str]) -> dict[str, Job]:
+        """The open job holding each of these unique keys, where one does."""
+        if not keys:
+            return {}
+        rows = conn.execute(
+            sa.select(*_JOB_COLUMNS).where(
+                J.c.scope == self.scope,
+                J.c.unique_key.in_(sorted(set(keys))),
+                J.c.unique_key.is_not(None),
+                J.c.status.in_(OPEN_STATUSES),
+            )
+        ).mappings()
+        return {row["unique_key"]: Job.from_row(row) for row in rows}
+
+    def _fill_existing(self, conn: Connection, specs: Sequence[NewJob], created: list[Job | None]) -> None:
+        """Fill the places of items not inserted because an open job held their
+        unique_key with that job. This runs in a statement after the insert, which
+        sees the holder even when it was committed by another producer while the
+        insert waited; if the holder has ended since, the newest job with the key is
+        the one that held it."""
+        missing = [i for i, job in enumerate(created) if job is None]
+        keys = [specs[i].unique_key for i in missing]
+        if any(key is None for key in keys):
+            raise DatabaseError("a job without unique_key was not inserted")
+        found = self._open_by_key(conn, [key for key in keys if key is not None])
+        gone = sorted({key for key in keys if key is not None and key not in found})
+        if gone:
+            rows = conn.execute(
+                sa.select(*_JOB_COLUMNS)
+                .where(J.c.scope == self.scope, J.c.unique_key.in_(gone))
+                .order_by(J.c.id)
+            ).mappings()
+            found.update({row["unique_key"]: Job.from_row(row) for row in rows})
+        for i in missing:
+            key = specs[i].unique_key
+            if key not in found:
+                raise DatabaseError(f"the job holding unique_key {key!r} vanished; create the job again")
+            created[i] = found[key]
 
     def _bump_sequence(
         self, conn: Connection, queue: str, count: int, due: dt.datetime
@@ -769,7 +853,7 @@ class Store:
         held = sa.select(L.c.queue).where(L.c.scope == Q.c.scope, L.c.queue == Q.c.queue)
         query = (
             sa.select(Q.c.queue)
-            .where(Q.c.scope == self.scope, Q.c.due_at <= self._now(), ~held.exists())
+            .where(Q.c.scope == self.scope, Q.c.due_at <= self._now(), ~held.exists(), ~Q.c.paused)
             .order_by(Q.c.due_at)
             .limit(limit)
         )
@@ -794,7 +878,7 @@ class Store:
             first = conn.execute(self._open_head(queue)).first()
             if first is None or first.status != STATUS_PENDING:
                 continue
-            if (first.next_attempt_at or first.scheduled_at) > now:
+            if (first.next_attempt_at or first.scheduled_at) > now or self._is_paused(conn, queue):
                 continue
             token = new_token()
             inserted = conn.execute(
@@ -851,6 +935,7 @@ class Store:
                     L.c.token == token,
                     L.c.job_id == job_id,
                     L.c.started_at.is_(None),
+                    ~self._paused_clause(queue),
                 )
                 .values(started_at=self._now(), expires_at=self._after(lease), locked_by=worker)
             )
@@ -1085,7 +1170,7 @@ class Store:
 
     def _pass_on(self, conn: Connection, queue: str, token: str, grace: float) -> Dispatch | None:
         head = conn.execute(self._open_head(queue)).first()
-        if head is None or head.status != STATUS_PENDING:
+        if head is None or head.status != STATUS_PENDING or self._is_paused(conn, queue):
             return None
         due = head.next_attempt_at or head.scheduled_at
         now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
@@ -1130,7 +1215,15 @@ class Store:
             if self.is_postgres:
                 query = query.with_for_update(skip_locked=True)
             expired = conn.execute(query).all()
-            resent = self._resend(conn, [row for row in expired if row.started_at is None], grace)
+            unstarted = [row for row in expired if row.started_at is None]
+            if unstarted:
+                # A paused queue's unstarted lease is let go (its start would refuse).
+                paused = self._paused_among(conn, [row.queue for row in unstarted])
+                for row in unstarted:
+                    if row.queue in paused:
+                        self._release(conn, row.queue, row.token)
+                unstarted = [row for row in unstarted if row.queue not in paused]
+            resent = self._resend(conn, unstarted, grace)
             started: dict[int, str] = {}
             for row in expired:
                 if row.started_at is None:
@@ -1330,6 +1423,12 @@ class Store:
                         f"its queue has moved on (job {later}, after it in the queue, has already run), "
                         "so it would now run out of order; retry with force (CLI: --force) if that is fine",
                     )
+            if job.status == STATUS_EXHAUSTED and job.unique_key is not None:
+                holder = self._open_by_key(conn, [job.unique_key]).get(job.unique_key)
+                if holder is not None:
+                    raise JobStateError(
+                        job_id, job.state.value, "retry", f"job {holder.id} holds its unique_key now"
+                    )
             row = (
                 conn.execute(
                     sa.update(J)
@@ -1480,8 +1579,12 @@ class Store:
             if names is not None:
                 lease_q = lease_q.where(L.c.queue.in_(names))
             held = {row["queue"]: row for row in conn.execute(lease_q).mappings()}
+            paused_q = sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.paused)
+            if names is not None:
+                paused_q = paused_q.where(Q.c.queue.in_(names))
+            paused = set(conn.execute(paused_q).scalars())
             out = []
-            for name in sorted(set(pending) | set(held)):
+            for name in sorted(set(pending) | set(held) | (set() if blocked_only else paused)):
                 head = heads.get(name)
                 blocked = head is not None and head.error is not None
                 if blocked_only and not blocked:
@@ -1505,6 +1608,7 @@ class Store:
                         locked_at=lease["locked_at"] if lease else None,
                         locked_until=lease["expires_at"] if lease else None,
                         oldest_pending_at=oldest,
+                        paused=name in paused,
                     )
                 )
         far = dt.datetime.max.replace(tzinfo=UTC)
@@ -1566,6 +1670,215 @@ class Store:
                     )
             self._lower_due(conn, [queue] if queue is not None else None)
         return True
+
+    # ------------------------------------------------------------------ pause, bulk, explain
+    # Issue 12's operator features: paused queues, bulk retry and abort by filter, and
+    # the facts behind ``explain``.
+
+    def _queue_row(self, conn: Connection, queue: str) -> Any:
+        query = sa.select(Q.c.paused).where(Q.c.scope == self.scope, Q.c.queue == queue)
+        if self.is_postgres:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise QueueNotFoundError(self.scope, queue)
+        return row
+
+    def pause(self, queue: str) -> bool:
+        """Pause a queue: no job of it starts until :meth:`resume` (the scan, the kick,
+        the hand-on and the start all check the flag); a running job finishes. The
+        queue's dispatched but unstarted lease is let go (its message is dropped as
+        stale). Returns False when the queue was already paused (nothing changed).
+        Raises :class:`QueueNotFoundError` for a queue with no row."""
+        with self._tx() as conn:
+            if self._queue_row(conn, queue).paused:
+                return False
+            conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue == queue).values(paused=True))
+            conn.execute(
+                sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.started_at.is_(None))
+            )
+        return True
+
+    def resume(self, queue: str) -> bool:
+        """Resume a paused queue and make it due for the next scan (the caller wakes it
+        at once with :meth:`dispatch`). Returns False when it was not paused.
+        Raises :class:`QueueNotFoundError` for a queue with no row."""
+        with self._tx() as conn:
+            if not self._queue_row(conn, queue).paused:
+                return False
+            conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue == queue).values(paused=False))
+            self._lower_due(conn, [queue])
+        return True
+
+    def _bulk_filter(self, query: Any, queue: str | None, action: str | None) -> Any:
+        query = query.where(J.c.scope == self.scope)
+        if queue is not None:
+            query = query.where(J.c.queue == queue)
+        if action is not None:
+            query = query.where(J.c.action == action)
+        return query
+
+    def retry_many(
+        self,
+        *,
+        queue: str | None,
+        action: str | None,
+        states: Sequence[JobState],
+        force: bool = False,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """:meth:`retry` of every job of the scope in one of ``states`` (exhausted,
+        held, retrying), of ``queue`` and/or ``action``: found with one statement and
+        made due now with one statement per 10,000 jobs, in one transaction. The rules
+        of the single retry hold: an exhausted job whose queue has run a later job is
+        skipped unless ``force``; so is an exhausted job whose unique key another open
+        job holds (of several exhausted jobs with one key, the newest is retried)."""
+        state_clause = sa.or_(*(self._state_clause(state) for state in states))
+        candidates = self._bulk_filter(
+            sa.select(J.c.id, J.c.queue, J.c.status, J.c.scheduled_at, J.c.sequence, J.c.unique_key),
+            queue,
+            action,
+        ).where(state_clause)
+        if self.is_postgres:
+            candidates = candidates.with_for_update()
+        skipped: dict[str, int] = {}
+        with self._tx() as conn:
+            rows = conn.execute(candidates.order_by(J.c.id)).all()
+            exhausted = [row for row in rows if row.status == STATUS_EXHAUSTED]
+            drop: set[int] = set()
+            if exhausted and not force:
+                last = self._last_attempted(conn, sorted({row.queue for row in exhausted}))
+                moved = {
+                    row.id
+                    for row in exhausted
+                    if row.queue in last and last[row.queue] > (row.scheduled_at, row.sequence)
+                }
+                if moved:
+                    skipped["moved_on"] = len(moved)
+                    drop |= moved
+            keyed = [row for row in exhausted if row.unique_key is not None and row.id not in drop]
+            if keyed:
+                held = set(self._open_by_key(conn, [row.unique_key for row in keyed]))
+                newest: dict[str, int] = {}
+                for row in keyed:
+                    newest[row.unique_key] = max(row.id, newest.get(row.unique_key, 0))
+                taken = {
+                    row.id for row in keyed if row.unique_key in held or newest[row.unique_key] != row.id
+                }
+                if taken:
+                    skipped["unique_key"] = len(taken)
+                    drop |= taken
+            chosen = [row for row in rows if row.id not in drop]
+            queues = tuple(sorted({row.queue for row in chosen}))
+            if not dry_run and chosen:
+                ids = [row.id for row in chosen]
+                for start in range(0, len(ids), 10_000):
+                    conn.execute(
+                        sa.update(J)
+                        .where(J.c.scope == self.scope, J.c.id.in_(ids[start : start + 10_000]))
+                        .values(status=STATUS_PENDING, next_attempt_at=self._now())
+                    )
+                self._lower_due(conn, queues)
+        return BulkResult(count=len(chosen), skipped=skipped, dry_run=dry_run, queues=queues)
+
+    def _last_attempted(self, conn: Connection, queues: Sequence[str]) -> dict[str, tuple[dt.datetime, int]]:
+        """The queue position ``(scheduled_at, sequence)`` of each queue's last
+        attempted job."""
+        rank = (
+            sa.func.row_number()
+            .over(partition_by=J.c.queue, order_by=(J.c.scheduled_at.desc(), J.c.sequence.desc()))
+            .label("rank")
+        )
+        sub = (
+            sa.select(J.c.queue, J.c.scheduled_at, J.c.sequence, rank)
+            .where(J.c.scope == self.scope, J.c.queue.in_(list(queues)), J.c.attempts > 0)
+            .subquery()
+        )
+        rows = conn.execute(sa.select(sub.c.queue, sub.c.scheduled_at, sub.c.sequence).where(sub.c.rank == 1))
+        return {row.queue: (row.scheduled_at, row.sequence) for row in rows}
+
+    def abort_many(
+        self, *, queue: str | None, action: str | None, reason: str, dry_run: bool = False
+    ) -> BulkResult:
+        """:meth:`abort` of every pending job (waiting, scheduled, retrying or held) of
+        ``queue`` and/or ``action`` in one statement; running jobs are skipped (counted
+        as ``running``). Unstarted leases on the aborted jobs are let go."""
+        skipped: dict[str, int] = {}
+        with self._tx() as conn:
+            counts = conn.execute(
+                self._bulk_filter(sa.select(J.c.status, J.c.queue, func.count()), queue, action)
+                .where(J.c.status.in_(OPEN_STATUSES))
+                .group_by(J.c.status, J.c.queue)
+            ).all()
+            running = sum(int(n) for status, _, n in counts if status == STATUS_RUNNING)
+            if running:
+                skipped["running"] = running
+            queues = tuple(sorted({name for status, name, _ in counts if status == STATUS_PENDING}))
+            count = sum(int(n) for status, _, n in counts if status == STATUS_PENDING)
+            if dry_run or not count:
+                return BulkResult(count=count, skipped=skipped, dry_run=dry_run, queues=queues)
+            if self.is_postgres:
+                # Lock in the workers' order (leases, then jobs), as abort does.
+                conn.execute(
+                    sa.select(L.c.queue)
+                    .where(L.c.scope == self.scope, L.c.queue.in_(list(queues)))
+                    .order_by(L.c.queue)
+                    .with_for_update()
+                )
+            done = conn.execute(
+                self._bulk_filter(sa.update(J), queue, action)
+                .where(J.c.status == STATUS_PENDING)
+                .values(
+                    status=STATUS_ABORTED, abort_reason=reason, aborted_at=self._now(), next_attempt_at=None
+                )
+            )
+            count = int(done.rowcount or 0)
+            aborted = sa.select(J.c.id).where(J.c.id == L.c.job_id, J.c.status == STATUS_ABORTED).exists()
+            conn.execute(
+                sa.delete(L).where(
+                    L.c.scope == self.scope, L.c.queue.in_(list(queues)), L.c.started_at.is_(None), aborted
+                )
+            )
+            self._lower_due(conn, queues)
+        return BulkResult(count=count, skipped=skipped, dry_run=False, queues=queues)
+
+    def queue_facts(self, queue: str) -> QueueFacts:
+        """What :func:`queuetopia_celery.explain.explain` needs about one queue, read
+        in one transaction."""
+        with self._tx() as conn:
+            now = conn.execute(sa.select(self._now())).scalar_one() if self.is_postgres else utcnow()
+            row = conn.execute(
+                sa.select(Q.c.paused).where(Q.c.scope == self.scope, Q.c.queue == queue)
+            ).first()
+            open_jobs = conn.execute(
+                sa.select(func.count()).where(
+                    J.c.scope == self.scope, J.c.queue == queue, J.c.status.in_(OPEN_STATUSES)
+                )
+            ).scalar_one()
+            head = self._heads(conn, [queue]).get(queue)
+            lease = (
+                conn.execute(sa.select(L).where(L.c.scope == self.scope, L.c.queue == queue))
+                .mappings()
+                .first()
+            )
+            scope_leases = conn.execute(
+                sa.select(func.count()).select_from(L).where(L.c.scope == self.scope)
+            ).scalar_one()
+        return QueueFacts(
+            queue=queue,
+            known=row is not None,
+            paused=bool(row.paused) if row is not None else False,
+            open_jobs=int(open_jobs),
+            head=head,
+            lease_job_id=lease["job_id"] if lease else None,
+            locked_by=lease["locked_by"] if lease else None,
+            locked_at=lease["locked_at"] if lease else None,
+            started_at=lease["started_at"] if lease else None,
+            expires_at=lease["expires_at"] if lease else None,
+            resends=int(lease["resends"]) if lease else 0,
+            scope_leases=int(scope_leases),
+            now=now.astimezone(UTC),
+        )
 
 
 def _driver_sql(sql: str) -> str:
@@ -1640,6 +1953,11 @@ _JOB_FIELDS = ", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))
 #: so a queue is only decided here when the jobs it sees end exactly where the counter
 #: stood before this statement (``last_sequence - n``). Any other queue, and one whose
 #: lease is held, is left to a dispatch after the commit, as without ``:take``.
+#:
+#: A unique job whose key an open job of the scope holds is not inserted (``ON CONFLICT
+#: .. DO NOTHING`` on the partial unique index, which waits for a producer inserting the
+#: same key to end): its sequence number is left unused, a gap that keeps the order, and
+#: its queue is then left to the dispatch after the commit (the check above fails).
 _CREATE_SQL = _driver_sql(
     f"""
 WITH q AS (
@@ -1652,21 +1970,24 @@ WITH q AS (
         last_sequence = qq.last_sequence + excluded.last_sequence,
         due_at = CASE WHEN qq.due_at IS NULL OR excluded.due_at < qq.due_at
                       THEN excluded.due_at ELSE qq.due_at END
-    RETURNING qq.queue, qq.last_sequence, clock_timestamp() AS locked_at
+    RETURNING qq.queue, qq.last_sequence, clock_timestamp() AS locked_at, qq.paused
 ), r AS (
     SELECT * FROM unnest(
         CAST(:r_queue AS text[]), CAST(:r_action AS text[]), CAST(:r_params AS text[]),
         CAST(:r_k AS int[]), CAST(:r_n AS int[]), CAST(:r_timeout AS float8[]),
         CAST(:r_backoff AS float8[]), CAST(:r_attempts AS int[]), CAST(:r_exhausted AS text[]),
-        CAST(:r_scheduled AS timestamptz[])
-    ) AS r(queue, action, params, k, n, timeout, max_backoff, max_attempts, on_exhausted, scheduled_at)
+        CAST(:r_scheduled AS timestamptz[]), CAST(:r_unique AS text[])
+    ) AS r(queue, action, params, k, n, timeout, max_backoff, max_attempts, on_exhausted, scheduled_at,
+           unique_key)
 ), j AS (
     INSERT INTO queuetopia_jobs AS j (scope, queue, action, params, sequence, timeout, max_backoff,
-        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at, create_key)
+        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at, create_key, unique_key)
     SELECT :s, r.queue, r.action, CAST(r.params AS json), q.last_sequence - r.n + r.k, r.timeout,
         r.max_backoff, r.max_attempts, r.on_exhausted, coalesce(r.scheduled_at, q.locked_at),
-        'pending', 0, q.locked_at, CAST(:key AS text)
+        'pending', 0, q.locked_at, CAST(:key AS text), r.unique_key
     FROM r JOIN q ON q.queue = r.queue
+    ON CONFLICT (scope, unique_key) WHERE unique_key IS NOT NULL AND status IN ('pending', 'running')
+    DO NOTHING
     RETURNING {", ".join(f"j.{f.name}" for f in dataclasses.fields(Job))}
 ), old AS (
     SELECT q.queue, h.id, h.status, h.timeout, h.scheduled_at, h.sequence, h.due
@@ -1699,6 +2020,7 @@ WITH q AS (
         now() + make_interval(secs => CAST(:grace AS float8))
     FROM head
     WHERE CAST(:take AS boolean) AND head.status = 'pending' AND head.due <= clock_timestamp()
+        AND NOT EXISTS (SELECT 1 FROM q WHERE q.queue = head.queue AND q.paused)
     ORDER BY head.queue
     ON CONFLICT (scope, queue) DO NOTHING
     RETURNING queue, job_id, token
@@ -1728,6 +2050,8 @@ def _lease_heads(source: str, tail: str = "") -> str:
         LIMIT 1
     ) AS h
     WHERE h.status = 'pending' AND coalesce(h.next_attempt_at, h.scheduled_at) <= now()
+        AND NOT EXISTS (SELECT 1 FROM queuetopia_queues AS p
+                        WHERE p.scope = :s AND p.queue = w.queue AND p.paused)
     {tail}
 ), taken AS (
     INSERT INTO queuetopia_leases (scope, queue, token, job_id, locked_at, expires_at, locked_by)
@@ -1760,7 +2084,7 @@ _SCAN_SQL = sa.text(
 WITH due AS (
     SELECT qq.queue
     FROM queuetopia_queues AS qq
-    WHERE qq.scope = :s AND qq.due_at <= now()
+    WHERE qq.scope = :s AND qq.due_at <= now() AND NOT qq.paused
         AND NOT EXISTS (SELECT 1 FROM queuetopia_leases AS l WHERE l.scope = :s AND l.queue = qq.queue)
     ORDER BY qq.due_at
     LIMIT :limit
@@ -1785,6 +2109,7 @@ WITH l AS (
     UPDATE queuetopia_leases
     SET started_at = now(), expires_at = now() + make_interval(secs => :lease), locked_by = :w
     WHERE scope = :s AND queue = :q AND token = :tok AND job_id = :jid AND started_at IS NULL
+        AND NOT EXISTS (SELECT 1 FROM queuetopia_queues WHERE scope = :s AND queue = :q AND paused)
     RETURNING job_id
 ), j AS (
     UPDATE queuetopia_jobs AS j
@@ -1845,6 +2170,7 @@ WITH lease AS (
     FROM head
     WHERE status = 'pending' AND due <= now() AND EXISTS (SELECT 1 FROM done)
         AND CAST(:status AS text) <> 'pending'
+        AND NOT EXISTS (SELECT 1 FROM queuetopia_queues WHERE scope = :s AND queue = :q AND paused)
 ), moved AS (
     UPDATE queuetopia_leases AS l
     SET token = :new, job_id = nxt.id, locked_at = now(), resends = 0,
@@ -1871,6 +2197,24 @@ SELECT (SELECT count(*) FROM done) AS written, moved.id AS next_id, moved.timeou
 FROM (SELECT 1) AS one LEFT JOIN moved ON true LEFT JOIN started ON true
 """
 )
+
+
+def _unique_specs(specs: Sequence[NewJob]) -> tuple[list[NewJob], list[int]]:
+    """The specs without those repeating an earlier spec's unique_key, and for each
+    spec given the position of its kept spec."""
+    kept: list[NewJob] = []
+    position: list[int] = []
+    first: dict[str, int] = {}
+    for spec in specs:
+        key = spec.unique_key
+        if key is not None and key in first:
+            position.append(first[key])
+            continue
+        if key is not None:
+            first[key] = len(kept)
+        position.append(len(kept))
+        kept.append(spec)
+    return kept, position
 
 
 def _by_queue(specs: Sequence[NewJob]) -> dict[str, list[int]]:
