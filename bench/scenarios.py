@@ -271,8 +271,8 @@ def _time_scan(env: Env, scope: str, repeats: int) -> dict[str, Any]:
             conn.execute(sa.text("DELETE FROM queuetopia_leases WHERE scope = :s"), {"s": scope})
         env.vacuum()
         t0 = time.perf_counter()
-        qt.store.recover(limit=qt.scan_limit)
-        got = qt.store.dispatch(grace=60, limit=qt.scan_limit)
+        qt.backend.recover(limit=qt.scan_limit)
+        got = qt.backend.scan(grace=60, limit=qt.scan_limit)
         times.append((time.perf_counter() - t0) * 1000)
         taken = len(got)
     qt.engine.dispose()
@@ -438,15 +438,15 @@ def _counting(qt: Any) -> collections.Counter[str]:
         return ping(dbapi_connection)
 
     qt.engine.dialect.do_ping = counted_ping
-    from queuetopia_celery import store as store_module
+    from queuetopia_celery.backends import postgres as store_module
 
-    raw = store_module._raw_all  # the hot path's statements bypass SQLAlchemy's events
+    raw = store_module.raw_all  # the hot path's statements bypass SQLAlchemy's events
 
     def counted_raw(*args: Any) -> Any:
         counts.update(["statements"])
         return raw(*args)
 
-    store_module._raw_all = counted_raw  # type: ignore[assignment]
+    store_module.raw_all = counted_raw  # type: ignore[assignment]
     send = qt.send
 
     def counted_send(dispatches: Any) -> None:
@@ -479,7 +479,7 @@ def roundtrips(env: Env, cfg: Config) -> dict[str, Any]:
     seed(qt, ["hot"], n)
     counts = _counting(qt)
     runner = Runner(qt)
-    pending = qt.store.dispatch(["hot"], grace=60)
+    pending = qt.backend.kick(["hot"], grace=60)
     t0 = time.perf_counter()
     done = 0
     r = redis.Redis.from_url(REDIS_URL)
@@ -490,9 +490,9 @@ def roundtrips(env: Env, cfg: Config) -> dict[str, Any]:
         if counts["messages"] > before:
             # The hand-back went through the broker: take it from the store instead.
             r.delete(scope)
-            lease = qt.store.lease_of("hot")
+            lease = qt.backend.lease_of("hot")
             if lease is not None:
-                from queuetopia_celery.store import Dispatch
+                from queuetopia_celery.backends import Lease as Dispatch
 
                 pending.append(Dispatch("hot", lease["job_id"], lease["token"], 60.0))
     out["hot queue, Runner.perform (burst 50 / 0.25 s)"] = _per_job(counts, done, time.perf_counter() - t0)

@@ -34,13 +34,13 @@ def seed(qt: Queuetopia, queues: list[str], per_queue: int, action: str = "noop"
     """Create the jobs without waking anyone (store level: no kick)."""
     specs = [new_job(q, action, {}, **opts) for _ in range(per_queue) for q in queues]
     for start in range(0, len(specs), 5000):
-        qt.store.create_jobs(specs[start : start + 5000])
+        qt.backend.create_jobs(specs[start : start + 5000])
 
 
 def dispatch_all(qt: Queuetopia, queues: list[str]) -> None:
     """What the producers' kicks do: take the leases, send the perform messages."""
     for start in range(0, len(queues), 1000):
-        qt.send(qt.store.dispatch(queues[start : start + 1000], grace=qt.dispatch_grace))
+        qt.send(qt.backend.kick(queues[start : start + 1000], grace=qt.dispatch_grace))
 
 
 class Ours:

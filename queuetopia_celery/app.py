@@ -14,6 +14,7 @@ from celery import signals as celery_signals
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
+from .backends import Backend, Burst, Executor, Lease, configure_sqlite, open_backend, ping_when_idle
 from .create_task import register_create_task
 from .errors import ConfigurationError, InvalidJobError, UnknownActionError
 from .explain import QueueExplanation, explain
@@ -36,8 +37,8 @@ from .jobs import (
 )
 from .ordered_task import TaskDecorator, wait_for_job
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
-from .store import Dispatch, Executor, Store, configure_sqlite, ping_when_idle
 from .tasks import publish, register
+from .wakeup import WakeUp
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class Queuetopia:
         scopes.add(scope)
         self.app = app
         self.engine = engine if engine is not None else make_engine(str(database_url))
-        self.store = Store(self.engine, self.scope, resend_after=self.resend_after)
+        self.backend: Backend = open_backend(self.engine, self.scope, resend_after=self.resend_after)
         self.registry = Registry(self.scope, performer)
         self.max_concurrent_queues = max_concurrent_queues
         self.celery_queue = celery_queue
@@ -183,6 +184,14 @@ class Queuetopia:
         self.scan_limit = scan_limit
         self.disabled = disabled
         self.check_actions = bool(check_actions)
+        #: The wake-up policy: which leases to take when, sent through :meth:`send`.
+        self.wakeup = WakeUp(
+            self.backend,
+            grace=self.dispatch_grace,
+            scan_limit=self.scan_limit,
+            max_concurrent=self.max_concurrent_queues,
+            send=self.send,
+        )
         self.perform_task, self.scan_task, self.kick_task = register(self)
         self.create_task = register_create_task(self)  # send_task path: see create_task.py
         if not disabled:
@@ -299,15 +308,16 @@ class Queuetopia:
             # itself takes the leases of new and idle queues, unless a concurrency limit
             # (counted under a lock by dispatch) or disabled=True says otherwise.
             own_leases = not self.disabled and self.max_concurrent_queues is None
-            with self.store.pinned():
-                created, taken = self.store.create_jobs_and_dispatch(
-                    specs, grace=self.dispatch_grace if own_leases else None
-                )
+            with self.backend.pinned():
+                if own_leases:
+                    created, taken = self.backend.create_jobs_taking_leases(specs, grace=self.dispatch_grace)
+                else:
+                    created, taken = self.backend.create_jobs(specs), []
                 self._kick(queues, committed=True, taken=taken)
             return created
-        created = self.store.create_jobs(specs, connection=connection)
+        created = self.backend.create_jobs(specs, connection=connection)
         if not self.disabled:
-            self.store.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
+            self.backend.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
         return created
 
     def _check_actions(self, specs: Sequence[NewJob]) -> None:
@@ -325,7 +335,7 @@ class Queuetopia:
     def _kick_after(self, queues: set[str], committed: bool) -> None:
         self._kick(sorted(queues), committed=committed)
 
-    def _kick(self, queues: Sequence[str], *, committed: bool, taken: Sequence[Dispatch] = ()) -> None:
+    def _kick(self, queues: Sequence[str], *, committed: bool, taken: Sequence[Lease] = ()) -> None:
         """Wake the given queues: dispatch them now (after a commit), or ask a worker
         to, once the caller's transaction has committed. ``taken``: leases already
         taken for some of them, to send."""
@@ -334,14 +344,10 @@ class Queuetopia:
         try:
             if committed:
                 self.send(taken)
-                held = {d.queue for d in taken}
+                held = {lease.queue for lease in taken}
                 rest = [queue for queue in queues if queue not in held]
                 if rest:
-                    self.send(
-                        self.store.dispatch(
-                            rest, grace=self.dispatch_grace, max_concurrent=self.max_concurrent_queues
-                        )
-                    )
+                    self.wakeup.kick(rest)
             else:
                 self.kick_task.apply_async(args=(list(queues),), queue=self.celery_queue)
         except Exception:
@@ -350,21 +356,21 @@ class Queuetopia:
                 "could not wake queues %s; the next scan will", list(queues), extra={"scope": self.scope}
             )
 
-    def send(self, dispatches: Sequence[Dispatch]) -> None:
+    def send(self, leases: Sequence[Lease]) -> None:
         """Publish one perform message per lease taken. If publishing fails (the broker
         is down), the leases are given back before the error propagates, so that the
         next scan sends them again (a message that did go out finds its token gone and
         is dropped)."""
         try:
-            publish(self, self.perform_task, dispatches)
+            publish(self, self.perform_task, leases)
         except Exception:
             try:
-                self.store.release_unsent(dispatches)
+                self.backend.release_unsent(leases)
             except Exception:
                 logger.warning(
                     "could not give back the leases of queues %s either: they are sent again "
                     "when they expire (dispatch_grace)",
-                    [d.queue for d in dispatches],
+                    [lease.queue for lease in leases],
                     exc_info=True,
                     extra={"scope": self.scope},
                 )
@@ -373,7 +379,7 @@ class Queuetopia:
     # ------------------------------------------------------------------ reading jobs
 
     def get_job(self, job_id: int) -> Job | None:
-        return self.store.get_job(job_id)
+        return self.backend.get_job(job_id)
 
     def list_jobs(
         self,
@@ -387,7 +393,7 @@ class Queuetopia:
         within a queue), filtered by queue, action, state."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
             raise InvalidJobError("limit", "must be None or an int >= 0")
-        return self.store.list_jobs(queue=queue, action=action, state=_state(state), limit=limit)
+        return self.backend.list_jobs(queue=queue, action=action, state=_state(state), limit=limit)
 
     def paginate_jobs(
         self,
@@ -403,10 +409,10 @@ class Queuetopia:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidJobError(name, "must be an int >= 1")
         st = _state(state)
-        items = self.store.list_jobs(
+        items = self.backend.list_jobs(
             queue=queue, action=action, state=st, limit=page_size, offset=(page_number - 1) * page_size
         )
-        total = self.store.count_jobs(queue=queue, action=action, state=st)
+        total = self.backend.count_jobs(queue=queue, action=action, state=st)
         return Page(items=items, total=total, page_number=page_number, page_size=page_size)
 
     # ------------------------------------------------------------------ running
@@ -427,13 +433,13 @@ class Queuetopia:
     def queue_statuses(self, *, queue: str | None = None) -> list[QueueStatus]:
         """One row per queue with jobs in it (or a lease): pending count, head job,
         lease holder, oldest pending job. Blocked queues come first."""
-        return self.store.queue_statuses(queue=queue)
+        return self.backend.queue_statuses(queue=queue)
 
     def blocked_queues(self) -> list[QueueStatus]:
         """Queues whose head job is failing (waiting for a retry, or being retried) or
         held, longest blocked first: ``status.error`` and ``status.blocked_since`` say
         why and since when. For alerts and dashboards."""
-        return self.store.queue_statuses(blocked_only=True)
+        return self.backend.queue_statuses(blocked_only=True)
 
     def retry_job(self, job_id: int, *, force: bool = False) -> Job:
         """Make a retrying, held, exhausted or scheduled job due now, and wake its
@@ -441,7 +447,7 @@ class Queuetopia:
         this scope) or :class:`~queuetopia_celery.JobStateError` (running, done,
         aborted; or exhausted while a later job of its queue has already run, so that
         it would run out of order: ``force=True`` retries it anyway)."""
-        job = self.store.retry(_job_id(job_id), force=force)
+        job = self.backend.retry(_job_id(job_id), force=force)
         self._kick([job.queue], committed=True)
         return job
 
@@ -453,7 +459,7 @@ class Queuetopia:
         :class:`~queuetopia_celery.JobStateError`."""
         if not isinstance(reason, str) or not reason.strip():
             raise InvalidJobError("reason", "must be a non-empty string")
-        job = self.store.abort(_job_id(job_id), reason.strip())
+        job = self.backend.abort(_job_id(job_id), reason.strip())
         self._kick([job.queue], committed=True)
         return job
 
@@ -463,12 +469,12 @@ class Queuetopia:
         Nothing is aborted; jobs can still be created in it. Returns False when the
         queue was already paused (nothing changed). Raises
         :class:`~queuetopia_celery.QueueNotFoundError` for a queue with no job ever."""
-        return self.store.pause(validate_name("queue", queue))
+        return self.backend.pause(validate_name("queue", queue))
 
     def resume_queue(self, queue: str) -> bool:
         """Resume a paused queue and wake it at once. Returns False when it was not
         paused. Raises :class:`~queuetopia_celery.QueueNotFoundError`."""
-        changed = self.store.resume(validate_name("queue", queue))
+        changed = self.backend.resume(validate_name("queue", queue))
         if changed:
             self._kick([queue], committed=True)
         return changed
@@ -492,7 +498,7 @@ class Queuetopia:
         without changing anything. Wakes the queues retried."""
         queue, action = bulk_target(queue, action, all)
         states = bulk_states(state)
-        result = self.store.retry_many(
+        result = self.backend.retry_many(
             queue=queue, action=action, states=states, force=force, dry_run=dry_run
         )
         if result.count and not dry_run:
@@ -515,7 +521,7 @@ class Queuetopia:
         if not isinstance(reason, str) or not reason.strip():
             raise InvalidJobError("reason", "must be a non-empty string")
         queue, action = bulk_target(queue, action, all)
-        result = self.store.abort_many(queue=queue, action=action, reason=reason.strip(), dry_run=dry_run)
+        result = self.backend.abort_many(queue=queue, action=action, reason=reason.strip(), dry_run=dry_run)
         if result.count and not dry_run:
             self._kick(result.queues, committed=True)
         return result
@@ -525,7 +531,7 @@ class Queuetopia:
         ``details`` after it, ``reason`` a stable code (see
         :data:`queuetopia_celery.explain.REASONS`). Uses this process's registry to
         tell whether a performer exists for the head's action."""
-        facts = self.store.queue_facts(validate_name("queue", queue))
+        facts = self.backend.queue_facts(validate_name("queue", queue))
         registry = self.registry
         return explain(
             facts,
@@ -541,7 +547,7 @@ class Queuetopia:
             if older_than is None
             else validate_duration("older_than", older_than, allow_zero=True)
         )
-        deleted = self.store.purge(seconds)
+        deleted = self.backend.purge(seconds)
         if deleted:
             logger.info("purged %s done jobs", deleted, extra={"scope": self.scope})
         return deleted
@@ -601,20 +607,22 @@ class Queuetopia:
         if queue is not None:
             validate_name("queue", queue)
         runner = Runner(self)
-        store = self.store
+        store = self.backend
         worker = f"drain/{os.getpid()}"
+        no_burst = Burst(worker, False, self.time_limit_grace, self.lease_margin, None)
         succeeded = failed = exhausted = 0
         store.release_unstarted(queue)
         while True:
-            taken = store.dispatch(
-                [queue] if queue is not None else None, grace=self.dispatch_grace, limit=self.scan_limit
-            )
+            if queue is not None:
+                taken = store.kick([queue], grace=self.dispatch_grace, limit=self.scan_limit)
+            else:
+                taken = store.scan(grace=self.dispatch_grace, limit=self.scan_limit)
             if not taken:
                 if with_scheduled and store.advance(queue):
                     continue
                 return DrainResult(succeeded=succeeded, failed=failed, exhausted=exhausted)
             for lease in taken:
-                nxt: Dispatch | None = lease
+                nxt: Lease | None = lease
                 while nxt is not None:
                     job = store.start(
                         nxt.queue, nxt.job_id, nxt.token, worker=worker, lease=nxt.timeout + self.lease_margin
@@ -628,7 +636,10 @@ class Queuetopia:
                         exhausted += 1
                     else:
                         failed += 1
-                    _, nxt = store.finish(job, nxt.token, outcome, grace=self.dispatch_grace)
+                    # The statement workers run, without starting the next job here.
+                    _, nxt, _ = store.finish_and_start(
+                        job, nxt.token, outcome, grace=self.dispatch_grace, burst=no_burst
+                    )
 
 
 def _job_id(job_id: object) -> int:

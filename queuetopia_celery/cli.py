@@ -21,9 +21,9 @@ import sqlalchemy as sa
 
 from . import migrate as _migrate
 from .app import bulk_states, bulk_target, make_engine
+from .backends import Backend, open_backend
 from .errors import JobNotFoundError, QueuetopiaError
 from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
-from .store import Store
 
 
 class _Context:
@@ -96,7 +96,7 @@ def migrate(obj: _Context, local_url: str | None, dry_run: bool) -> None:
 # ---------------------------------------------------------------------- operator commands
 
 
-def _store(obj: _Context) -> Store:
+def _store(obj: _Context) -> Backend:
     url = obj.require_url()
     if not obj.scope:
         raise click.UsageError("no scope: give --scope or set QUEUETOPIA_SCOPE")
@@ -110,7 +110,7 @@ def _store(obj: _Context) -> Store:
                 f"no SQLite database at {missing} (the file does not exist): "
                 f"create it with `queuetopia-celery migrate --database-url {safe}`"
             )
-        return Store(engine, validate_name("scope", obj.scope))
+        return open_backend(engine, validate_name("scope", obj.scope))
     except (QueuetopiaError, sa.exc.ArgumentError) as exc:
         _fail(str(exc))
         raise  # unreachable: _fail exits

@@ -126,7 +126,7 @@ def create_from_message(
             ids = [job.id for job in created]
             conn.execute(sa.update(messages).where(key).values(job_id=ids[0], job_ids=ids))
     except SQLAlchemyError as exc:
-        raise DatabaseError(qt.store.redact(f"database error: {exc}")) from exc
+        raise DatabaseError(qt.backend.redact(f"database error: {exc}")) from exc
     return ids if many else ids[0]
 
 

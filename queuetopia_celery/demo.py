@@ -200,7 +200,7 @@ def _watch(qt: Queuetopia, total: int, console: Console, check: Callable[[], Non
             if now >= next_scan:
                 qt.scan()
                 next_scan = now + qt.poll_interval
-            finished = qt.store.count_jobs(state=JobState.DONE) == total
+            finished = qt.backend.count_jobs(state=JobState.DONE) == total
             live.update(_render(qt))
             if finished:
                 return True
@@ -216,7 +216,7 @@ def _render(qt: Queuetopia) -> Group:
     for name in ("queue", "state", "done", "head job (seq)", "attempts", "detail"):
         table.add_column(name)
     for queue, params in PLAN:
-        done = qt.store.count_jobs(queue=queue, state=JobState.DONE)
+        done = qt.backend.count_jobs(queue=queue, state=JobState.DONE)
         row = statuses.get(queue)
         head = row.head if row else None
         if head is None:

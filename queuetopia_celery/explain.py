@@ -1,5 +1,5 @@
 """Why is this queue stuck? One sentence, then details, from the facts the store read
-(:meth:`~queuetopia_celery.store.Store.queue_facts`).
+(:meth:`~queuetopia_celery.backends.base.Backend.queue_facts`).
 
 Pure logic: nothing here talks to the database or to Celery.
 """

@@ -45,7 +45,7 @@ from .performer import BackoffFn, FailureFn
 
 if TYPE_CHECKING:
     from .app import Queuetopia
-    from .store import Executor
+    from .backends import Executor
 
 P = ParamSpec("P")
 R = TypeVar("R")

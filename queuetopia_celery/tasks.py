@@ -28,10 +28,10 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .backends.base import Burst, Lease, LostAttempt, Outcome
 from .errors import DoNotRetry, JobTimeoutError, ResultNotJSONError, SchemaMissingError
 from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
 from .performer import PerformerProtocol, is_stop_signal, safe_backoff
-from .store import Burst, Dispatch, LostAttempt, Outcome
 
 if TYPE_CHECKING:
     from .app import Queuetopia
@@ -110,7 +110,7 @@ class Runner:
         """Run a dispatched job and, within the burst budget, the queue's next due jobs.
         Returns how many jobs were attempted."""
         qt = self.qt
-        store = qt.store
+        store = qt.backend
         began = time.monotonic()
         deadline = began + time_limit if time_limit else None
         worker = worker_name(hostname)
@@ -160,13 +160,7 @@ class Runner:
                     # Released: a job committed meanwhile may have missed us. Look again;
                     # under a concurrency limit, give the freed slot to the due queues
                     # (this one included) now rather than at the next scan.
-                    qt.send(
-                        store.dispatch(
-                            [queue] if qt.max_concurrent_queues is None else None,
-                            grace=qt.dispatch_grace,
-                            max_concurrent=qt.max_concurrent_queues,
-                        )
-                    )
+                    qt.wakeup.released(queue)
                     return attempted
                 if started is not None:
                     job, token = started, nxt.token
@@ -212,7 +206,7 @@ class Runner:
         return Outcome(False, error=self._storable(error), backoff=backoff, final=final)
 
     def _storable(self, error: str) -> str:
-        return storable_text(self.qt.store.redact(error))
+        return storable_text(self.qt.backend.redact(error))
 
     def _failed_attempt(
         self, job: Job, performer: PerformerProtocol | None, exc: BaseException, *, final: bool = False
@@ -268,7 +262,7 @@ class Runner:
     def scan(self) -> int:
         """Recover expired leases and dispatch due queues. Returns leases taken."""
         qt = self.qt
-        store = qt.store
+        store = qt.backend
         lost, resent = store.recover(limit=qt.scan_limit, grace=qt.dispatch_grace)
         for item in lost:
             self._record_lost(item)
@@ -278,15 +272,7 @@ class Runner:
                 "re-sent %s perform messages not started in time", len(resent), extra={"scope": qt.scope}
             )
             qt.send(resent)
-        total = len(resent)
-        while True:
-            taken = store.dispatch(
-                grace=qt.dispatch_grace, limit=qt.scan_limit, max_concurrent=qt.max_concurrent_queues
-            )
-            qt.send(taken)
-            total += len(taken)
-            if len(taken) < qt.scan_limit:
-                return total
+        return len(resent) + qt.wakeup.scan()
 
     def _record_lost(self, lost: LostAttempt) -> None:
         qt = self.qt
@@ -303,7 +289,7 @@ class Runner:
         outcome = Outcome(False, error=self._storable(error), backoff=backoff)
         # Recorded before handle_failed_job runs: a hook that raises, exits or kills
         # this process can neither leave the attempt unrecorded nor block its queue.
-        if not qt.store.record_lost(lost, outcome):
+        if not qt.backend.record_lost(lost, outcome):
             return
         logger.warning(
             "WorkerLostError: %s",
@@ -312,7 +298,7 @@ class Runner:
         )
         hook_error = self._failure_hook(job, performer, error)
         if hook_error and outcome.error is not None:
-            qt.store.replace_error(job.id, outcome.error, self._storable(f"{error}\n{hook_error}"))
+            qt.backend.replace_error(job.id, outcome.error, self._storable(f"{error}\n{hook_error}"))
 
     def unless_schema_missing(self, fn: Callable[[], int]) -> int:
         """Run a periodic task's body; if the tables are missing (not migrated), log
@@ -328,15 +314,7 @@ class Runner:
         return result
 
     def kick(self, queues: Sequence[str]) -> int:
-        qt = self.qt
-        taken = qt.store.dispatch(
-            list(queues),
-            grace=qt.dispatch_grace,
-            max_concurrent=qt.max_concurrent_queues,
-            wait_for_producers=True,
-        )
-        qt.send(taken)
-        return len(taken)
+        return self.qt.wakeup.kick_after_producers(list(queues))
 
 
 class WorkerLostError(Exception):
@@ -409,15 +387,15 @@ def quiet_routine_tasks(names: Sequence[str]) -> None:
             celery_logger.addFilter(_ROUTINE)
 
 
-def publish(qt: Queuetopia, perform_task: Any, dispatches: Sequence[Dispatch]) -> None:
+def publish(qt: Queuetopia, perform_task: Any, leases: Sequence[Lease]) -> None:
     """Send one perform message per lease, with the hard time limit set for the job."""
-    if not dispatches:
+    if not leases:
         return
     with qt.app.producer_or_acquire() as producer:
-        for d in dispatches:
+        for lease in leases:
             perform_task.apply_async(
-                args=(d.queue, d.job_id, d.token),
+                args=(lease.queue, lease.job_id, lease.token),
                 queue=qt.celery_queue,
-                time_limit=d.timeout + qt.burst_seconds + qt.time_limit_grace,
+                time_limit=lease.timeout + qt.burst_seconds + qt.time_limit_grace,
                 producer=producer,
             )

@@ -84,9 +84,9 @@ def _expected(attrs: dict[str, Any]) -> dict[str, Any]:
 
 def _all_jobs(qt: Queuetopia, expected: dict[str, Any]) -> list[Job]:
     """The scope's jobs, narrowed in the database by queue and action when given."""
-    jobs = qt.store.list_jobs(queue=expected.get("queue"), action=expected.get("action"))
+    jobs = qt.backend.list_jobs(queue=expected.get("queue"), action=expected.get("action"))
     if not jobs and ("queue" in expected or "action" in expected):
-        jobs = qt.store.list_jobs()  # to show what was created instead
+        jobs = qt.backend.list_jobs()  # to show what was created instead
     return sorted(jobs, key=lambda job: job.id)
 
 

@@ -347,7 +347,7 @@ def test_perform_messages_with_an_expired_or_used_token_are_dropped(
 ):
     # No worker yet: the first perform message waits in the broker ...
     job = qt.create_job("f", "work", {"echo": "fenced"})
-    old = qt.store.lease_of("f")["token"]
+    old = qt.backend.lease_of("f")["token"]
     # ... longer than its re-send wait: the scan re-sends it under the same token.
     with engine.begin() as conn:
         conn.execute(
@@ -355,7 +355,7 @@ def test_perform_messages_with_an_expired_or_used_token_are_dropped(
             {"s": scope},
         )
     qt.scan()
-    lease = qt.store.lease_of("f")
+    lease = qt.backend.lease_of("f")
     assert (lease["token"], lease["resends"]) == (old, 1)
 
     start_worker(concurrency=1)

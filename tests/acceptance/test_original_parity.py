@@ -165,7 +165,7 @@ def test_a_freed_concurrency_slot_starts_a_waiting_queue_at_once_not_at_the_next
     start_worker(concurrency=2, beat=True, env=limit)  # the first scan comes 60 s after start
     a1 = qt.create_job("A", "work", {"sleep": 1.5})
     b1 = qt.create_job("B", "work", {"echo": "waiting for a slot"})
-    assert qt.store.lease_of("B") is None  # the limit held it back
+    assert qt.backend.lease_of("B") is None  # the limit held it back
     wait_for(lambda: finished(qt, a1, b1), timeout=30, message="B to start when A frees its slot")
 
     runs = {e["queue"]: e for e in events(engine, scope) if e["kind"] in ATTEMPT_KINDS}

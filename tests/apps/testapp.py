@@ -215,7 +215,7 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
     if env.get("QT_TEST_PG_KILL"):
         _install_pg_kill(qt, env["QT_TEST_PG_KILL"])
     if env.get("QT_TEST_BREAK_FENCING") == "1":
-        store = qt.store
+        store = qt.backend
         start = store.start
 
         def start_ignoring_token(queue: str, job_id: int, token: str, **kwargs: Any) -> Job | None:
@@ -290,7 +290,7 @@ def _install_pg_kill(qt: Queuetopia, spec: str) -> None:
     def _on_connect(dbapi_connection: Any, _: Any) -> None:
         dbapi_connection.cursor_factory = KillingCursor
 
-    store = qt.store
+    store = qt.backend
     # "finish" also covers the store's combined calls (finish_and_start, ...).
     methods = [
         (attr, name)

@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 from queuetopia_celery import DatabaseError, JobState, Queuetopia
-from queuetopia_celery import store as store_module
-from queuetopia_celery.store import Burst, Outcome
+from queuetopia_celery.backends import Burst, Outcome
+from queuetopia_celery.backends import connection as store_module
 
 #: The first lines of the statements a test can cut (see queuetopia_celery/store.py).
 CREATE = "INSERT INTO queuetopia_queues AS qq"
@@ -124,7 +124,7 @@ def test_create_job_cut_mid_insert_creates_the_job_exactly_once(cut_qt, engine, 
     assert cutter.cuts == 1
     assert jobs_in(engine, scope) == 1
     assert qt.get_job(job.id) == job
-    lease = qt.store.lease_of("q")
+    lease = qt.backend.lease_of("q")
     assert lease is not None and lease["job_id"] == job.id  # the queue was woken too
 
 
@@ -144,15 +144,15 @@ def test_create_jobs_in_bulk_cut_mid_insert_returns_each_job_once_in_order(cut_q
 def test_a_start_cut_mid_statement_begins_the_attempt_once(cut_qt, scope, when):
     qt, cutter = cut_qt
     job = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
+    token = qt.backend.lease_of("q")["token"]
     cutter.arm(START, when)
-    with qt.store.pinned():
-        started = qt.store.start("q", job.id, token, worker="w/1", lease=30)
+    with qt.backend.pinned():
+        started = qt.backend.start("q", job.id, token, worker="w/1", lease=30)
     assert cutter.cuts == 1
     assert started is not None and started.id == job.id and started.attempts == 1
     assert qt.get_job(job.id).attempts == 1
     # A duplicate of the message is still dropped.
-    assert qt.store.start("q", job.id, token, worker="w/2", lease=30) is None
+    assert qt.backend.start("q", job.id, token, worker="w/2", lease=30) is None
 
 
 BURST = Burst(worker="w/1", start_next=True, time_limit_grace=1, lease_margin=1, deadline_left=None)
@@ -164,25 +164,25 @@ def test_an_outcome_write_cut_mid_statement_is_written_once_and_hands_on(cut_qt,
     qt, cutter = cut_qt
     first = qt.create_job("q", "work", {})
     second = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    with qt.store.pinned():
-        job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    token = qt.backend.lease_of("q")["token"]
+    with qt.backend.pinned():
+        job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
         assert job is not None
         cutter.arm(FINISH, when)
         burst = Burst(
             worker="w/1", start_next=start_next, time_limit_grace=1, lease_margin=1, deadline_left=None
         )
-        written, nxt, started = qt.store.finish_and_start(
+        written, nxt, started = qt.backend.finish_and_start(
             job, token, Outcome(True, result=7), grace=20, burst=burst
         )
     assert cutter.cuts == 1
     assert written, "the retry did not recognise its own write"
     assert nxt is not None and nxt.job_id == second.id
-    assert qt.store.lease_of("q")["token"] == nxt.token
+    assert qt.backend.lease_of("q")["token"] == nxt.token
     if start_next:
         assert started is not None and started.id == second.id and started.attempts == 1
     else:
-        assert started is None and qt.store.lease_of("q")["started_at"] is None
+        assert started is None and qt.backend.lease_of("q")["started_at"] is None
     done = qt.get_job(first.id)
     assert (done.state, done.result, done.attempts) == (JobState.DONE, 7, 1)
     assert qt.get_job(second.id).attempts == (1 if start_next else 0)
@@ -192,16 +192,16 @@ def test_an_outcome_write_cut_mid_statement_is_written_once_and_hands_on(cut_qt,
 def test_a_failure_write_cut_mid_statement_is_written_once(cut_qt, when):
     qt, cutter = cut_qt
     first = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    token = qt.backend.lease_of("q")["token"]
+    job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
     cutter.arm(FINISH, when)
     outcome = Outcome(False, error="boom", backoff=3600)
-    written, nxt, started = qt.store.finish_and_start(job, token, outcome, grace=20, burst=BURST)
+    written, nxt, started = qt.backend.finish_and_start(job, token, outcome, grace=20, burst=BURST)
     assert cutter.cuts == 1
     assert (written, nxt, started) == (True, None, None)
     failed = qt.get_job(first.id)
     assert (failed.state, failed.error, failed.attempts) == (JobState.RETRYING, "boom", 1)
-    assert qt.store.lease_of("q") is None
+    assert qt.backend.lease_of("q") is None
 
 
 def test_a_write_whose_lease_was_lost_is_still_dropped_after_a_cut(cut_qt, engine, scope):
@@ -209,8 +209,8 @@ def test_a_write_whose_lease_was_lost_is_still_dropped_after_a_cut(cut_qt, engin
     lost meanwhile, the late outcome stays dropped."""
     qt, cutter = cut_qt
     first = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    token = qt.backend.lease_of("q")["token"]
+    job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
     with engine.begin() as conn:
         conn.execute(
             sa.text("UPDATE queuetopia_leases SET expires_at = now() - interval '1 s' WHERE scope = :s"),
@@ -218,7 +218,8 @@ def test_a_write_whose_lease_was_lost_is_still_dropped_after_a_cut(cut_qt, engin
         )
     qt.scan()
     cutter.arm(FINISH, "before")
-    assert qt.store.finish_and_start(job, token, Outcome(True), grace=20, burst=BURST) == (False, None, None)
+    finished = qt.backend.finish_and_start(job, token, Outcome(True), grace=20, burst=BURST)
+    assert finished == (False, None, None)
     assert qt.get_job(first.id).error.startswith("WorkerLostError")
 
 
@@ -227,17 +228,17 @@ def test_the_runner_runs_each_job_once_when_its_outcome_write_is_cut_after_commi
     next job): the outcome's reply is lost twice, each job still runs exactly once."""
     qt, cutter = cut_qt
     jobs = [qt.create_job("q", "work", {"echo": i}) for i in range(4)]
-    token = qt.store.lease_of("q")["token"]
+    token = qt.backend.lease_of("q")["token"]
     armed = iter([1, 2])
 
-    real = qt.store.finish_and_start
+    real = qt.backend.finish_and_start
 
     def arm_then_finish(*args: Any, **kwargs: Any) -> Any:
         if next(armed, None) is not None:
             cutter.arm(FINISH, "after")
         return real(*args, **kwargs)
 
-    qt.store.finish_and_start = arm_then_finish  # type: ignore[method-assign]
+    qt.backend.finish_and_start = arm_then_finish  # type: ignore[method-assign]
     attempted = qt.perform_runner.perform("q", jobs[0].id, token, hostname="test", time_limit=None)
     assert cutter.cuts == 2
     assert attempted == 4
@@ -252,14 +253,14 @@ def test_an_outcome_write_keeps_trying_while_its_task_may_still_run(cut_qt, monk
     monkeypatch.setattr(store_module, "RETRY_DELAYS", (0.0, 0.01, 0.01))
     qt, cutter = cut_qt
     first = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    token = qt.backend.lease_of("q")["token"]
+    job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
     cutter.arm(FINISH, "before", times=4)
     with pytest.raises(DatabaseError) as info:
-        qt.store.finish_and_start(job, token, Outcome(True), grace=20, burst=BURST)
+        qt.backend.finish_and_start(job, token, Outcome(True), grace=20, burst=BURST)
     assert info.value.connection_lost and cutter.cuts == 4
     cutter.arm(FINISH, "before", times=8)
     timed = Burst(worker="w/1", start_next=True, time_limit_grace=1, lease_margin=1, deadline_left=30)
-    assert qt.store.finish_and_start(job, token, Outcome(True), grace=20, burst=timed) == (True, None, None)
+    assert qt.backend.finish_and_start(job, token, Outcome(True), grace=20, burst=timed) == (True, None, None)
     assert cutter.cuts == 12
     assert qt.get_job(first.id).state is JobState.DONE

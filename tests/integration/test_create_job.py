@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from queuetopia_celery import InvalidJobError, JobState, UnknownActionError
-from queuetopia_celery import store as store_module
+from queuetopia_celery.backends import postgres as store_module
 from queuetopia_celery.jobs import new_job
 from tests.conftest import wait_for
 
@@ -130,7 +130,7 @@ def test_a_job_created_in_the_callers_session_commits_and_rolls_back_with_it(qt,
         session.commit()
     assert qt.get_job(kept.id) is not None
     # After the commit the queue was dispatched at once (the kick): its lease is taken.
-    lease = qt.store.lease_of("tx")
+    lease = qt.backend.lease_of("tx")
     assert lease is not None and lease["job_id"] == kept.id
 
 
@@ -141,10 +141,10 @@ def test_a_long_lived_session_kicks_after_every_commit_without_piling_up_listene
             if i % 3 == 2:
                 session.rollback()
                 assert qt.get_job(job.id) is None
-                assert qt.store.lease_of(f"s{i}") is None
+                assert qt.backend.lease_of(f"s{i}") is None
                 continue
             session.commit()
-            lease = qt.store.lease_of(f"s{i}")
+            lease = qt.backend.lease_of(f"s{i}")
             assert lease is not None and lease["job_id"] == job.id, f"commit {i} was not kicked"
         assert len(session.dispatch.after_commit) == 1
         assert len(session.dispatch.after_rollback) == 1
@@ -271,7 +271,7 @@ def test_bulk_creation_numbers_each_queue_and_wakes_each_queue_once(qt):
         mine = [j for j in created if j.queue == f"b{q}"]
         assert [j.sequence for j in mine] == list(range(1, 11))
         assert [j.params["i"] for j in mine] == list(range(q, 30, 3))
-        lease = qt.store.lease_of(f"b{q}")
+        lease = qt.backend.lease_of(f"b{q}")
         assert lease is not None and lease["job_id"] == mine[0].id
 
 
@@ -283,13 +283,13 @@ def statements_of(qt: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     driver directly)."""
     sent: list[str] = []
     sa.event.listen(qt.engine, "before_cursor_execute", lambda _c, _cur, sql, *_: sent.append(sql))
-    raw = store_module._raw_all
+    raw = store_module.raw_all
 
     def counted(conn: Any, sql: str, params: Any) -> Any:
         sent.append(sql)
         return raw(conn, sql, params)
 
-    monkeypatch.setattr(store_module, "_raw_all", counted)
+    monkeypatch.setattr(store_module, "raw_all", counted)
     return sent
 
 
@@ -297,23 +297,23 @@ def test_create_job_takes_the_lease_of_an_idle_queue_in_its_insert(qt, monkeypat
     sent = statements_of(qt, monkeypatch)
     job = qt.create_job("idle", "work", {})
     assert len(sent) == 1, sent  # the insert took the lease: no second statement
-    lease = qt.store.lease_of("idle")
+    lease = qt.backend.lease_of("idle")
     assert lease is not None and lease["job_id"] == job.id
     # A held queue is left as it is, and dispatched after the commit as before.
     del sent[:]
     qt.create_job("idle", "work", {})
     assert len(sent) == 2, sent
-    assert qt.store.lease_of("idle")["token"] == lease["token"]
+    assert qt.backend.lease_of("idle")["token"] == lease["token"]
 
 
 def test_the_lease_taken_by_the_insert_goes_to_the_queues_head(qt):
-    (older,) = qt.store.create_jobs([new_job("behind", "work", {})])  # no kick: no lease yet
+    (older,) = qt.backend.create_jobs([new_job("behind", "work", {})])  # no kick: no lease yet
     qt.create_job("behind", "work", {})
-    assert qt.store.lease_of("behind")["job_id"] == older.id
+    assert qt.backend.lease_of("behind")["job_id"] == older.id
 
 
 def test_the_insert_takes_no_lease_behind_a_head_waiting_for_its_retry(qt, engine):
-    (head,) = qt.store.create_jobs([new_job("retrying", "work", {})])
+    (head,) = qt.backend.create_jobs([new_job("retrying", "work", {})])
     with engine.begin() as conn:  # as after a failed attempt with an hour of backoff
         conn.execute(
             sa.text(
@@ -323,7 +323,7 @@ def test_the_insert_takes_no_lease_behind_a_head_waiting_for_its_retry(qt, engin
             {"i": head.id},
         )
     qt.create_job("retrying", "work", {})
-    assert qt.store.lease_of("retrying") is None
+    assert qt.backend.lease_of("retrying") is None
 
 
 def test_a_producer_blind_to_a_concurrent_commit_does_not_lease_its_own_job(qt, engine):
@@ -343,7 +343,7 @@ def test_a_producer_blind_to_a_concurrent_commit_does_not_lease_its_own_job(qt, 
     racer.join(10)
     assert first.error is None and "job" in second
     assert second["job"].sequence == first.job.sequence + 1
-    lease = qt.store.lease_of("race")
+    lease = qt.backend.lease_of("race")
     assert lease is not None and lease["job_id"] == first.job.id
 
 
@@ -423,12 +423,12 @@ def test_a_wake_up_that_could_not_be_sent_leaves_the_queue_to_the_next_scan(
         with caplog.at_level("ERROR", logger="queuetopia_celery.app"):
             job = down.create_job("q", "work", {})
         assert "could not wake queues ['q']; the next scan will" in caplog.text
-        assert down.store.lease_of("q") is None
+        assert down.backend.lease_of("q") is None
         (row,) = down.queue_statuses()
         assert row.locked_until is None and row.locked_by is None
         # The next scan (of a process whose broker works) takes the queue at once.
         assert make_qt().scan() == 1
-        lease = down.store.lease_of("q")
+        lease = down.backend.lease_of("q")
         assert lease is not None and lease["job_id"] == job.id
     finally:
         down.engine.dispose()

@@ -9,7 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from queuetopia_celery import make_engine
-from queuetopia_celery.store import ping_when_idle
+from queuetopia_celery.backends import ping_when_idle
 
 
 def backend_pid(engine: sa.Engine) -> int:

@@ -50,7 +50,7 @@ def build(backend_url: str, scope: str) -> Iterator[Callable[..., Queuetopia]]:
 
 
 def _count(qt: Queuetopia, **where: Any) -> int:
-    jobs = qt.store.list_jobs()
+    jobs = qt.backend.list_jobs()
     return sum(1 for job in jobs if all(getattr(job, k) == v for k, v in where.items()))
 
 
@@ -201,21 +201,21 @@ def test_pause_and_resume_say_what_changed_and_refuse_an_unknown_queue(build):
     with pytest.raises(InvalidJobError):
         qt.pause_queue("  ")
     qt.create_job("q", "work")
-    assert qt.store.lease_of("q") is not None  # taken by the create (unstarted)
+    assert qt.backend.lease_of("q") is not None  # taken by the create (unstarted)
     assert qt.pause_queue("q") is True
-    assert qt.store.lease_of("q") is None  # let go: its message is dropped as stale
+    assert qt.backend.lease_of("q") is None  # let go: its message is dropped as stale
     assert qt.pause_queue("q") is False
-    assert qt.store.dispatch(None, grace=20) == []
-    assert qt.store.dispatch(["q"], grace=20) == []
-    assert qt.store.dispatch(None, grace=20, max_concurrent=5) == []
+    assert qt.backend.scan(grace=20) == []
+    assert qt.backend.kick(["q"], grace=20) == []
+    assert qt.backend.fill_slots(None, grace=20, max_concurrent=5) == []
     # A new job in a paused queue is accepted and does not start either.
     qt.create_job("q", "work")
-    assert qt.store.lease_of("q") is None
+    assert qt.backend.lease_of("q") is None
     (status,) = qt.queue_statuses(queue="q")
     assert status.paused and status.pending == 2
     assert status.to_dict()["paused"] is True
     assert qt.resume_queue("q") is True
-    assert qt.store.lease_of("q") is not None  # resume woke it at once
+    assert qt.backend.lease_of("q") is not None  # resume woke it at once
     assert qt.resume_queue("q") is False
     assert qt.queue_statuses(queue="q")[0].paused is False
 
@@ -236,13 +236,13 @@ def test_a_paused_empty_queue_is_listed(build):
 
 
 def test_a_paused_queue_hands_nothing_on_and_a_stale_message_cannot_start(build):
-    from queuetopia_celery.store import Burst, Outcome
+    from queuetopia_celery.backends import Burst, Outcome
 
     qt = build(disabled=True)
-    store = qt.store
+    store = qt.backend
     first = qt.create_job("q", "work")
     second = qt.create_job("q", "work")
-    (lease,) = store.dispatch(["q"], grace=20)
+    (lease,) = store.kick(["q"], grace=20)
     job = store.start("q", lease.job_id, lease.token, worker="w/1", lease=30)
     assert job is not None and job.id == first.id
     assert qt.pause_queue("q") is True
@@ -254,7 +254,7 @@ def test_a_paused_queue_hands_nothing_on_and_a_stale_message_cannot_start(build)
     assert qt.get_job(second.id).state is JobState.AVAILABLE
     # A message sent before the pause (its lease taken in a race with it) cannot start.
     qt.resume_queue("q")
-    (lease,) = store.dispatch(["q"], grace=20)
+    (lease,) = store.kick(["q"], grace=20)
     _set(qt, "UPDATE queuetopia_queues SET paused = true WHERE scope = :s AND queue = 'q'")
     assert store.start("q", lease.job_id, lease.token, worker="w/1", lease=30) is None
     # The scan lets such a lease go once its wait is over instead of re-sending it.
@@ -292,14 +292,14 @@ def test_bulk_retry_of_5000_jobs_one_transaction(build):
         "WHERE scope = :s AND queue = 'bulk'",
         held=HELD_UNTIL,
     )
-    assert qt.store.count_jobs(queue="bulk", state=JobState.HELD) == 5000
+    assert qt.backend.count_jobs(queue="bulk", state=JobState.HELD) == 5000
     dry = qt.retry_jobs(queue="bulk", dry_run=True)
     assert (dry.count, dry.dry_run, dry.skipped) == (5000, True, {})
-    assert qt.store.count_jobs(queue="bulk", state=JobState.HELD) == 5000
+    assert qt.backend.count_jobs(queue="bulk", state=JobState.HELD) == 5000
     done = qt.retry_jobs(queue="bulk", state="held")
     assert done.count == 5000 and done.queues == ("bulk",)
-    assert qt.store.count_jobs(queue="bulk", state=JobState.RETRYING) == 5000
-    assert qt.store.count_jobs(queue="other", state=JobState.AVAILABLE) == 1
+    assert qt.backend.count_jobs(queue="bulk", state=JobState.RETRYING) == 5000
+    assert qt.backend.count_jobs(queue="other", state=JobState.AVAILABLE) == 1
 
 
 def test_bulk_retry_of_exhausted_jobs_keeps_the_moved_on_rule(build):
@@ -338,12 +338,12 @@ def test_bulk_abort_of_5000_pending_jobs_skips_the_running_one(build):
     qt = build(disabled=True)
     qt.create_jobs([{"queue": "bulk", "action": "work"} for _ in range(5000)])
     keep = qt.create_job("other", "work")
-    (lease,) = qt.store.dispatch(["bulk"], grace=20)
-    running = qt.store.start("bulk", lease.job_id, lease.token, worker="w/1", lease=30)
+    (lease,) = qt.backend.kick(["bulk"], grace=20)
+    running = qt.backend.start("bulk", lease.job_id, lease.token, worker="w/1", lease=30)
     assert running is not None
     dry = qt.abort_jobs(queue="bulk", reason="bad deploy", dry_run=True)
     assert (dry.count, dry.skipped) == (4999, {"running": 1})
-    assert qt.store.count_jobs(state=JobState.ABORTED) == 0
+    assert qt.backend.count_jobs(state=JobState.ABORTED) == 0
     result = qt.abort_jobs(queue="bulk", reason="bad deploy")
     assert (result.count, result.skipped) == (4999, {"running": 1})
     aborted = qt.list_jobs(queue="bulk", state="aborted", limit=1)[0]
@@ -365,7 +365,7 @@ def test_bulk_actions_refuse_the_whole_scope_without_all_and_bad_input(build):
         qt.retry_jobs(queue="q", state="done")
     with pytest.raises(InvalidJobError, match="state"):
         qt.retry_jobs(queue="q", state="nonsense")
-    assert qt.store.count_jobs(state=JobState.AVAILABLE) == 1
+    assert qt.backend.count_jobs(state=JobState.AVAILABLE) == 1
     assert qt.abort_jobs(all=True, reason="everything").count == 1
 
 
@@ -390,7 +390,7 @@ def test_explain_says_why_the_head_is_not_running(build):
     qt.check_actions = True
     assert qt.explain_queue("unknown-action").reason == "no_performer"
 
-    (lease,) = qt.store.dispatch(["q"], grace=20)
+    (lease,) = qt.backend.kick(["q"], grace=20)
     assert qt.explain_queue("q").reason == "dispatched"
     _set(
         qt,
@@ -399,7 +399,7 @@ def test_explain_says_why_the_head_is_not_running(build):
     )
     assert qt.explain_queue("q").reason == "resend_due"
     assert qt.explain_queue("unknown-action").reason == "concurrency_limit"
-    started = qt.store.start("q", lease.job_id, lease.token, worker="host/123", lease=30)
+    started = qt.backend.start("q", lease.job_id, lease.token, worker="host/123", lease=30)
     assert started is not None
     answer = qt.explain_queue("q")
     assert answer.reason == "running" and "host/123" in answer.summary

@@ -64,10 +64,10 @@ def test_retry_job_makes_it_due_now_and_wakes_its_queue(make_qt):
     job = qt.create_job("q", "fail", max_attempts=5)
     qt.drain()  # fails once; next retry in 2 s
     before = qt.get_job(job.id)
-    assert before.state is JobState.RETRYING and qt.store.lease_of("q") is None
+    assert before.state is JobState.RETRYING and qt.backend.lease_of("q") is None
     retried = qt.retry_job(job.id)
     assert retried.next_attempt_at <= dt.datetime.now(dt.timezone.utc)
-    lease = qt.store.lease_of("q")
+    lease = qt.backend.lease_of("q")
     assert lease is not None and lease["job_id"] == job.id  # the kick dispatched it
 
 
@@ -96,7 +96,7 @@ def test_retry_of_an_exhausted_job_whose_queue_moved_on_needs_force(make_qt):
         qt.retry_job(job.id)
     assert (info.value.job_id, info.value.state, info.value.action) == (job.id, "exhausted", "retry")
     assert "force" in str(info.value)
-    assert qt.get_job(job.id).state is JobState.EXHAUSTED and qt.store.lease_of("q") is None
+    assert qt.get_job(job.id).state is JobState.EXHAUSTED and qt.backend.lease_of("q") is None
     assert qt.retry_job(job.id, force=True).state is JobState.RETRYING
     assert qt.drain().exhausted == 1
     assert qt.get_job(job.id).attempts == 2
@@ -125,9 +125,9 @@ def test_retry_and_abort_refuse_jobs_they_do_not_apply_to(make_qt, scope):
 def test_a_running_job_cannot_be_aborted(make_qt):
     qt = make_qt()
     job = qt.create_job("q", "ok")  # the kick took the lease
-    lease = qt.store.lease_of("q")
+    lease = qt.backend.lease_of("q")
     assert lease is not None
-    started = qt.store.start("q", job.id, lease["token"], worker="test/1", lease=60)
+    started = qt.backend.start("q", job.id, lease["token"], worker="test/1", lease=60)
     assert started is not None
     with pytest.raises(JobStateError, match="it is running; its attempt is in progress"):
         qt.abort_job(job.id, "stop")
@@ -139,12 +139,12 @@ def test_abort_releases_a_dispatched_lease_so_the_queue_moves_on(make_qt):
     qt = make_qt()
     job = qt.create_job("q", "ok")
     nxt = qt.create_job("q", "ok")
-    lease = qt.store.lease_of("q")
+    lease = qt.backend.lease_of("q")
     assert lease is not None and lease["job_id"] == job.id
     qt.abort_job(job.id, "duplicate order")
     # The stale message for the aborted job would be dropped; the kick leased the next one.
-    assert qt.store.start("q", job.id, lease["token"], worker="test/1", lease=60) is None
-    lease = qt.store.lease_of("q")
+    assert qt.backend.start("q", job.id, lease["token"], worker="test/1", lease=60) is None
+    lease = qt.backend.lease_of("q")
     assert lease is not None and lease["job_id"] == nxt.id
     aborted = qt.get_job(job.id)
     assert aborted.status == "aborted" and aborted.abort_reason == "duplicate order"
@@ -157,7 +157,7 @@ def test_queue_statuses_put_blocked_queues_first_with_head_and_lease(make_qt):
     qt.create_job("z-broken", "fail")
     qt.create_job("z-broken", "ok")
     qt.drain("z-broken")
-    lease = qt.store.lease_of("a-fine")
+    lease = qt.backend.lease_of("a-fine")
     assert lease is not None  # taken by the kick of create_job
     rows = qt.queue_statuses()
     assert [r.queue for r in rows] == ["z-broken", "a-fine"]
@@ -179,12 +179,12 @@ def test_a_held_job_from_a_lost_worker_blocks_its_queue(make_qt):
     qt = make_qt(on_exhausted="hold")
     job = qt.create_job("q", "ok", max_attempts=1)
     qt.create_job("q", "ok")
-    lease = qt.store.lease_of("q")
+    lease = qt.backend.lease_of("q")
     # A worker starts it with a very short lease and dies.
-    assert qt.store.start("q", job.id, lease["token"], worker="dead/1", lease=0.05) is not None
+    assert qt.backend.start("q", job.id, lease["token"], worker="dead/1", lease=0.05) is not None
     wait_for(lambda: (qt.scan(), qt.get_job(job.id).state)[1] is JobState.HELD, message="held")
     assert "WorkerLostError" in (qt.get_job(job.id).error or "")
-    assert qt.store.lease_of("q") is None
+    assert qt.backend.lease_of("q") is None
     assert [b.queue for b in qt.blocked_queues()] == ["q"]
     assert qt.drain(with_scheduled=True).attempted == 0
 

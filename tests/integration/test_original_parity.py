@@ -130,8 +130,8 @@ def test_a_request_to_stop_the_process_is_not_taken_for_a_failed_attempt(build, 
 def lose_attempt(qt: Queuetopia, queue: str) -> Job:
     """Begin the attempt of ``queue``'s head under a lease that expires at once, as if
     its worker had died."""
-    (lease,) = qt.store.dispatch([queue], grace=60)
-    started = qt.store.start(queue, lease.job_id, lease.token, worker="gone/1", lease=0)
+    (lease,) = qt.backend.kick([queue], grace=60)
+    started = qt.backend.start(queue, lease.job_id, lease.token, worker="gone/1", lease=0)
     assert started is not None
     return started
 
@@ -159,7 +159,7 @@ def test_a_lost_attempt_is_recorded_even_when_the_failure_hook_misbehaves(build,
     assert f"handle_failed_job raised {type(hook_raises).__name__}: {hook_raises}" in stored.error
     assert len(hooked) == 1 and hooked[0][0] == 1
     assert hooked[0][1].startswith("WorkerLostError")
-    assert qt.store.lease_of("q") is None or qt.store.lease_of("q")["job_id"] == after.id
+    assert qt.backend.lease_of("q") is None or qt.backend.lease_of("q")["job_id"] == after.id
     qt.drain()
     assert qt.get_job(after.id).state is JobState.DONE
 
@@ -192,7 +192,7 @@ def test_a_lost_attempt_is_recorded_before_the_failure_hook_runs(build):
     (stored,) = seen
     assert stored is not None and stored.state is JobState.RETRYING
     assert stored.error.startswith("WorkerLostError")
-    assert qt.store.lease_of("q") is None
+    assert qt.backend.lease_of("q") is None
 
 
 # --------------------------------------------------------------------------- 2. blank names
@@ -258,14 +258,14 @@ def test_a_freed_slot_goes_to_a_waiting_queue_past_one_that_emptied(build):
 
     a1 = qt.create_job("A", "work")
     b1 = qt.create_job("B", "work")
-    (lease,) = qt.store.dispatch(grace=60, max_concurrent=1)
+    (lease,) = qt.backend.fill_slots(None, grace=60, max_concurrent=1)
     assert lease.queue == "A"
-    assert qt.store.dispatch(grace=60, max_concurrent=1) == []  # the one slot is A's
-    job = qt.store.start("A", a1.id, lease.token, worker="w/1", lease=60)
+    assert qt.backend.fill_slots(None, grace=60, max_concurrent=1) == []  # the one slot is A's
+    job = qt.backend.start("A", a1.id, lease.token, worker="w/1", lease=60)
     assert job is not None
-    written, nxt = qt.store.finish(job, lease.token, qt.perform_runner._attempt(job), grace=60)
+    written, nxt = qt.backend.finish(job, lease.token, qt.perform_runner._attempt(job), grace=60)
     assert (written, nxt) == (True, None)  # A released
-    (freed,) = qt.store.dispatch(grace=60, max_concurrent=1)
+    (freed,) = qt.backend.fill_slots(None, grace=60, max_concurrent=1)
     assert (freed.queue, freed.job_id) == ("B", b1.id)
 
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from queuetopia_celery import Queuetopia, make_engine
-from queuetopia_celery.store import Burst, Outcome
+from queuetopia_celery.backends import Burst, Outcome
 
 GRACE = 40.0
 FIRST = 5.0
@@ -32,7 +32,7 @@ def expire(qt: Queuetopia) -> None:
 
 def waits_left(qt: Queuetopia, queue: str) -> tuple[float, int]:
     """Seconds until the lease's next re-send (rounded), and its re-send count."""
-    lease = qt.store.lease_of(queue)
+    lease = qt.backend.lease_of(queue)
     assert lease is not None
     left = (lease["expires_at"] - dt.datetime.now(dt.timezone.utc)).total_seconds()
     return round(left), lease["resends"]
@@ -56,7 +56,7 @@ def any_qt(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) ->
 
 
 def lease_now(qt: Queuetopia, queue: str) -> Any:
-    (taken,) = qt.store.dispatch([queue], grace=GRACE)
+    (taken,) = qt.backend.kick([queue], grace=GRACE)
     return taken
 
 
@@ -68,21 +68,21 @@ def test_an_unstarted_lease_is_re_sent_under_its_token_waiting_twice_as_long_eac
     seen = []
     for _ in range(5):
         expire(qt)
-        lost, resent = qt.store.recover(grace=GRACE)
+        lost, resent = qt.backend.recover(grace=GRACE)
         assert lost == []
         assert [(d.queue, d.job_id, d.token) for d in resent] == [("q", job.id, taken.token)]
         seen.append(waits_left(qt, "q"))
     # 5 s, then 10, 20, 40 (the dispatch grace caps it), 40...
     assert seen == [(10, 1), (20, 2), (40, 3), (40, 4), (40, 5)]
     # A copy that arrives now, after five re-sends, still starts the job: same token.
-    started = qt.store.start("q", job.id, taken.token, worker="w/1", lease=30)
+    started = qt.backend.start("q", job.id, taken.token, worker="w/1", lease=30)
     assert started is not None and started.attempts == 1
     # Every other copy of it is dropped: the lease has started.
-    assert qt.store.start("q", job.id, taken.token, worker="w/2", lease=30) is None
+    assert qt.backend.start("q", job.id, taken.token, worker="w/2", lease=30) is None
     assert qt.get_job(job.id).attempts == 1
     # A started lease is never re-sent: its expiry means a dead worker.
     expire(qt)
-    lost, resent = qt.store.recover(grace=GRACE)
+    lost, resent = qt.backend.recover(grace=GRACE)
     assert resent == [] and [item.job.id for item in lost] == [job.id]
 
 
@@ -90,7 +90,7 @@ def test_a_lease_not_yet_due_for_a_re_send_is_left_alone(any_qt):
     qt = any_qt
     qt.create_job("q", "anything", {})
     lease_now(qt, "q")
-    assert qt.store.recover(grace=GRACE) == ([], [])
+    assert qt.backend.recover(grace=GRACE) == ([], [])
     assert waits_left(qt, "q") == (FIRST, 0)
 
 
@@ -101,11 +101,11 @@ def test_a_hand_on_starts_a_new_count_with_the_short_wait(any_qt):
     taken = lease_now(qt, "q")
     for _ in range(3):
         expire(qt)
-        qt.store.recover(grace=GRACE)
-    job = qt.store.start("q", first.id, taken.token, worker="w/1", lease=30)
+        qt.backend.recover(grace=GRACE)
+    job = qt.backend.start("q", first.id, taken.token, worker="w/1", lease=30)
     assert job is not None
     burst = Burst(worker="w/1", start_next=False, time_limit_grace=1, lease_margin=1, deadline_left=None)
-    written, nxt, _ = qt.store.finish_and_start(job, taken.token, Outcome(True), grace=GRACE, burst=burst)
+    written, nxt, _ = qt.backend.finish_and_start(job, taken.token, Outcome(True), grace=GRACE, burst=burst)
     assert written and nxt is not None and nxt.job_id == second.id
     assert waits_left(qt, "q") == (FIRST, 0)
 
@@ -113,5 +113,5 @@ def test_a_hand_on_starts_a_new_count_with_the_short_wait(any_qt):
 def test_the_first_wait_is_never_longer_than_the_dispatch_grace(any_qt):
     qt = any_qt
     qt.create_job("q", "anything", {})
-    qt.store.dispatch(["q"], grace=2.0)
+    qt.backend.kick(["q"], grace=2.0)
     assert waits_left(qt, "q") == (2, 0)

@@ -65,7 +65,7 @@ def test_jobs_run_in_queue_order_across_queues(build):
     assert (result.succeeded, result.failed, result.exhausted) == (15, 0, 0)
     for queue in ("a", "b", "c"):
         assert [seq for q, seq, _ in ran if q == queue] == [1, 2, 3, 4, 5]
-    assert qt.store.count_jobs(state=JobState.DONE) == 15
+    assert qt.backend.count_jobs(state=JobState.DONE) == 15
 
 
 def test_a_failing_head_blocks_only_its_queue_until_its_retry(build):

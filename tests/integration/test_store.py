@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from queuetopia_celery import Job, JobState, Performer, Queuetopia
-from queuetopia_celery.store import Burst, Outcome
+from queuetopia_celery.backends import Burst, Outcome
 from tests.conftest import REDIS_URL, wait_for
 
 UTC = dt.timezone.utc
@@ -30,7 +30,7 @@ def expire_leases(engine: sa.Engine, scope: str) -> None:
 
 
 def take(qt: Queuetopia, queue: str) -> Any:
-    (dispatch,) = qt.store.dispatch([queue], grace=GRACE)
+    (dispatch,) = qt.backend.kick([queue], grace=GRACE)
     return dispatch
 
 
@@ -39,21 +39,21 @@ def take(qt: Queuetopia, queue: str) -> Any:
 
 def test_dispatch_takes_a_queue_once_and_only_for_a_due_head(qt):
     job = qt.create_job("q", "work", {})
-    lease = qt.store.lease_of("q")  # the kick after create_job took it
+    lease = qt.backend.lease_of("q")  # the kick after create_job took it
     assert lease is not None and lease["job_id"] == job.id and lease["started_at"] is None
-    assert qt.store.dispatch(["q"], grace=GRACE) == []
-    assert qt.store.dispatch(grace=GRACE) == []
+    assert qt.backend.kick(["q"], grace=GRACE) == []
+    assert qt.backend.scan(grace=GRACE) == []
 
     later = qt.create_job("scheduled", "work", {}, scheduled_at=dt.datetime.now(UTC) + dt.timedelta(hours=1))
-    assert qt.store.dispatch(["scheduled"], grace=GRACE) == []
-    assert qt.store.dispatch(grace=GRACE) == []
-    assert qt.store.lease_of("scheduled") is None
+    assert qt.backend.kick(["scheduled"], grace=GRACE) == []
+    assert qt.backend.scan(grace=GRACE) == []
+    assert qt.backend.lease_of("scheduled") is None
     assert qt.get_job(later.id).state is JobState.SCHEDULED
 
 
 def test_a_scheduled_job_is_dispatched_by_the_scan_once_due(qt, engine, scope):
     job = qt.create_job("s", "work", {}, scheduled_at=dt.datetime.now(UTC) + dt.timedelta(hours=1))
-    assert qt.store.dispatch(grace=GRACE) == []
+    assert qt.backend.scan(grace=GRACE) == []
     with engine.begin() as conn:
         conn.execute(
             sa.text("UPDATE queuetopia_jobs SET scheduled_at = now() - interval '1 second' WHERE id = :i"),
@@ -64,53 +64,53 @@ def test_a_scheduled_job_is_dispatched_by_the_scan_once_due(qt, engine, scope):
             sa.text("UPDATE queuetopia_queues SET due_at = now() WHERE scope = :s AND queue = 's'"),
             {"s": scope},
         )
-    (taken,) = qt.store.dispatch(grace=GRACE)
+    (taken,) = qt.backend.scan(grace=GRACE)
     assert (taken.queue, taken.job_id) == ("s", job.id)
 
 
 def test_start_needs_the_current_token_and_counts_the_attempt_once(qt):
     job = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    assert qt.store.start("q", job.id, "not-the-token", worker="w/1", lease=30) is None
+    token = qt.backend.lease_of("q")["token"]
+    assert qt.backend.start("q", job.id, "not-the-token", worker="w/1", lease=30) is None
     assert qt.get_job(job.id).attempts == 0
 
-    started = qt.store.start("q", job.id, token, worker="w/1", lease=30)
+    started = qt.backend.start("q", job.id, token, worker="w/1", lease=30)
     assert started is not None
     assert (started.attempts, started.attempted_by, started.state) == (1, "w/1", JobState.RUNNING)
     assert started.attempted_at is not None
     # The same message delivered twice: the second delivery is dropped.
-    assert qt.store.start("q", job.id, token, worker="w/2", lease=30) is None
+    assert qt.backend.start("q", job.id, token, worker="w/2", lease=30) is None
     assert qt.get_job(job.id).attempts == 1
 
 
 def test_finish_hands_the_lease_to_the_next_due_job_with_a_new_token(qt):
     first = qt.create_job("q", "work", {})
     second = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
-    written, nxt = qt.store.finish(job, token, Outcome(True, result={"ok": 1}), grace=GRACE)
+    token = qt.backend.lease_of("q")["token"]
+    job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
+    written, nxt = qt.backend.finish(job, token, Outcome(True, result={"ok": 1}), grace=GRACE)
     assert written and nxt is not None
     assert (nxt.job_id, nxt.queue) == (second.id, "q") and nxt.token != token
     assert qt.get_job(first.id).result == {"ok": 1}
     # The old token neither starts the next job nor writes anything any more.
-    assert qt.store.start("q", second.id, token, worker="w/1", lease=30) is None
-    assert qt.store.finish(job, token, Outcome(False, error="late"), grace=GRACE) == (False, None)
+    assert qt.backend.start("q", second.id, token, worker="w/1", lease=30) is None
+    assert qt.backend.finish(job, token, Outcome(False, error="late"), grace=GRACE) == (False, None)
     assert qt.get_job(first.id).state is JobState.DONE
-    assert qt.store.start("q", second.id, nxt.token, worker="w/1", lease=30) is not None
+    assert qt.backend.start("q", second.id, nxt.token, worker="w/1", lease=30) is not None
 
 
 def test_a_failed_attempt_is_retried_later_and_keeps_the_head(qt):
     first = qt.create_job("q", "work", {}, max_attempts=2)
     qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
-    written, nxt = qt.store.finish(job, token, Outcome(False, error="boom", backoff=3600), grace=GRACE)
+    token = qt.backend.lease_of("q")["token"]
+    job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
+    written, nxt = qt.backend.finish(job, token, Outcome(False, error="boom", backoff=3600), grace=GRACE)
     assert written and nxt is None, "the second job must not overtake a retrying head"
     failed = qt.get_job(first.id)
     assert (failed.state, failed.error, failed.attempts) == (JobState.RETRYING, "boom", 1)
     assert failed.next_attempt_at > failed.attempted_at + dt.timedelta(seconds=3500)
-    assert qt.store.lease_of("q") is None
-    assert qt.store.dispatch(["q"], grace=GRACE) == []
+    assert qt.backend.lease_of("q") is None
+    assert qt.backend.kick(["q"], grace=GRACE) == []
 
 
 BURST = Burst(worker="w/1", start_next=True, time_limit_grace=5, lease_margin=10, deadline_left=None)
@@ -120,29 +120,29 @@ BURST = Burst(worker="w/1", start_next=True, time_limit_grace=5, lease_margin=10
 def test_a_failed_attempt_within_a_burst_keeps_the_head_and_releases_the_queue(qt, last_attempt):
     first = qt.create_job("q", "work", {}, max_attempts=1 if last_attempt else 2, on_exhausted="hold")
     qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
+    token = qt.backend.lease_of("q")["token"]
+    job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
     outcome = Outcome(False, error="boom", backoff=3600)
-    assert qt.store.finish_and_start(job, token, outcome, grace=GRACE, burst=BURST) == (True, None, None)
+    assert qt.backend.finish_and_start(job, token, outcome, grace=GRACE, burst=BURST) == (True, None, None)
     failed = qt.get_job(first.id)
     assert (failed.state, failed.error) == (JobState.HELD if last_attempt else JobState.RETRYING, "boom")
-    assert qt.store.lease_of("q") is None
-    assert qt.store.dispatch(["q"], grace=GRACE) == []
+    assert qt.backend.lease_of("q") is None
+    assert qt.backend.kick(["q"], grace=GRACE) == []
 
 
 def test_an_exhausted_job_within_a_burst_hands_the_queue_to_the_next_one_at_once(qt):
     first = qt.create_job("q", "work", {}, max_attempts=1)
     second = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    job = qt.store.start("q", first.id, token, worker="w/1", lease=30)
-    written, nxt, started = qt.store.finish_and_start(
+    token = qt.backend.lease_of("q")["token"]
+    job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
+    written, nxt, started = qt.backend.finish_and_start(
         job, token, Outcome(False, error="boom"), grace=GRACE, burst=BURST
     )
     assert written and nxt is not None and started is not None
     assert started.id == second.id and started.attempts == 1 and nxt.token != token
     assert qt.get_job(first.id).state is JobState.EXHAUSTED
     assert qt.get_job(first.id).error == "boom"
-    assert qt.store.lease_of("q")["started_at"] is not None
+    assert qt.backend.lease_of("q")["started_at"] is not None
 
 
 # --------------------------------------------------------------------------- the runner
@@ -150,15 +150,15 @@ def test_an_exhausted_job_within_a_burst_hands_the_queue_to_the_next_one_at_once
 
 def test_a_stale_perform_message_is_dropped_without_running_the_job(qt, engine, scope):
     job = qt.create_job("q", "work", {"echo": 1})
-    old = qt.store.lease_of("q")["token"]
-    qt.store.release_unstarted("q")  # (what drain does) so that the scan takes a new lease
+    old = qt.backend.lease_of("q")["token"]
+    qt.backend.release_unstarted("q")  # (what drain does) so that the scan takes a new lease
     assert qt.scan() == 1  # re-dispatched with a new token
-    new = qt.store.lease_of("q")["token"]
+    new = qt.backend.lease_of("q")["token"]
     assert new != old
     runner = qt.perform_runner
     assert runner.perform("q", job.id, old, hostname="test", time_limit=None) == 0
     assert qt.get_job(job.id).attempts == 0
-    assert qt.store.lease_of("q")["token"] == new
+    assert qt.backend.lease_of("q")["token"] == new
 
 
 class Recorder(Performer):
@@ -191,7 +191,7 @@ def class_qt(database_url: str, scope: str, celery_queue: str) -> Iterator[tuple
 
 
 def run_head(qt: Queuetopia, queue: str) -> int:
-    lease = qt.store.lease_of(queue)
+    lease = qt.backend.lease_of(queue)
     assert lease is not None
     return int(
         qt.perform_runner.perform(queue, lease["job_id"], lease["token"], hostname="h", time_limit=None)
@@ -227,7 +227,7 @@ def test_an_exception_in_handle_failed_job_is_recorded_on_the_job(class_qt):
     assert "handle_failed_job raised KeyError: 'hook exploded'" in failed.error
     assert len(recorder.failed) == 1
     # Exhausted: the queue moved on; the next job ran in the same burst or was handed on.
-    lease = qt.store.lease_of("q")
+    lease = qt.backend.lease_of("q")
     assert qt.get_job(after.id).state is JobState.DONE or (lease is not None and lease["job_id"] == after.id)
 
 
@@ -255,8 +255,8 @@ def test_a_result_that_is_not_json_fails_the_attempt(database_url, scope):
 def test_an_expired_started_lease_is_recovered_as_a_failed_attempt(qt, engine, scope):
     job = qt.create_job("q", "work", {}, max_attempts=2)
     nxt = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    running = qt.store.start("q", job.id, token, worker="dead-host/4242", lease=30)
+    token = qt.backend.lease_of("q")["token"]
+    running = qt.backend.start("q", job.id, token, worker="dead-host/4242", lease=30)
     assert running is not None
     assert qt.scan() == 0, "a live lease is left alone"
     assert qt.get_job(job.id).state is JobState.RUNNING
@@ -269,22 +269,22 @@ def test_an_expired_started_lease_is_recovered_as_a_failed_attempt(qt, engine, s
     assert lost.error.startswith("WorkerLostError: attempt 1 of job")
     assert "dead-host/4242" in lost.error
     assert lost.next_attempt_at is not None
-    assert qt.store.lease_of("q") is None
+    assert qt.backend.lease_of("q") is None
     assert qt.get_job(nxt.id).state is JobState.AVAILABLE
     # The dead worker's late outcome, if it ever comes, is dropped.
-    assert qt.store.finish(running, token, Outcome(True, result="late"), grace=GRACE) == (False, None)
+    assert qt.backend.finish(running, token, Outcome(True, result="late"), grace=GRACE) == (False, None)
     assert qt.get_job(job.id).result is None
 
 
 def test_a_lost_last_attempt_exhausts_the_job_and_the_queue_moves_on(qt, engine, scope):
     job = qt.create_job("q", "work", {}, max_attempts=1)
     nxt = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    assert qt.store.start("q", job.id, token, worker="w/1", lease=30) is not None
+    token = qt.backend.lease_of("q")["token"]
+    assert qt.backend.start("q", job.id, token, worker="w/1", lease=30) is not None
     expire_leases(engine, scope)
     assert qt.scan() == 1
     assert qt.get_job(job.id).state is JobState.EXHAUSTED
-    assert qt.store.lease_of("q")["job_id"] == nxt.id
+    assert qt.backend.lease_of("q")["job_id"] == nxt.id
 
 
 # --------------------------------------------------------------------------- listing and scopes
@@ -299,9 +299,9 @@ def test_list_and_paginate_jobs_filter_and_order_newest_sequence_first(qt, make_
         qt.create_job("q2", "work", {"n": 4}, scheduled_at=dt.datetime.now(UTC) + dt.timedelta(hours=1)),
     ]
     # Make the head of q1 done.
-    token = qt.store.lease_of("q1")["token"]
-    head = qt.store.start("q1", created[0].id, token, worker="w/1", lease=30)
-    qt.store.finish(head, token, Outcome(True, result=None), grace=GRACE, hand_off=False)
+    token = qt.backend.lease_of("q1")["token"]
+    head = qt.backend.start("q1", created[0].id, token, worker="w/1", lease=30)
+    qt.backend.finish(head, token, Outcome(True, result=None), grace=GRACE, hand_off=False)
 
     def ns(jobs: list[Job]) -> list[int]:
         return [j.params["n"] for j in jobs]
@@ -362,38 +362,38 @@ def test_an_error_message_with_nul_or_lone_surrogates_is_stored(database_url, sc
 def test_two_racing_scans_record_a_lost_attempt_and_call_the_hook_once(class_qt, engine, scope):
     qt, recorder = class_qt
     job = qt.create_job("q", "anything", {})
-    token = qt.store.lease_of("q")["token"]
-    assert qt.store.start("q", job.id, token, worker="dead/1", lease=30) is not None
+    token = qt.backend.lease_of("q")["token"]
+    assert qt.backend.start("q", job.id, token, worker="dead/1", lease=30) is not None
     expire_leases(engine, scope)
     # Scan 1 has found the lost attempt; scan 2 looks before scan 1 has recorded it.
-    first, _ = qt.store.recover()
-    second, _ = qt.store.recover()
+    first, _ = qt.backend.recover()
+    second, _ = qt.backend.recover()
     assert [lost.job.id for lost in first] == [job.id]
     assert second == [], "the same lost attempt was handed to two scans"
     # The dead worker's late outcome is fenced off as soon as a scan claims the lease.
     running = first[0].job
-    assert qt.store.finish(running, token, Outcome(True, result="late"), grace=GRACE) == (False, None)
+    assert qt.backend.finish(running, token, Outcome(True, result="late"), grace=GRACE) == (False, None)
     qt.perform_runner._record_lost(first[0])
     assert len(recorder.failed) == 1
     lost = qt.get_job(job.id)
     assert (lost.state, lost.attempts) == (JobState.RETRYING, 1)
     assert lost.error.startswith("WorkerLostError")
-    assert qt.store.lease_of("q") is None
+    assert qt.backend.lease_of("q") is None
 
 
 def test_a_claimed_lost_attempt_whose_scan_died_is_recovered_by_a_later_scan(qt, engine, scope):
     job = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    qt.store.start("q", job.id, token, worker="dead/1", lease=30)
+    token = qt.backend.lease_of("q")["token"]
+    qt.backend.start("q", job.id, token, worker="dead/1", lease=30)
     expire_leases(engine, scope)
-    claimed, _ = qt.store.recover()
+    claimed, _ = qt.backend.recover()
     assert len(claimed) == 1
     # The scan that claimed it dies before recording; its claim expires in turn.
     expire_leases(engine, scope)
     qt.scan()
     lost = qt.get_job(job.id)
     assert (lost.state, lost.attempts) == (JobState.RETRYING, 1)
-    assert qt.store.lease_of("q") is None
+    assert qt.backend.lease_of("q") is None
 
 
 def test_a_message_without_a_time_limit_still_leases_the_queue_for_the_jobs_timeout(
@@ -416,7 +416,7 @@ def test_a_message_without_a_time_limit_still_leases_the_queue_for_the_jobs_time
         seen.append(float(left))
 
     job = qt.create_job("q", "measure", {}, timeout=300)
-    token = qt.store.lease_of("q")["token"]
+    token = qt.backend.lease_of("q")["token"]
     assert qt.perform_runner.perform("q", job.id, token, hostname="test", time_limit=None) == 1
     assert qt.get_job(job.id).state is JobState.DONE
     # timeout + time_limit_grace + lease_margin, less the time the test took to get here.
@@ -430,14 +430,14 @@ def test_start_replaces_a_connection_found_dead_and_begins_the_attempt(qt, engin
     instead of failing the perform task (which would leave the job waiting for the
     dispatch grace)."""
     job = qt.create_job("q", "work", {})
-    token = qt.store.lease_of("q")["token"]
-    with qt.store.pinned():
-        with qt.store._auto() as conn:
+    token = qt.backend.lease_of("q")["token"]
+    with qt.backend.pinned():
+        with qt.backend._auto() as conn:
             pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         with engine.connect() as admin:
             admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
         wait_for(lambda: not backend_alive(engine, pid), message="the backend to be gone")
-        started = qt.store.start("q", job.id, token, worker="w/1", lease=30)
+        started = qt.backend.start("q", job.id, token, worker="w/1", lease=30)
     assert started is not None and started.id == job.id and started.attempts == 1
 
 

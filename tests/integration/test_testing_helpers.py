@@ -124,7 +124,7 @@ def test_disabled_queuetopia_has_no_beat_entry_and_never_wakes_workers(database_
         assert app.conf.beat_schedule == {}
         qt.create_job("q", "send", {})
         # A kick would have taken the queue's lease; a disabled Queuetopia leaves it free.
-        assert qt.store.lease_of("q") is None
+        assert qt.backend.lease_of("q") is None
         assert qt.cleanup_task is None
     finally:
         qt.engine.dispose()

@@ -1,0 +1,699 @@
+"""What the SQL backends share: the lease protocol's steps that are written once in
+SQLAlchemy Core for every database (finding due queues, handing a lease on, recovery
+and re-sends, releases), with the few places where databases differ (the clock, row
+locks, upserts, producers' locks) left to each backend as small hooks. The statements
+that make a backend fast (PostgreSQL's single-statement create, take, scan, start and
+finish) live in the backend's own module."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import datetime as dt
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from .. import schema
+from ..errors import DatabaseError, JobNotFoundError
+from ..jobs import (
+    HELD_UNTIL,
+    OPEN_STATUSES,
+    STATUS_DONE,
+    STATUS_PENDING,
+    STATUS_RUNNING,
+    Job,
+    NewJob,
+)
+from .base import Burst, Finished, Lease, LostAttempt, Outcome, chunks, failure_plan, new_token
+
+__all__ = ["chunks"]
+from .connection import Connections, Executor
+
+JOBS = schema.jobs
+QUEUES = schema.queues
+LEASES = schema.leases
+J, Q, L = JOBS, QUEUES, LEASES
+
+JOB_COLUMNS = [J.c[name] for name in (f.name for f in dataclasses.fields(Job))]
+
+#: The order of a queue's jobs: the head is its first open job in this order.
+QUEUE_ORDER = (J.c.scheduled_at, J.c.sequence)
+
+#: The re-send wait doubles at each re-send of one lease, up to 2 ** this many times.
+_MAX_DOUBLINGS = 30
+
+
+class SqlCore(Connections, abc.ABC):
+    """The lease protocol's shared steps, on top of the dialect hooks below."""
+
+    def __init__(self, engine: Engine, scope: str, *, resend_after: float = 5.0) -> None:
+        super().__init__(engine)
+        self.scope = scope
+        #: Seconds an unstarted lease's message may wait before its first re-send.
+        self.resend_after = resend_after
+
+    # ------------------------------------------------------------------ dialect hooks
+
+    @abc.abstractmethod
+    def _now(self) -> sa.ColumnElement[dt.datetime]:
+        """The clock leases and jobs are stamped with, as a SQL expression."""
+
+    @abc.abstractmethod
+    def _after(self, seconds: float) -> sa.ColumnElement[dt.datetime]:
+        """``now + seconds`` on that clock."""
+
+    @abc.abstractmethod
+    def _clock(self, conn: Connection) -> dt.datetime:
+        """That clock's time now (UTC)."""
+
+    @abc.abstractmethod
+    def _insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT (with ``on_conflict_do_*``)."""
+
+    @abc.abstractmethod
+    def _locked(self, query: Any, *, skip_locked: bool = False) -> Any:
+        """``query`` locking the rows it reads until the transaction ends (where the
+        database locks rows; SQLite serializes writing transactions instead)."""
+
+    @abc.abstractmethod
+    def _after_each(self, name: str) -> Any:
+        """A bound ``now + :name`` for executemany: ``:name`` is what :meth:`_wait_value`
+        returns for each row."""
+
+    @abc.abstractmethod
+    def _wait_value(self, wait: dt.timedelta) -> Any:
+        """The value of :meth:`_after_each`'s parameter for a wait of ``wait``."""
+
+    @abc.abstractmethod
+    def _lock_scope(self, conn: Connection) -> None:
+        """Serialize the scope's leases count (the concurrency limit) until the
+        transaction ends."""
+
+    @abc.abstractmethod
+    def _take_leases(
+        self, conn: Connection, queues: Sequence[str], grace: float, limit: int, locked_by: str | None
+    ) -> list[Lease]:
+        """Take the lease of each of ``queues`` (sorted) whose head is pending and due
+        and which nobody holds, up to ``limit``."""
+
+    def _first_wait(self, grace: float) -> float:
+        """How long a new unstarted lease waits for its start before its message is
+        re-sent: ``resend_after``, at most ``grace``."""
+        return min(self.resend_after, grace)
+
+    def _open_head(self, queue: sa.ColumnElement[str] | str, *, exclude_id: Any = None) -> sa.Select[Any]:
+        """The head of a queue: its first open job by (scheduled_at, sequence)."""
+        query = (
+            sa.select(J.c.id, J.c.status, J.c.timeout, J.c.scheduled_at, J.c.next_attempt_at)
+            .where(J.c.scope == self.scope, J.c.queue == queue, J.c.status.in_(OPEN_STATUSES))
+            .order_by(*QUEUE_ORDER)
+            .limit(1)
+        )
+        if exclude_id is not None:
+            query = query.where(J.c.id != exclude_id)
+        return query
+
+    def _heads(self, conn: Connection, queues: Sequence[str] | None) -> dict[str, Job]:
+        """The head (first open job) of each queue of the scope."""
+        rank = sa.func.row_number().over(partition_by=J.c.queue, order_by=QUEUE_ORDER).label("rank")
+        ranked = sa.select(*JOB_COLUMNS, rank).where(J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES))
+        if queues is not None:
+            ranked = ranked.where(J.c.queue.in_(list(queues)))
+        sub = ranked.subquery()
+        rows = conn.execute(
+            sa.select(*[sub.c[c.name] for c in JOB_COLUMNS]).where(sub.c.rank == 1)
+        ).mappings()
+        return {row["queue"]: Job.from_row(row) for row in rows}
+
+    def _paused_clause(self, queue: str) -> sa.ColumnElement[bool]:
+        """Whether an operator paused the queue (see :meth:`pause`)."""
+        return sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.queue == queue, Q.c.paused).exists()
+
+    def _is_paused(self, conn: Connection, queue: str) -> bool:
+        return bool(conn.execute(sa.select(self._paused_clause(queue))).scalar())
+
+    def _paused_among(self, conn: Connection, queues: Sequence[str]) -> set[str]:
+        query = sa.select(Q.c.queue).where(
+            Q.c.scope == self.scope, Q.c.queue.in_(sorted(set(queues))), Q.c.paused
+        )
+        return set(conn.execute(query).scalars())
+
+    # ------------------------------------------------------------------ creating jobs
+
+    def _open_by_key(self, conn: Connection, keys: Sequence[str]) -> dict[str, Job]:
+        """The open job holding each of these unique keys, where one does."""
+        if not keys:
+            return {}
+        rows = conn.execute(
+            sa.select(*JOB_COLUMNS).where(
+                J.c.scope == self.scope,
+                J.c.unique_key.in_(sorted(set(keys))),
+                J.c.unique_key.is_not(None),
+                J.c.status.in_(OPEN_STATUSES),
+            )
+        ).mappings()
+        return {row["unique_key"]: Job.from_row(row) for row in rows}
+
+    def _fill_existing(self, conn: Connection, specs: Sequence[NewJob], created: list[Job | None]) -> None:
+        """Fill the places of items not inserted because an open job held their
+        unique_key with that job. This runs in a statement after the insert, which
+        sees the holder even when it was committed by another producer while the
+        insert waited; if the holder has ended since, the newest job with the key is
+        the one that held it."""
+        missing = [i for i, job in enumerate(created) if job is None]
+        keys = [specs[i].unique_key for i in missing]
+        if any(key is None for key in keys):
+            raise DatabaseError("a job without unique_key was not inserted")
+        found = self._open_by_key(conn, [key for key in keys if key is not None])
+        gone = sorted({key for key in keys if key is not None and key not in found})
+        if gone:
+            rows = conn.execute(
+                sa.select(*JOB_COLUMNS)
+                .where(J.c.scope == self.scope, J.c.unique_key.in_(gone))
+                .order_by(J.c.id)
+            ).mappings()
+            found.update({row["unique_key"]: Job.from_row(row) for row in rows})
+        for i in missing:
+            key = specs[i].unique_key
+            if key not in found:
+                raise DatabaseError(f"the job holding unique_key {key!r} vanished; create the job again")
+            created[i] = found[key]
+
+    # ------------------------------------------------------------------ producers' commits
+
+    def on_commit(
+        self,
+        connection: Executor,
+        key: str,
+        items: Iterable[str],
+        callback: Callable[[set[str]], None] | Callable[[set[str], bool], None],
+    ) -> None:
+        """Collect ``items`` under ``key`` on the caller's connection and call
+        ``callback(items, committed)`` once when its transaction commits.
+
+        With a Session the callback runs after the commit (``committed=True``). A
+        Connection has no after-commit event: the callback runs just before the commit
+        (``committed=False``), and the backend holds a lock per item until the
+        transaction ends (:meth:`_hold_until_commit`), so that
+        :meth:`kick_after_producers` can wait for the commit. A rollback discards the
+        items.
+        """
+        info = connection.info
+        pending: set[str] = info.setdefault(key, set())
+        new = set(items) - pending
+        pending.update(new)
+        if new and not isinstance(connection, Session):
+            with self._tx(connection) as conn:
+                self._hold_until_commit(conn, sorted(new))
+        self._commit_hook(connection, key, callback)
+
+    def _hold_until_commit(self, conn: Connection, queues: Sequence[str]) -> None:
+        """Hold these queues' commit locks until the caller's transaction ends (none
+        here: one writer at a time)."""
+
+    # ------------------------------------------------------------------ taking leases
+
+    def kick(
+        self, queues: Sequence[str], *, grace: float, limit: int = 1000, locked_by: str | None = None
+    ) -> list[Lease]:
+        """Take the lease of each given queue whose head job is due and which nobody
+        holds. Returns the leases taken: send a message for each."""
+        return self._kick_in(queues, grace=grace, limit=limit, locked_by=locked_by)
+
+    def kick_after_producers(self, queues: Sequence[str], *, grace: float, limit: int = 1000) -> list[Lease]:
+        """:meth:`kick` after the producers that named these queues in
+        :meth:`on_commit` have committed (or rolled back)."""
+        return self._kick_in(queues, grace=grace, limit=limit, wait_for_producers=True)
+
+    def _wait_for_producers(self, conn: Connection, queues: Sequence[str]) -> None:
+        """Wait for the producers holding these queues' commit locks (none here)."""
+
+    def _kick_in(
+        self,
+        queues: Sequence[str],
+        *,
+        grace: float,
+        limit: int,
+        locked_by: str | None = None,
+        wait_for_producers: bool = False,
+    ) -> list[Lease]:
+        """:meth:`kick` in one transaction."""
+        # Every queue named is wanted (a bulk kick may name more than ``limit``).
+        limit = max(limit, len(queues))
+        with self._tx() as conn:
+            if wait_for_producers:
+                self._wait_for_producers(conn, sorted(set(queues)))
+            return self._take_all(conn, sorted(set(queues)), grace, limit, locked_by)
+
+    def _take_all(
+        self, conn: Connection, candidates: Sequence[str], grace: float, limit: int, locked_by: str | None
+    ) -> list[Lease]:
+        # Leases are always inserted in queue order: two multi-row inserts (a bulk kick
+        # and a scan) waiting on each other's uncommitted lease rows in opposite orders
+        # would deadlock.
+        taken: list[Lease] = []
+        for chunk in chunks(candidates, 500):
+            if len(taken) >= limit:
+                break
+            taken.extend(self._take_leases(conn, chunk, grace, limit - len(taken), locked_by))
+        return taken
+
+    def scan(self, *, grace: float, limit: int = 1000, locked_by: str | None = None) -> list[Lease]:
+        """Take the leases of up to ``limit`` queues whose ``due_at`` has passed and
+        which nobody holds; raise the ``due_at`` of those found not due."""
+        with self._tx() as conn:
+            candidates = sorted(set(self._due_queues(conn, limit)))
+            if not candidates:
+                return []
+            taken = self._take_all(conn, candidates, grace, limit, locked_by)
+            stale = sorted(set(candidates) - {lease.queue for lease in taken})
+            if stale:
+                self._refresh_due(conn, stale)
+        return taken
+
+    def fill_slots(
+        self,
+        queues: Sequence[str] | None,
+        *,
+        grace: float,
+        max_concurrent: int,
+        limit: int = 1000,
+        locked_by: str | None = None,
+        wait_for_producers: bool = False,
+    ) -> list[Lease]:
+        """:meth:`kick` of ``queues`` (or :meth:`scan` when None) while the scope holds
+        fewer than ``max_concurrent`` leases: at most the free slots are taken. With
+        ``wait_for_producers``, first wait as :meth:`kick_after_producers` does."""
+        with self._tx() as conn:
+            if wait_for_producers and queues:
+                self._wait_for_producers(conn, sorted(set(queues)))
+            self._lock_scope(conn)
+            held = conn.execute(
+                sa.select(sa.func.count()).select_from(L).where(L.c.scope == self.scope)
+            ).scalar_one()
+            limit = min(limit, max(max_concurrent - int(held), 0))
+            if limit == 0:
+                return []
+            if queues is None:
+                return self._fill_free(conn, grace, limit, locked_by)
+            return self._take_all(conn, sorted(set(queues)), grace, limit, locked_by)
+
+    def _fill_free(self, conn: Connection, grace: float, slots: int, locked_by: str | None) -> list[Lease]:
+        """:meth:`fill_slots` of the due queues: up to ``slots``
+        leases, taken in ``due_at`` order. A queue found not due (its ``due_at`` left
+        behind when it emptied) is passed over for the next one and its ``due_at``
+        raised, so that it never keeps a free slot from a waiting queue."""
+        candidates = self._due_queues(conn, max(slots, 1000))
+        taken: list[Lease] = []
+        stale: list[str] = []
+        tried = 0
+        while len(taken) < slots and tried < len(candidates):
+            chunk = candidates[tried : tried + slots - len(taken)]
+            tried += len(chunk)
+            got = self._take_leases(conn, sorted(chunk), grace, len(chunk), locked_by)
+            taken.extend(got)
+            leased = {lease.queue for lease in got}
+            stale.extend(queue for queue in chunk if queue not in leased)
+        if stale:
+            self._refresh_due(conn, sorted(stale))
+        return taken
+
+    def _due_queues(self, conn: Connection, limit: int) -> list[str]:
+        held = sa.select(L.c.queue).where(L.c.scope == Q.c.scope, L.c.queue == Q.c.queue)
+        query = (
+            sa.select(Q.c.queue)
+            .where(Q.c.scope == self.scope, Q.c.due_at <= self._now(), ~held.exists(), ~Q.c.paused)
+            .order_by(Q.c.due_at)
+            .limit(limit)
+        )
+        return list(conn.execute(query).scalars())
+
+    def _refresh_due(self, conn: Connection, queues: Sequence[str]) -> None:
+        """Raise ``due_at`` of queues found not due to their head's real due time
+        (NULL when empty). Rows a producer holds are skipped: that producer lowers
+        ``due_at`` itself."""
+        lock = sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.queue.in_(queues))
+        lock = self._locked(lock, skip_locked=True)
+        locked = list(conn.execute(lock).scalars())
+        if not locked:
+            return
+        head = (
+            sa.select(sa.func.coalesce(J.c.next_attempt_at, J.c.scheduled_at))
+            .where(J.c.scope == Q.c.scope, J.c.queue == Q.c.queue, J.c.status.in_(OPEN_STATUSES))
+            .order_by(*QUEUE_ORDER)
+            .limit(1)
+            .scalar_subquery()
+        )
+        conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue.in_(locked)).values(due_at=head))
+
+    # ------------------------------------------------------------------ running jobs
+
+    # ------------------------------------------------------------------ ending attempts
+
+    @abc.abstractmethod
+    def finish_and_start(
+        self, job: Job, token: str, outcome: Outcome, *, grace: float, burst: Burst
+    ) -> Finished:
+        """Write an attempt's outcome under ``token`` and hand the lease on; when
+        ``burst.start_next`` and the queue's next job is due and fits in
+        ``burst.deadline_left`` seconds (with ``time_limit_grace``), start it under the
+        new token, running lease ``max(timeout + time_limit_grace, deadline_left) +
+        lease_margin``. See :class:`Finished`."""
+
+    def finish(
+        self, job: Job, token: str, outcome: Outcome, *, grace: float, hand_off: bool = True
+    ) -> tuple[bool, Lease | None]:
+        """Write an attempt's outcome under ``token`` and pass the lease on.
+
+        Returns ``(written, next)``: ``written`` is False when the token was no longer
+        valid (the lease expired and was recovered; the outcome is dropped). ``next``
+        is the lease handed to the queue's next due job (send it), or None when the
+        queue was released (the caller then re-checks it with :meth:`dispatch`).
+        """
+        with self._tx() as conn:
+            lease = sa.select(L.c.job_id).where(
+                L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token
+            )
+            held = conn.execute(self._locked(lease)).first()
+            if held is None or held.job_id != job.id:
+                return False, None
+            values: dict[str, Any]
+            if outcome.succeeded:
+                values = {
+                    "status": STATUS_DONE,
+                    "done_at": self._now(),
+                    "result": outcome.result,
+                    "error": None,
+                    "next_attempt_at": None,
+                }
+            else:
+                values = {"error": outcome.error, **self._failed_values(job, outcome)}
+            written = conn.execute(
+                # By id alone (the lease ties the job to this scope): see _START_SQL.
+                sa.update(J).where(J.c.id == job.id, J.c.status == STATUS_RUNNING).values(**values)
+            )
+            if written.rowcount != 1:
+                self._release(conn, job.queue, token)
+                return False, None
+            nxt = self._pass_on(conn, job.queue, token, grace) if hand_off else None
+            if nxt is None:
+                self._release(conn, job.queue, token)
+            return True, nxt
+
+    def _pass_on(self, conn: Connection, queue: str, token: str, grace: float) -> Lease | None:
+        head = conn.execute(self._open_head(queue)).first()
+        if head is None or head.status != STATUS_PENDING or self._is_paused(conn, queue):
+            return None
+        due = head.next_attempt_at or head.scheduled_at
+        now = self._clock(conn)
+        if due > now:
+            return None
+        fresh = new_token()
+        moved = conn.execute(
+            sa.update(L)
+            .where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
+            .values(
+                token=fresh,
+                job_id=head.id,
+                started_at=None,
+                locked_at=self._now(),
+                expires_at=self._after(self._first_wait(grace)),
+                resends=0,
+            )
+        )
+        if moved.rowcount != 1:
+            return None
+        return Lease(queue, head.id, fresh, head.timeout)
+
+    def recover(
+        self, *, limit: int = 1000, claim: float = 60.0, grace: float = 120.0
+    ) -> tuple[list[LostAttempt], list[Lease]]:
+        """Find expired leases. Un-started ones (a message lost, or still waiting in a
+        busy broker) are re-sent under the same token, so that a message that was only
+        late still starts its job: each waits twice as long as the one before for its
+        start (``resend_after``, then twice that, ..., at most ``grace``) and is
+        returned: send it. Started ones (a worker died mid-job) are claimed (a new
+        token, held ``claim`` more seconds) and returned: record each with
+        :meth:`record_lost`. The claim keeps a concurrent scan from handling the same
+        attempt (and calling the failure hook twice) and fences off the dead worker's
+        late outcome; if this scan dies before recording, the claim expires and a
+        later scan takes over. Returns (lost attempts, leases to re-send)."""
+        with self._tx() as conn:
+            query = (
+                sa.select(L.c.queue, L.c.token, L.c.job_id, L.c.started_at, L.c.resends)
+                .where(L.c.scope == self.scope, L.c.expires_at < self._now())
+                .limit(limit)
+            )
+            expired = conn.execute(self._locked(query, skip_locked=True)).all()
+            unstarted = [row for row in expired if row.started_at is None]
+            if unstarted:
+                # A paused queue's unstarted lease is let go (its start would refuse).
+                paused = self._paused_among(conn, [row.queue for row in unstarted])
+                for row in unstarted:
+                    if row.queue in paused:
+                        self._release(conn, row.queue, row.token)
+                unstarted = [row for row in unstarted if row.queue not in paused]
+            resent = self._resend(conn, unstarted, grace)
+            started: dict[int, str] = {}
+            for row in expired:
+                if row.started_at is None:
+                    continue
+                started[row.job_id] = claimed = new_token()
+                conn.execute(
+                    sa.update(L)
+                    .where(L.c.scope == self.scope, L.c.queue == row.queue, L.c.token == row.token)
+                    .values(token=claimed, expires_at=self._after(claim))
+                )
+            lost = []
+            if started:
+                rows = conn.execute(sa.select(*JOB_COLUMNS).where(J.c.id.in_(list(started)))).mappings()
+                lost = [LostAttempt(Job.from_row(row), started[row["id"]]) for row in rows]
+        return lost, resent
+
+    def _resend(self, conn: Connection, unstarted: Sequence[Any], grace: float) -> list[Lease]:
+        """Count a re-send of each of these unstarted leases (locked) and set when the
+        next is due: ``resend_after * 2 ** resends``, at most ``grace``, from now."""
+        if not unstarted:
+            return []
+        first = self._first_wait(grace)
+        timeouts = dict(
+            conn.execute(
+                sa.select(J.c.id, J.c.timeout).where(J.c.id.in_(sorted({row.job_id for row in unstarted})))
+            ).all()
+        )
+        updates = []
+        for row in unstarted:
+            wait = dt.timedelta(seconds=min(first * 2 ** min(row.resends + 1, _MAX_DOUBLINGS), grace))
+            updates.append(
+                {
+                    "b_queue": row.queue,
+                    "b_token": row.token,
+                    "b_resends": row.resends + 1,
+                    "b_wait": self._wait_value(wait),
+                }
+            )
+        until = self._after_each("b_wait")
+        conn.execute(
+            sa.update(L)
+            .where(L.c.scope == self.scope, L.c.queue == sa.bindparam("b_queue"))
+            .where(L.c.token == sa.bindparam("b_token"))
+            .values(resends=sa.bindparam("b_resends"), expires_at=until),
+            updates,
+        )
+        # A job gone from the table (deleted by hand): the message's start releases the lease.
+        return [
+            Lease(row.queue, row.job_id, row.token, float(timeouts.get(row.job_id, 60.0)))
+            for row in sorted(unstarted, key=lambda r: r.queue)
+        ]
+
+    def record_lost(self, lost: LostAttempt, outcome: Outcome) -> bool:
+        """Record the failed attempt of a job whose worker died, and drop its lease,
+        if the lease is still held by the claim :meth:`recover` took."""
+        job = lost.job
+        with self._tx() as conn:
+            lease = sa.select(L.c.token).where(
+                L.c.scope == self.scope,
+                L.c.queue == job.queue,
+                L.c.token == lost.token,
+            )
+            if conn.execute(self._locked(lease, skip_locked=True)).first() is None:
+                return False
+            conn.execute(
+                sa.update(J)
+                .where(J.c.id == job.id, J.c.status == STATUS_RUNNING)
+                .values(error=outcome.error, **self._failed_values(job, outcome))
+            )
+            self._release(conn, job.queue, lost.token)
+        return True
+
+    def replace_error(self, job_id: int, recorded: str, error: str) -> bool:
+        """Replace a job's stored error with ``error`` if it is still ``recorded`` (no
+        other attempt has ended since): how the scan adds what a failure hook raised to
+        a lost attempt it has already recorded."""
+        with self._tx() as conn:
+            moved = conn.execute(
+                sa.update(J)
+                .where(J.c.scope == self.scope, J.c.id == job_id, J.c.error == recorded)
+                .values(error=error)
+            )
+        return moved.rowcount == 1
+
+    def _release(self, conn: Connection, queue: str, token: str) -> None:
+        """Drop the queue's lease if ``token`` still holds it."""
+        conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token))
+
+    def release_unsent(self, leases: Sequence[Lease]) -> int:
+        """Give back leases whose perform message could not be sent (the broker is
+        down): each is dropped if its token still holds it unstarted, and its queue is
+        made due, so that the next scan takes it again instead of waiting for the
+        lease to expire. Returns how many were dropped."""
+        if not leases:
+            return 0
+        with self._tx() as conn:
+            dropped = 0
+            for lease in leases:
+                dropped += int(
+                    conn.execute(
+                        sa.delete(L).where(
+                            L.c.scope == self.scope,
+                            L.c.queue == lease.queue,
+                            L.c.token == lease.token,
+                            L.c.started_at.is_(None),
+                        )
+                    ).rowcount
+                    or 0
+                )
+            self._lower_due(conn, sorted({lease.queue for lease in leases}))
+        return dropped
+
+    def extend_lease(self, queue: str, token: str, seconds: float) -> bool:
+        """Make a started lease last ``seconds`` from now (database clock), if
+        ``token`` still holds it."""
+        with self._tx() as conn:
+            moved = conn.execute(
+                sa.update(L)
+                .where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
+                .values(expires_at=self._after(seconds))
+            )
+        return moved.rowcount == 1
+
+    def lease_of(self, queue: str) -> dict[str, Any] | None:
+        """The lease row of a queue, for inspection (tests, status)."""
+        with self._tx() as conn:
+            row = (
+                conn.execute(sa.select(L).where(L.c.scope == self.scope, L.c.queue == queue))
+                .mappings()
+                .first()
+            )
+        return dict(row) if row else None
+
+    # ------------------------------------------------------------------ operator
+    # Everything below serves operators and tests (status, retry, abort, purge, drain);
+    # none of it is on the workers' hot path, except _failed_values.
+
+    def _failed_values(self, job: Job, outcome: Outcome) -> dict[str, Any]:
+        """Status and next attempt of a job whose attempt failed (see _failure_plan)."""
+        plan = failure_plan(job, outcome)
+        until = plan.until if plan.backoff is None else self._after(plan.backoff)
+        return {"status": plan.status, "next_attempt_at": until}
+
+    def _get_for_update(self, conn: Connection, job_id: int) -> Job:
+        query = sa.select(*JOB_COLUMNS).where(J.c.scope == self.scope, J.c.id == job_id)
+        row = conn.execute(self._locked(query)).mappings().first()
+        if row is None:
+            raise JobNotFoundError(self.scope, job_id)
+        return Job.from_row(row)
+
+    def _lower_due(self, conn: Connection, queues: Sequence[str] | None) -> None:
+        """Make queues due for the next scan (``due_at`` is only a lower bound)."""
+        now = self._now()
+        query = sa.update(Q).where(Q.c.scope == self.scope, sa.or_(Q.c.due_at.is_(None), Q.c.due_at > now))
+        if queues is not None:
+            query = query.where(Q.c.queue.in_(list(queues)))
+        conn.execute(query.values(due_at=now))
+
+    def release_unstarted(self, queue: str | None = None) -> int:
+        """Drop the dispatched-but-unstarted leases of the scope (their messages are
+        only wake-ups and will be dropped as stale). Used by ``drain``."""
+        with self._tx() as conn:
+            query = sa.delete(L).where(L.c.scope == self.scope, L.c.started_at.is_(None))
+            if queue is not None:
+                query = query.where(L.c.queue == queue)
+            return int(conn.execute(query).rowcount or 0)
+
+    def advance(self, queue: str | None = None) -> bool:
+        """Move time forward for the open jobs of the scope (or of one queue), for a
+        test's ``drain(with_scheduled=True)``: if no queue head is due, shift every
+        pending job's ``scheduled_at`` and retry time back by the same amount so that
+        the earliest head becomes due now. Order within each queue is kept. Held
+        jobs stay held. Returns False when there is nothing to advance to."""
+        with self._tx() as conn:
+            now = self._clock(conn)
+            leased = set(conn.execute(sa.select(L.c.queue).where(L.c.scope == self.scope)).scalars())
+            due_times = [
+                head.due_at
+                for head in self._heads(conn, None if queue is None else [queue]).values()
+                if head.status == STATUS_PENDING and not head.held and head.queue not in leased
+            ]
+            if not due_times:
+                return False
+            earliest = min(due_times)
+            if earliest > now:
+                delta = earliest - now
+                select = sa.select(J.c.id, J.c.scheduled_at, J.c.next_attempt_at).where(
+                    J.c.scope == self.scope, J.c.status == STATUS_PENDING
+                )
+                if queue is not None:
+                    select = select.where(J.c.queue == queue)
+                rows = [
+                    {
+                        "b_id": row.id,
+                        "b_scheduled_at": row.scheduled_at - delta,
+                        "b_next": row.next_attempt_at
+                        if row.next_attempt_at is None or row.next_attempt_at >= HELD_UNTIL
+                        else row.next_attempt_at - delta,
+                    }
+                    for row in conn.execute(select)
+                ]
+                if rows:
+                    conn.execute(
+                        sa.update(J)
+                        .where(J.c.id == sa.bindparam("b_id"))
+                        .values(
+                            scheduled_at=sa.bindparam("b_scheduled_at", type_=schema.UTCDateTime()),
+                            next_attempt_at=sa.bindparam("b_next", type_=schema.UTCDateTime()),
+                        ),
+                        rows,
+                    )
+            self._lower_due(conn, [queue] if queue is not None else None)
+        return True
+
+
+def unique_specs(specs: Sequence[NewJob]) -> tuple[list[NewJob], list[int]]:
+    """The specs without those repeating an earlier spec's unique_key, and for each
+    spec given the position of its kept spec."""
+    kept: list[NewJob] = []
+    position: list[int] = []
+    first: dict[str, int] = {}
+    for spec in specs:
+        key = spec.unique_key
+        if key is not None and key in first:
+            position.append(first[key])
+            continue
+        if key is not None:
+            first[key] = len(kept)
+        position.append(len(kept))
+        kept.append(spec)
+    return kept, position
+
+
+def positions_by_queue(specs: Sequence[NewJob]) -> dict[str, list[int]]:
+    """The positions of the specs of each queue, in the order given."""
+    by_queue: dict[str, list[int]] = {}
+    for index, spec in enumerate(specs):
+        by_queue.setdefault(spec.queue, []).append(index)
+    return by_queue
