@@ -63,6 +63,31 @@ def database_url() -> Iterator[str]:
     admin.dispose()
 
 
+def _postgresql_url(database_url: str, tmp_path: Path) -> str:
+    return database_url
+
+
+def _sqlite_url(database_url: str, tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+#: Every backend the lease protocol's and the operator's integration tests run on, with
+#: how to make a fresh database URL for one test (from the session's PostgreSQL database
+#: and the test's tmp_path). A new backend is tested by adding it here.
+BACKENDS: list[tuple[str, Callable[[str, Path], str]]] = [
+    ("postgresql", _postgresql_url),
+    ("sqlite", _sqlite_url),
+]
+
+
+@pytest.fixture(params=[url for _, url in BACKENDS], ids=[name for name, _ in BACKENDS])
+def backend_url(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> str:
+    """A database URL of each backend in :data:`BACKENDS` in turn (migrate it first:
+    the SQLite file is new)."""
+    make_url: Callable[[str, Path], str] = request.param
+    return make_url(database_url, tmp_path)
+
+
 @pytest.fixture(scope="session")
 def engine(database_url: str) -> Iterator[sa.Engine]:
     engine = make_engine(database_url)

@@ -104,9 +104,8 @@ def _set(qt: Queuetopia, sql: str) -> None:
         conn.execute(sa.text(sql), {"s": qt.scope})
 
 
-@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
-def test_cli_pause_resume_bulk_retry_and_abort(database_url, scope, cli, tmp_path, backend):
-    url = database_url if backend == "postgresql" else f"sqlite:///{tmp_path / 'jobs.db'}"
+def test_cli_pause_resume_bulk_retry_and_abort(backend_url, scope, cli):
+    url = backend_url
     oqt = _oqt(url, scope)
     oqt.migrate()
     try:

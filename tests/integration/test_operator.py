@@ -1,6 +1,6 @@
 """The operator API: queue status, blocked queues, retry, abort, purge, cleanup,
-on_exhausted. On PostgreSQL with a real Redis broker (no worker: a kick shows up as
-the queue's lease being taken)."""
+on_exhausted. On every backend (``backend_url``) with a real Redis broker (no worker: a
+kick shows up as the queue's lease being taken)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ from queuetopia_celery import (
     JobState,
     JobStateError,
     Queuetopia,
+    schema,
 )
 from tests.conftest import REDIS_URL, wait_for
 
 
 @pytest.fixture
-def make_qt(database_url: str, scope: str) -> Iterator[Callable[..., Queuetopia]]:
+def make_qt(backend_url: str, scope: str) -> Iterator[Callable[..., Queuetopia]]:
     """Queuetopias with a real Redis broker (kicks publish; no worker consumes) and the
     performers 'ok' and 'fail'."""
     built: list[Queuetopia] = []
@@ -35,11 +36,12 @@ def make_qt(database_url: str, scope: str) -> Iterator[Callable[..., Queuetopia]
         qt = Queuetopia(
             scope_ or scope,
             app=app,
-            database_url=database_url,
+            database_url=backend_url,
             celery_queue=f"qt-op-{uuid.uuid4().hex[:8]}",
             dispatch_grace=20,
             **options,
         )
+        qt.migrate()
         failing(qt)
         built.append(qt)
         return qt
@@ -189,17 +191,15 @@ def test_a_held_job_from_a_lost_worker_blocks_its_queue(make_qt):
     assert qt.drain(with_scheduled=True).attempted == 0
 
 
-def test_purge_deletes_only_done_jobs_past_retention(make_qt, engine, scope):
+def test_purge_deletes_only_done_jobs_past_retention(make_qt, scope):
     qt = make_qt()
     old = qt.create_job("q", "ok")
     recent = qt.create_job("q", "ok")
     kept = qt.create_job("r", "fail", max_attempts=1)
     qt.drain()
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text("UPDATE queuetopia_jobs SET done_at = now() - interval '8 days' WHERE id = :id"),
-            {"id": old.id},
-        )
+    with qt.engine.begin() as conn:
+        eight_days_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=8)
+        conn.execute(sa.update(schema.jobs).where(schema.jobs.c.id == old.id).values(done_at=eight_days_ago))
     assert qt.purge_jobs() == 1  # default retention: 7 days
     assert qt.get_job(old.id) is None
     assert qt.get_job(recent.id) is not None and qt.get_job(kept.id) is not None

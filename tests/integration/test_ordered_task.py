@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,11 +32,10 @@ from queuetopia_celery.testing import assert_job_created
 UTC = dt.timezone.utc
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def qt(request: pytest.FixtureRequest, database_url: str, tmp_path: Path, scope: str) -> Iterator[Queuetopia]:
-    url = database_url if request.param == "postgresql" else f"sqlite:///{tmp_path / 'jobs.db'}"
+@pytest.fixture
+def qt(backend_url: str, scope: str) -> Iterator[Queuetopia]:
     app = Celery(f"t-{uuid.uuid4().hex[:6]}", broker="memory://")
-    qt = Queuetopia(scope, app=app, database_url=url, disabled=True)
+    qt = Queuetopia(scope, app=app, database_url=backend_url, disabled=True)
     qt.migrate()
     yield qt
     qt.engine.dispose()

@@ -9,7 +9,6 @@ import datetime as dt
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,13 +19,6 @@ from queuetopia_celery import ConfigurationError, InvalidJobError, Job, JobState
 from tests.conftest import wait_for
 
 UTC = dt.timezone.utc
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def backend_url(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return database_url
-    return f"sqlite:///{tmp_path / 'jobs.db'}"
 
 
 @pytest.fixture

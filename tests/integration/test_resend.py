@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,10 +37,9 @@ def waits_left(qt: Queuetopia, queue: str) -> tuple[float, int]:
     return round(left), lease["resends"]
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def any_qt(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> Iterator[Queuetopia]:
-    url = database_url if request.param == "postgresql" else f"sqlite:///{tmp_path / 'qt.db'}"
-    engine = make_engine(url)
+@pytest.fixture
+def any_qt(request: pytest.FixtureRequest, backend_url: str) -> Iterator[Queuetopia]:
+    engine = make_engine(backend_url)
     qt = Queuetopia(
         f"resend-{request.node.name[-20:]}-{id(engine)}"[:60],
         app=Celery("resend", broker="memory://"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,13 +15,6 @@ from queuetopia_celery import InvalidJobError, Job, JobState, Queuetopia
 from queuetopia_celery.testing import assert_job_created, refute_job_created
 
 UTC = dt.timezone.utc
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def backend_url(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return database_url
-    return f"sqlite:///{tmp_path / 'jobs.db'}"
 
 
 @pytest.fixture

@@ -1,31 +1,62 @@
-"""The store and the Runner against real PostgreSQL (and Redis for the messages they
-publish): leases, fencing tokens, recovery of lost attempts, listing and scopes.
-No worker runs here: the Runner is called in this process."""
+"""The backend and the Runner on every backend (``backend_url``; Redis for the messages
+they publish): leases, fencing tokens, recovery of lost attempts, listing and scopes.
+No worker runs here: the Runner is called in this process. A few tests of
+PostgreSQL's own connection handling run on PostgreSQL only (``pg_qt``)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from queuetopia_celery import Job, JobState, Performer, Queuetopia
+from queuetopia_celery import Job, JobState, Performer, Queuetopia, schema
 from queuetopia_celery.backends import Burst, Outcome
+from tests.apps import testapp
 from tests.conftest import REDIS_URL, wait_for
 
 UTC = dt.timezone.utc
 GRACE = 20.0
 
 
-def expire_leases(engine: sa.Engine, scope: str) -> None:
+@pytest.fixture
+def make_qt(backend_url: str, celery_queue: str, scope: str) -> Iterator[Callable[..., Queuetopia]]:
+    """The test app's Queuetopias (a real Redis broker, no worker) on each backend."""
+    built: list[Queuetopia] = []
+
+    def make(scope_: str | None = None, **options: Any) -> Queuetopia:
+        _, qt = testapp.build(
+            scope_ or scope,
+            database_url=backend_url,
+            broker_url=REDIS_URL,
+            celery_queue=celery_queue,
+            **options,
+        )
+        qt.migrate()
+        built.append(qt)
+        return qt
+
+    yield make
+    for qt in built:
+        qt.engine.dispose()
+
+
+@pytest.fixture
+def pg_qt(database_url: str, celery_queue: str, scope: str) -> Iterator[Queuetopia]:
+    _, qt = testapp.build(scope, database_url=database_url, broker_url=REDIS_URL, celery_queue=celery_queue)
+    yield qt
+    qt.engine.dispose()
+
+
+def expire_leases(qt: Queuetopia) -> None:
     """Pretend the leases of this scope ran out (a worker died, a message got stuck)."""
-    with engine.begin() as conn:
+    past = dt.datetime.now(UTC) - dt.timedelta(seconds=1)
+    with qt.engine.begin() as conn:
         conn.execute(
-            sa.text("UPDATE queuetopia_leases SET expires_at = now() - interval '1 second' WHERE scope = :s"),
-            {"s": scope},
+            sa.update(schema.leases).where(schema.leases.c.scope == qt.scope).values(expires_at=past)
         )
 
 
@@ -51,18 +82,18 @@ def test_dispatch_takes_a_queue_once_and_only_for_a_due_head(qt):
     assert qt.get_job(later.id).state is JobState.SCHEDULED
 
 
-def test_a_scheduled_job_is_dispatched_by_the_scan_once_due(qt, engine, scope):
+def test_a_scheduled_job_is_dispatched_by_the_scan_once_due(qt, scope):
     job = qt.create_job("s", "work", {}, scheduled_at=dt.datetime.now(UTC) + dt.timedelta(hours=1))
     assert qt.backend.scan(grace=GRACE) == []
-    with engine.begin() as conn:
+    now = dt.datetime.now(UTC)
+    jobs, queues = schema.jobs, schema.queues
+    with qt.engine.begin() as conn:
         conn.execute(
-            sa.text("UPDATE queuetopia_jobs SET scheduled_at = now() - interval '1 second' WHERE id = :i"),
-            {"i": job.id},
+            sa.update(jobs).where(jobs.c.id == job.id).values(scheduled_at=now - dt.timedelta(seconds=1))
         )
         # What a producer of an earlier job would do: lower the queue's due time.
         conn.execute(
-            sa.text("UPDATE queuetopia_queues SET due_at = now() WHERE scope = :s AND queue = 's'"),
-            {"s": scope},
+            sa.update(queues).where(queues.c.scope == scope, queues.c.queue == "s").values(due_at=now)
         )
     (taken,) = qt.backend.scan(grace=GRACE)
     assert (taken.queue, taken.job_id) == ("s", job.id)
@@ -148,7 +179,7 @@ def test_an_exhausted_job_within_a_burst_hands_the_queue_to_the_next_one_at_once
 # --------------------------------------------------------------------------- the runner
 
 
-def test_a_stale_perform_message_is_dropped_without_running_the_job(qt, engine, scope):
+def test_a_stale_perform_message_is_dropped_without_running_the_job(qt, scope):
     job = qt.create_job("q", "work", {"echo": 1})
     old = qt.backend.lease_of("q")["token"]
     qt.backend.release_unstarted("q")  # (what drain does) so that the scan takes a new lease
@@ -182,10 +213,11 @@ class Recorder(Performer):
 
 
 @pytest.fixture
-def class_qt(database_url: str, scope: str, celery_queue: str) -> Iterator[tuple[Queuetopia, Recorder]]:
+def class_qt(backend_url: str, scope: str, celery_queue: str) -> Iterator[tuple[Queuetopia, Recorder]]:
     app = Celery(f"class-{scope}", broker=REDIS_URL)
     recorder = Recorder()
-    qt = Queuetopia(scope, app=app, database_url=database_url, performer=recorder, celery_queue=celery_queue)
+    qt = Queuetopia(scope, app=app, database_url=backend_url, performer=recorder, celery_queue=celery_queue)
+    qt.migrate()
     yield qt, recorder
     qt.engine.dispose()
 
@@ -231,14 +263,15 @@ def test_an_exception_in_handle_failed_job_is_recorded_on_the_job(class_qt):
     assert qt.get_job(after.id).state is JobState.DONE or (lease is not None and lease["job_id"] == after.id)
 
 
-def test_a_result_that_is_not_json_fails_the_attempt(database_url, scope):
+def test_a_result_that_is_not_json_fails_the_attempt(backend_url, scope):
     class Bad(Performer):
         def perform(self, job: Job) -> Any:
             return {1, 2}
 
     other = Queuetopia(
-        f"{scope}-x", app=Celery("bad-result", broker=REDIS_URL), database_url=database_url, performer=Bad()
+        f"{scope}-x", app=Celery("bad-result", broker=REDIS_URL), database_url=backend_url, performer=Bad()
     )
+    other.migrate()
     try:
         job = other.create_job("q", "a", {})
         run_head(other, "q")
@@ -252,7 +285,7 @@ def test_a_result_that_is_not_json_fails_the_attempt(database_url, scope):
 # --------------------------------------------------------------------------- lost attempts
 
 
-def test_an_expired_started_lease_is_recovered_as_a_failed_attempt(qt, engine, scope):
+def test_an_expired_started_lease_is_recovered_as_a_failed_attempt(qt, scope):
     job = qt.create_job("q", "work", {}, max_attempts=2)
     nxt = qt.create_job("q", "work", {})
     token = qt.backend.lease_of("q")["token"]
@@ -261,7 +294,7 @@ def test_an_expired_started_lease_is_recovered_as_a_failed_attempt(qt, engine, s
     assert qt.scan() == 0, "a live lease is left alone"
     assert qt.get_job(job.id).state is JobState.RUNNING
 
-    expire_leases(engine, scope)
+    expire_leases(qt)
     qt.scan()
     lost = qt.get_job(job.id)
     assert lost.state is JobState.RETRYING
@@ -276,12 +309,12 @@ def test_an_expired_started_lease_is_recovered_as_a_failed_attempt(qt, engine, s
     assert qt.get_job(job.id).result is None
 
 
-def test_a_lost_last_attempt_exhausts_the_job_and_the_queue_moves_on(qt, engine, scope):
+def test_a_lost_last_attempt_exhausts_the_job_and_the_queue_moves_on(qt, scope):
     job = qt.create_job("q", "work", {}, max_attempts=1)
     nxt = qt.create_job("q", "work", {})
     token = qt.backend.lease_of("q")["token"]
     assert qt.backend.start("q", job.id, token, worker="w/1", lease=30) is not None
-    expire_leases(engine, scope)
+    expire_leases(qt)
     assert qt.scan() == 1
     assert qt.get_job(job.id).state is JobState.EXHAUSTED
     assert qt.backend.lease_of("q")["job_id"] == nxt.id
@@ -341,14 +374,13 @@ def test_list_and_paginate_jobs_filter_and_order_newest_sequence_first(qt, make_
     assert other.paginate_jobs(10, 1).total == 1
 
 
-def test_an_error_message_with_nul_or_lone_surrogates_is_stored(database_url, scope):
+def test_an_error_message_with_nul_or_lone_surrogates_is_stored(backend_url, scope):
     class Nasty(Performer):
         def perform(self, job: Job) -> Any:
             raise ValueError("bad \x00 byte and \ud800 surrogate")
 
-    qt = Queuetopia(
-        scope, app=Celery("nasty", broker=REDIS_URL), database_url=database_url, performer=Nasty()
-    )
+    qt = Queuetopia(scope, app=Celery("nasty", broker=REDIS_URL), database_url=backend_url, performer=Nasty())
+    qt.migrate()
     try:
         job = qt.create_job("q", "a", {})
         run_head(qt, "q")
@@ -359,12 +391,12 @@ def test_an_error_message_with_nul_or_lone_surrogates_is_stored(database_url, sc
         qt.engine.dispose()
 
 
-def test_two_racing_scans_record_a_lost_attempt_and_call_the_hook_once(class_qt, engine, scope):
+def test_two_racing_scans_record_a_lost_attempt_and_call_the_hook_once(class_qt, scope):
     qt, recorder = class_qt
     job = qt.create_job("q", "anything", {})
     token = qt.backend.lease_of("q")["token"]
     assert qt.backend.start("q", job.id, token, worker="dead/1", lease=30) is not None
-    expire_leases(engine, scope)
+    expire_leases(qt)
     # Scan 1 has found the lost attempt; scan 2 looks before scan 1 has recorded it.
     first, _ = qt.backend.recover()
     second, _ = qt.backend.recover()
@@ -381,15 +413,15 @@ def test_two_racing_scans_record_a_lost_attempt_and_call_the_hook_once(class_qt,
     assert qt.backend.lease_of("q") is None
 
 
-def test_a_claimed_lost_attempt_whose_scan_died_is_recovered_by_a_later_scan(qt, engine, scope):
+def test_a_claimed_lost_attempt_whose_scan_died_is_recovered_by_a_later_scan(qt, scope):
     job = qt.create_job("q", "work", {})
     token = qt.backend.lease_of("q")["token"]
     qt.backend.start("q", job.id, token, worker="dead/1", lease=30)
-    expire_leases(engine, scope)
+    expire_leases(qt)
     claimed, _ = qt.backend.recover()
     assert len(claimed) == 1
     # The scan that claimed it dies before recording; its claim expires in turn.
-    expire_leases(engine, scope)
+    expire_leases(qt)
     qt.scan()
     lost = qt.get_job(job.id)
     assert (lost.state, lost.attempts) == (JobState.RETRYING, 1)
@@ -424,11 +456,12 @@ def test_a_message_without_a_time_limit_still_leases_the_queue_for_the_jobs_time
     qt.engine.dispose()
 
 
-def test_start_replaces_a_connection_found_dead_and_begins_the_attempt(qt, engine):
+def test_start_replaces_a_connection_found_dead_and_begins_the_attempt(pg_qt, engine):
     """A pooled connection used less than a second ago is handed out without a ping;
     if its backend died meanwhile, the start is tried once more on a new connection
     instead of failing the perform task (which would leave the job waiting for the
     dispatch grace)."""
+    qt = pg_qt
     job = qt.create_job("q", "work", {})
     token = qt.backend.lease_of("q")["token"]
     with qt.backend.pinned():
