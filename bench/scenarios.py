@@ -470,7 +470,7 @@ def roundtrips(env: Env, cfg: Config) -> dict[str, Any]:
     """Database round trips and broker messages per job, counted in-process on the real
     code paths: a hot queue run by Runner.perform with the default burst (50 jobs or
     0.25 s), create_job one by one (with its kick), create_jobs in bulk."""
-    from queuetopia_celery.tasks import Runner
+    from queuetopia_celery.worker import Runner
 
     n = cfg["roundtrip_jobs"]
     out: dict[str, Any] = {}

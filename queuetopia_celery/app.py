@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from celery import signals as celery_signals
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
@@ -37,8 +36,9 @@ from .jobs import (
 )
 from .ordered_task import TaskDecorator, wait_for_job
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
-from .tasks import publish, register
+from .tasks import CeleryTasks, publish
 from .wakeup import WakeUp
+from .worker import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -93,17 +93,6 @@ def make_engine(database_url: str, **options: Any) -> Engine:
     elif backend == "postgresql" and "pool_pre_ping" not in options:
         ping_when_idle(engine, PING_AFTER_IDLE)
     return engine
-
-
-#: Shortest life of a beat message (scan, cleanup) in the broker: a worker whose clock
-#: runs ahead of beat's by less than this never discards a fresh one.
-MIN_PERIODIC_EXPIRY = 5.0
-
-
-def periodic_expiry(interval: float) -> float:
-    """Seconds a periodic (beat) message may wait in the broker before a worker discards
-    it: its interval (a newer one follows), at least :data:`MIN_PERIODIC_EXPIRY`."""
-    return max(interval, MIN_PERIODIC_EXPIRY)
 
 
 class Queuetopia:
@@ -192,18 +181,12 @@ class Queuetopia:
             max_concurrent=self.max_concurrent_queues,
             send=self.send,
         )
-        self.perform_task, self.scan_task, self.kick_task = register(self)
+        self.celery_tasks = CeleryTasks(self)
+        self.perform_task = self.celery_tasks.perform
+        self.scan_task = self.celery_tasks.scan
+        self.kick_task = self.celery_tasks.kick
+        self.cleanup_task = self.celery_tasks.cleanup
         self.create_task = register_create_task(self)  # send_task path: see create_task.py
-        if not disabled:
-            app.add_periodic_task(
-                dt.timedelta(seconds=self.poll_interval),
-                self.scan_task.s().set(queue=celery_queue) if celery_queue else self.scan_task.s(),
-                name=f"queuetopia.{self.scope}.scan",
-                # A scan waiting in the broker longer than this is useless (a newer one
-                # follows): while no worker runs, old scans are discarded, not piled up.
-                expires=periodic_expiry(self.poll_interval),
-            )
-        self.cleanup_task = self._register_cleanup()
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
@@ -422,9 +405,7 @@ class Queuetopia:
         return int(self.perform_runner.scan())
 
     @property
-    def perform_runner(self) -> Any:
-        from .tasks import Runner
-
+    def perform_runner(self) -> Runner:
         return Runner(self)
 
     # ------------------------------------------------------------------ operator
@@ -552,44 +533,6 @@ class Queuetopia:
             logger.info("purged %s done jobs", deleted, extra={"scope": self.scope})
         return deleted
 
-    def _register_cleanup(self) -> Any:
-        """The periodic cleanup task (only with ``cleanup_interval=``, not disabled)."""
-        if self.cleanup_interval is None or self.disabled:
-            return None
-
-        from .tasks import Runner
-
-        runner = Runner(self)
-
-        @self.app.task(name=f"queuetopia.{self.scope}.cleanup", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
-        def cleanup() -> int:
-            return runner.unless_schema_missing(self.purge_jobs)
-
-        self.app.add_periodic_task(
-            dt.timedelta(seconds=self.cleanup_interval),
-            cleanup.s().set(queue=self.celery_queue) if self.celery_queue else cleanup.s(),
-            name=f"queuetopia.{self.scope}.cleanup",
-            expires=periodic_expiry(self.cleanup_interval),
-        )
-        # Weakly held: the receiver goes with this Queuetopia.
-        celery_signals.beat_init.connect(self._cleanup_at_start)
-        return cleanup
-
-    def _cleanup_at_start(self, sender: Any = None, **_: Any) -> None:
-        """On ``beat_init``: send one cleanup as beat starts, as Queuetopia cleans when
-        its scheduler starts (an interval entry first fires one interval after start,
-        so a beat restarted more often than ``cleanup_interval`` would never clean).
-        Several beats each send one; the cleanup is idempotent."""
-        if getattr(sender, "app", None) is not self.app or self.cleanup_task is None:
-            return
-        try:
-            self.cleanup_task.apply_async(queue=self.celery_queue)
-        except Exception:
-            logger.exception(
-                "could not send the cleanup at beat start; it runs every cleanup_interval",
-                extra={"scope": self.scope},
-            )
-
     def drain(self, queue: str | None = None, *, with_scheduled: bool = False) -> DrainResult:
         """Run jobs now, in this process, without Celery workers: for tests.
 
@@ -602,8 +545,6 @@ class Queuetopia:
         by the same amount, keeping each queue's order), until every job succeeded,
         exhausted or is held. Unstarted leases taken by kicks are released first.
         """
-        from .tasks import Runner
-
         if queue is not None:
             validate_name("queue", queue)
         runner = Runner(self)

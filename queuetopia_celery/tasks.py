@@ -1,6 +1,8 @@
-"""The Celery side: the tasks a Queuetopia registers, and how a worker runs jobs.
+"""The Celery side, and the only module of the engine that registers Celery tasks: the
+four tasks of a scope, the beat entries that send the periodic ones, and the publishing
+of perform messages. What the tasks do is :mod:`queuetopia_celery.worker`'s.
 
-Three tasks per scope, all carrying only names, ids and tokens (JSON):
+Four tasks per scope, all carrying only names, ids and tokens (JSON):
 
 * ``queuetopia.<scope>.perform(queue, job_id, token)``: run a dispatched job, then the
   queue's next due jobs in the same task within a burst budget, then hand the queue on
@@ -10,339 +12,122 @@ Three tasks per scope, all carrying only names, ids and tokens (JSON):
   is due.
 * ``queuetopia.<scope>.kick(queues)``: dispatch these queues now (sent by producers
   whose transaction commits through a plain SQLAlchemy Connection).
+* ``queuetopia.<scope>.cleanup()``: with ``cleanup_interval=``, purge done jobs past
+  ``job_retention``; also sent once when beat starts.
 
-Messages are only wake-ups: every decision is taken in the database under a token.
+The ``create`` task of ``send_task`` producers is :mod:`queuetopia_celery.create_task`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
+import datetime as dt
 import logging
-import os
-import signal
-import socket
-import threading
-import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from .backends.base import Burst, Lease, LostAttempt, Outcome
-from .errors import DoNotRetry, JobTimeoutError, ResultNotJSONError, SchemaMissingError
-from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
-from .performer import PerformerProtocol, is_stop_signal, safe_backoff
+from celery import signals as celery_signals
 
-if TYPE_CHECKING:
-    from .app import Queuetopia
+from .backends.base import Lease
+from .worker import Runner, WorkerHost
 
 logger = logging.getLogger(__name__)
 
-#: Longest error text stored on a job.
-MAX_ERROR_LENGTH = 8000
+
+class CeleryHost(WorkerHost, Protocol):
+    """What the tasks need of the Queuetopia they serve (the facade is one)."""
+
+    app: Any
+    celery_queue: str | None
+    poll_interval: float
+    cleanup_interval: float | None
+    disabled: bool
+
+    def purge_jobs(self, *, older_than: float | dt.timedelta | None = None) -> int: ...
 
 
-def worker_name(hostname: str | None = None) -> str:
-    """Who is attempting: ``host/pid``."""
-    return f"{hostname or socket.gethostname()}/{os.getpid()}"
+#: Shortest life of a beat message (scan, cleanup) in the broker: a worker whose clock
+#: runs ahead of beat's by less than this never discards a fresh one.
+MIN_PERIODIC_EXPIRY = 5.0
 
 
-def format_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    if exc.__traceback__ is not None and not isinstance(exc, JobTimeoutError):
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        text = f"{text}\n\n{tb}"
-    if len(text) > MAX_ERROR_LENGTH:
-        text = text[: MAX_ERROR_LENGTH - 20] + "\n... (truncated)"
-    return text
+def periodic_expiry(interval: float) -> float:
+    """Seconds a periodic (beat) message may wait in the broker before a worker discards
+    it: its interval (a newer one follows), at least :data:`MIN_PERIODIC_EXPIRY`."""
+    return max(interval, MIN_PERIODIC_EXPIRY)
 
 
-def storable_text(text: str) -> str:
-    """``text`` as PostgreSQL can store it: NUL characters and lone surrogates (possible
-    in any exception message) escaped, so the outcome write never fails on them."""
-    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+class CeleryTasks:
+    """The tasks of one scope on its Celery app, and their beat entries."""
 
+    def __init__(self, qt: CeleryHost) -> None:
+        self.qt = qt
+        app = qt.app
+        runner = Runner(qt)
+        prefix = f"queuetopia.{qt.scope}"
 
-class _SoftLimit:
-    """The job's soft time limit: SIGALRM raises :class:`JobTimeoutError` inside the
-    performer. Only possible in the main thread (prefork children and the solo pool);
-    elsewhere the hard limit (Celery's ``time_limit``) and the lease are all there is."""
+        @app.task(name=f"{prefix}.perform", bind=True, ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
+        def perform(self: Any, queue: str, job_id: int, token: str) -> int:
+            limit = self.request.timelimit[0] if self.request.timelimit else None
+            return runner.perform(queue, job_id, token, hostname=self.request.hostname, time_limit=limit)
 
-    def __init__(self) -> None:
-        self.job: Job | None = None
+        @app.task(name=f"{prefix}.scan", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
+        def scan() -> int:
+            return runner.unless_schema_missing(runner.scan)
 
-    def _fire(self, signum: int, frame: Any) -> None:
-        job = self.job
-        if job is not None:
-            self.job = None
-            raise JobTimeoutError(job.id, job.timeout)
+        @app.task(name=f"{prefix}.kick", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
+        def kick(queues: list[str]) -> int:
+            return runner.kick(queues)
 
-    @contextlib.contextmanager
-    def running(self, job: Job) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGALRM, self._fire)
-        self.job = job
-        signal.setitimer(signal.ITIMER_REAL, job.timeout)
-        try:
-            yield
-        finally:
-            self.job = None
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
-
-
-@dataclasses.dataclass
-class Runner:
-    """Runs the perform, scan and kick tasks of one Queuetopia."""
-
-    qt: Queuetopia
-    soft_limit: _SoftLimit = dataclasses.field(default_factory=_SoftLimit)
-    #: Whether "the tables are missing" was logged (once per process, see unless_schema_missing).
-    told_schema_missing: bool = False
-
-    # ------------------------------------------------------------------ perform
-
-    def perform(
-        self, queue: str, job_id: int, token: str, *, hostname: str | None, time_limit: float | None
-    ) -> int:
-        """Run a dispatched job and, within the burst budget, the queue's next due jobs.
-        Returns how many jobs were attempted."""
-        qt = self.qt
-        store = qt.backend
-        began = time.monotonic()
-        deadline = began + time_limit if time_limit else None
-        worker = worker_name(hostname)
-        # One connection for the whole burst: one round trip per job on PostgreSQL.
-        with store.pinned():
-            job = store.start(queue, job_id, token, worker=worker, lease=self._lease(None, deadline))
-            if job is None:
-                logger.info(
-                    "dropped a stale perform message",
-                    extra={"scope": qt.scope, "queue": queue, "job_id": job_id},
-                )
-                return 0
-            if deadline is None:
-                # A message without a time limit (sent by hand): the lease must at least
-                # cover the job's own timeout.
-                store.extend_lease(queue, token, self._lease(job.timeout, None))
-            attempted = 0
-            while True:
-                outcome = self._attempt(job)
-                attempted += 1
-                now = time.monotonic()
-                # Finish this job and, within the burst budget, begin the next one in
-                # the same statement (each still with its own token, attempt count,
-                # outcome write and time limit).
-                written, nxt, started = store.finish_and_start(
-                    job,
-                    token,
-                    outcome,
-                    grace=qt.dispatch_grace,
-                    burst=Burst(
-                        worker=worker,
-                        start_next=attempted < qt.burst_jobs and now - began < qt.burst_seconds,
-                        time_limit_grace=qt.time_limit_grace,
-                        lease_margin=qt.lease_margin,
-                        deadline_left=None if deadline is None else deadline - now,
-                    ),
-                )
-                if not written:
-                    logger.warning(
-                        "lost the lease of queue %r before job %s ended; its outcome was dropped",
-                        queue,
-                        job.id,
-                        extra={"scope": qt.scope, "queue": queue, "job_id": job.id, "attempt": job.attempts},
-                    )
-                    return attempted
-                if nxt is None:
-                    # Released: a job committed meanwhile may have missed us. Look again;
-                    # under a concurrency limit, give the freed slot to the due queues
-                    # (this one included) now rather than at the next scan.
-                    qt.wakeup.released(queue)
-                    return attempted
-                if started is not None:
-                    job, token = started, nxt.token
-                    continue
-                # Budget spent: hand the queue back through the broker (fairness).
-                qt.send([nxt])
-                return attempted
-
-    def _lease(self, timeout: float | None, deadline: float | None) -> float:
-        """Seconds the running lease must last: past the job's own limit and past the
-        task's hard time limit (when Celery kills the child), plus a margin."""
-        qt = self.qt
-        needed = (timeout or 0.0) + qt.time_limit_grace
-        if deadline is not None:
-            needed = max(needed, deadline - time.monotonic())
-        return needed + qt.lease_margin
-
-    def _attempt(self, job: Job) -> Outcome:
-        qt = self.qt
-        performer: PerformerProtocol | None = None
-        try:
-            performer = qt.registry.resolve(job.action)
-            with self.soft_limit.running(job):
-                result = performer.perform(job)
-            try:
-                validate_json("result", result)
-            except ValueError as exc:
-                raise ResultNotJSONError(f"performer returned a value that is not JSON: {exc}") from None
-            return Outcome(True, result=result)
-        except BaseException as exc:
-            # sys.exit() in a performer is a failed attempt too; only a request to stop
-            # the process goes through (the scan records the attempt later).
-            if is_stop_signal(exc):
-                raise
-            return self._failure(job, performer, exc)
-
-    def _failure(self, job: Job, performer: PerformerProtocol | None, exc: BaseException) -> Outcome:
-        final = isinstance(exc, DoNotRetry)  # no further attempt, whatever max_attempts
-        error, backoff = self._failed_attempt(job, performer, exc, final=final)
-        hook_error = self._failure_hook(job, performer, error, final=final)
-        if hook_error:
-            error = f"{error}\n{hook_error}"
-        return Outcome(False, error=self._storable(error), backoff=backoff, final=final)
-
-    def _storable(self, error: str) -> str:
-        return storable_text(self.qt.backend.redact(error))
-
-    def _failed_attempt(
-        self, job: Job, performer: PerformerProtocol | None, exc: BaseException, *, final: bool = False
-    ) -> tuple[str, float]:
-        """The error text and the backoff of a failed attempt (the backoff hook is
-        guarded: what it raises is added to the error); logs the failure."""
-        qt = self.qt
-        error = format_error(exc)
-        backoff, problem = safe_backoff(performer, job)
-        if problem:
-            error = f"{error}\n{problem}"
-        exhausted = final or job.attempts >= job.max_attempts
-        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD
-        logger.warning(
-            "job %s of queue %r failed attempt %s/%s%s: %s",
-            job.id,
-            job.queue,
-            job.attempts,
-            job.max_attempts,
-            ("; held: its queue waits for an operator" if held else "; exhausted: its queue moves on")
-            if exhausted
-            else "",
-            f"{type(exc).__name__}: {exc}",
-            extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
-        )
-        return error, backoff
-
-    def _failure_hook(
-        self, job: Job, performer: PerformerProtocol | None, error: str, *, final: bool = False
-    ) -> str | None:
-        """Call ``handle_failed_job`` with the job as it will be stored. Returns what
-        it raised (``SystemExit`` included), as text to add to the job's error."""
-        if performer is None:
-            return None
-        exhausted = final or job.attempts >= job.max_attempts
-        held = exhausted and job.on_exhausted == ON_EXHAUSTED_HOLD  # the hook sees job.state HELD
-        failed = dataclasses.replace(
-            job,
-            error=error,
-            status=STATUS_EXHAUSTED if exhausted and not held else STATUS_PENDING,
-            next_attempt_at=HELD_UNTIL if held else job.next_attempt_at,
-        )
-        try:
-            performer.handle_failed_job(failed)
-        except BaseException as hook_exc:
-            if is_stop_signal(hook_exc):
-                raise
-            return f"handle_failed_job raised {format_error(hook_exc)}"
-        return None
-
-    # ------------------------------------------------------------------ scan and kick
-
-    def scan(self) -> int:
-        """Recover expired leases and dispatch due queues. Returns leases taken."""
-        qt = self.qt
-        store = qt.backend
-        lost, resent = store.recover(limit=qt.scan_limit, grace=qt.dispatch_grace)
-        for item in lost:
-            self._record_lost(item)
-        if resent:
-            # Lost, or still waiting in a busy broker: the same token, so either copy starts it.
-            logger.info(
-                "re-sent %s perform messages not started in time", len(resent), extra={"scope": qt.scope}
+        quiet_routine_tasks([f"{prefix}.scan", f"{prefix}.kick", f"{prefix}.cleanup"])
+        self.perform: Any = perform
+        self.scan: Any = scan
+        self.kick: Any = kick
+        if not qt.disabled:
+            app.add_periodic_task(
+                dt.timedelta(seconds=qt.poll_interval),
+                scan.s().set(queue=qt.celery_queue) if qt.celery_queue else scan.s(),
+                name=f"{prefix}.scan",
+                # A scan waiting in the broker longer than this is useless (a newer one
+                # follows): while no worker runs, old scans are discarded, not piled up.
+                expires=periodic_expiry(qt.poll_interval),
             )
-            qt.send(resent)
-        return len(resent) + qt.wakeup.scan()
+        self.cleanup: Any = self._register_cleanup(runner)
 
-    def _record_lost(self, lost: LostAttempt) -> None:
+    def _register_cleanup(self, runner: Runner) -> Any:
+        """The periodic cleanup task (only with ``cleanup_interval=``, not disabled)."""
         qt = self.qt
-        job = lost.job
-        lost_error = WorkerLostError(
-            f"attempt {job.attempts} of job {job.id} did not finish: "
-            f"{job.attempted_by or 'its worker'} died or was killed (its lease expired)"
+        if qt.cleanup_interval is None or qt.disabled:
+            return None
+
+        @qt.app.task(name=f"queuetopia.{qt.scope}.cleanup", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
+        def cleanup() -> int:
+            return runner.unless_schema_missing(qt.purge_jobs)
+
+        qt.app.add_periodic_task(
+            dt.timedelta(seconds=qt.cleanup_interval),
+            cleanup.s().set(queue=qt.celery_queue) if qt.celery_queue else cleanup.s(),
+            name=f"queuetopia.{qt.scope}.cleanup",
+            expires=periodic_expiry(qt.cleanup_interval),
         )
-        try:
-            performer: PerformerProtocol | None = qt.registry.resolve(job.action)
-        except LookupError:
-            performer = None
-        error, backoff = self._failed_attempt(job, performer, lost_error)
-        outcome = Outcome(False, error=self._storable(error), backoff=backoff)
-        # Recorded before handle_failed_job runs: a hook that raises, exits or kills
-        # this process can neither leave the attempt unrecorded nor block its queue.
-        if not qt.backend.record_lost(lost, outcome):
+        # Weakly held: the receiver goes with these tasks (held by their Queuetopia).
+        celery_signals.beat_init.connect(self._cleanup_at_start)
+        return cleanup
+
+    def _cleanup_at_start(self, sender: Any = None, **_: Any) -> None:
+        """On ``beat_init``: send one cleanup as beat starts, as Queuetopia cleans when
+        its scheduler starts (an interval entry first fires one interval after start,
+        so a beat restarted more often than ``cleanup_interval`` would never clean).
+        Several beats each send one; the cleanup is idempotent."""
+        qt = self.qt
+        if getattr(sender, "app", None) is not qt.app or self.cleanup is None:
             return
-        logger.warning(
-            "WorkerLostError: %s",
-            lost_error,
-            extra={"scope": qt.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
-        )
-        hook_error = self._failure_hook(job, performer, error)
-        if hook_error and outcome.error is not None:
-            qt.backend.replace_error(job.id, outcome.error, self._storable(f"{error}\n{hook_error}"))
-
-    def unless_schema_missing(self, fn: Callable[[], int]) -> int:
-        """Run a periodic task's body; if the tables are missing (not migrated), log
-        that once per process, clearly, instead of a traceback every poll_interval."""
         try:
-            result = fn()
-        except SchemaMissingError as exc:
-            if not self.told_schema_missing:
-                self.told_schema_missing = True
-                logger.error("%s", exc, extra={"scope": self.qt.scope})
-            return 0
-        self.told_schema_missing = False
-        return result
-
-    def kick(self, queues: Sequence[str]) -> int:
-        return self.qt.wakeup.kick_after_producers(list(queues))
-
-
-class WorkerLostError(Exception):
-    """Stands for a worker that died mid-job (never raised: no traceback to show).
-    Its name starts the error text stored on the job."""
-
-
-def register(qt: Queuetopia) -> tuple[Any, Any, Any]:
-    """Register the perform, scan and kick tasks of ``qt`` on its Celery app."""
-    app = qt.app
-    runner = Runner(qt)
-    prefix = f"queuetopia.{qt.scope}"
-
-    @app.task(name=f"{prefix}.perform", bind=True, ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
-    def perform(self: Any, queue: str, job_id: int, token: str) -> int:
-        limit = self.request.timelimit[0] if self.request.timelimit else None
-        return runner.perform(queue, job_id, token, hostname=self.request.hostname, time_limit=limit)
-
-    @app.task(name=f"{prefix}.scan", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
-    def scan() -> int:
-        return runner.unless_schema_missing(runner.scan)
-
-    @app.task(name=f"{prefix}.kick", ignore_result=True, typing=False)  # type: ignore[untyped-decorator]
-    def kick(queues: list[str]) -> int:
-        return runner.kick(queues)
-
-    quiet_routine_tasks([f"{prefix}.scan", f"{prefix}.kick", f"{prefix}.cleanup"])
-    return perform, scan, kick
+            self.cleanup.apply_async(queue=qt.celery_queue)
+        except Exception:
+            logger.exception(
+                "could not send the cleanup at beat start; it runs every cleanup_interval",
+                extra={"scope": qt.scope},
+            )
 
 
 class _RoutineTasks(logging.Filter):
@@ -387,7 +172,7 @@ def quiet_routine_tasks(names: Sequence[str]) -> None:
             celery_logger.addFilter(_ROUTINE)
 
 
-def publish(qt: Queuetopia, perform_task: Any, leases: Sequence[Lease]) -> None:
+def publish(qt: CeleryHost, perform_task: Any, leases: Sequence[Lease]) -> None:
     """Send one perform message per lease, with the hard time limit set for the job."""
     if not leases:
         return

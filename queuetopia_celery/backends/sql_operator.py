@@ -30,11 +30,12 @@ from ..jobs import (
     QueueStatus,
 )
 from .connection import Executor
-from .sql_core import JOB_COLUMNS, J, L, Q, SqlCore
+from .sql_core import JOB_COLUMNS, J, L, Q
+from .sql_recovery import SqlRecovery
 
 
-class SqlOperator(SqlCore):
-    """:class:`SqlCore` with the operator's operations."""
+class SqlOperator(SqlRecovery):
+    """:class:`SqlRecovery` with the operator's operations."""
 
     # ------------------------------------------------------------------ reading jobs
 

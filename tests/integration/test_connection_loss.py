@@ -239,6 +239,9 @@ def test_the_runner_runs_each_job_once_when_its_outcome_write_is_cut_after_commi
         return real(*args, **kwargs)
 
     qt.backend.finish_and_start = arm_then_finish  # type: ignore[method-assign]
+    # The burst's time budget (0.25 s by default) must not end it while the cut
+    # connections are replaced on a loaded machine: all four jobs run in this task.
+    qt.burst_seconds = 60
     attempted = qt.perform_runner.perform("q", jobs[0].id, token, hostname="test", time_limit=None)
     assert cutter.cuts == 2
     assert attempted == 4
