@@ -20,7 +20,7 @@ from ..jobs import STATUS_DONE, STATUS_RUNNING, UTC, Job, NewJob
 from . import postgres_sql as sql
 from .base import Burst, Finished, Lease, Outcome, failure_plan, new_token
 from .connection import AutocommitConnections, Executor
-from .sql_core import JOB_COLUMNS, J, L, Q, chunks, positions_by_queue, unique_specs
+from .sql_core import JOB_COLUMNS, J, L, Q, chunks, positions_by_queue
 from .sql_operator import SqlOperator
 
 
@@ -70,39 +70,18 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
 
     # ------------------------------------------------------------------ creating jobs
 
-    def create_jobs(self, specs: Sequence[NewJob], *, connection: Executor | None = None) -> list[Job]:
-        """Insert jobs, numbering them per queue in commit order, in one statement.
-        Returns them in the order given."""
-        if not specs:
-            return []
-        kept, position = unique_specs(specs)
-        if len(kept) < len(specs):
-            # Items repeating an earlier item's unique_key get that item's job.
-            made = self.create_jobs(kept, connection=connection)
-            return [made[p] for p in position]
+    def _insert_jobs(self, specs: Sequence[NewJob], connection: Executor | None) -> list[Job]:
+        """One statement for any number of jobs and queues."""
         if connection is None:
             # One statement is its own transaction: no BEGIN/COMMIT round trips.
             return self._create_jobs_own(specs, positions_by_queue(specs), None)[0]
         with self._tx(connection) as conn:
             return self._create_jobs_in(conn, specs, positions_by_queue(specs), None, None)[0]
 
-    def create_jobs_taking_leases(
-        self, specs: Sequence[NewJob], *, grace: float
+    def _insert_jobs_taking_leases(
+        self, specs: Sequence[NewJob], grace: float
     ) -> tuple[list[Job], list[Lease]]:
-        """:meth:`create_jobs` in its own transaction, taking in the same statement the
-        lease of each queue whose head is then pending and due and which nobody holds:
-        the kick of a new or idle queue without a second statement.
-
-        Returns the jobs (in the order given) and the leases taken: send them. Queues
-        without a lease taken here (held, not due, or not decidable in this statement)
-        still need a kick once this returns, as after :meth:`create_jobs`.
-        """
-        if not specs:
-            return [], []
-        kept, position = unique_specs(specs)
-        if len(kept) < len(specs):
-            made, taken = self.create_jobs_taking_leases(kept, grace=grace)
-            return [made[p] for p in position], taken
+        """The same statement, taking the leases it can decide (see ``CREATE_JOBS``)."""
         return self._create_jobs_own(specs, positions_by_queue(specs), grace)
 
     def _create_jobs_own(

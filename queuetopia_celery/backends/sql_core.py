@@ -182,6 +182,45 @@ class SqlCore(Connections, abc.ABC):
                 raise DatabaseError(f"the job holding unique_key {key!r} vanished; create the job again")
             created[i] = found[key]
 
+    # ------------------------------------------------------------------ creating jobs
+
+    def create_jobs(self, specs: Sequence[NewJob], *, connection: Executor | None = None) -> list[Job]:
+        """Insert jobs, numbering them per queue in commit order (in the caller's
+        transaction when ``connection`` is given). Returns them in the order given; an
+        item repeating an earlier item's unique_key gets that item's job."""
+        if not specs:
+            return []
+        kept, position = unique_specs(specs)
+        made = self._insert_jobs(kept, connection)
+        return [made[p] for p in position] if len(kept) < len(specs) else made
+
+    def create_jobs_taking_leases(
+        self, specs: Sequence[NewJob], *, grace: float
+    ) -> tuple[list[Job], list[Lease]]:
+        """:meth:`create_jobs` in its own transaction, taking in it, where the backend
+        can, the lease of each queue whose head is then pending and due and which nobody
+        holds: the kick of a new or idle queue without a second statement.
+
+        Returns the jobs (in the order given) and the leases taken: send them. Queues
+        without a lease taken here (held, not due, or not decidable in this statement)
+        still need a kick once this returns, as after :meth:`create_jobs`.
+        """
+        if not specs:
+            return [], []
+        kept, position = unique_specs(specs)
+        made, taken = self._insert_jobs_taking_leases(kept, grace)
+        return ([made[p] for p in position] if len(kept) < len(specs) else made), taken
+
+    @abc.abstractmethod
+    def _insert_jobs(self, specs: Sequence[NewJob], connection: Executor | None) -> list[Job]:
+        """:meth:`create_jobs` of specs whose unique keys are all different."""
+
+    @abc.abstractmethod
+    def _insert_jobs_taking_leases(
+        self, specs: Sequence[NewJob], grace: float
+    ) -> tuple[list[Job], list[Lease]]:
+        """:meth:`create_jobs_taking_leases` of specs whose unique keys are all different."""
+
     # ------------------------------------------------------------------ producers' commits
 
     def on_commit(

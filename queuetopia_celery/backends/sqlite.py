@@ -17,7 +17,7 @@ from .. import schema
 from ..jobs import STATUS_PENDING, STATUS_RUNNING, UTC, Job, NewJob, utcnow
 from .base import Burst, Finished, Lease, Outcome, new_token
 from .connection import Executor
-from .sql_core import JOB_COLUMNS, J, L, Q, positions_by_queue, unique_specs
+from .sql_core import JOB_COLUMNS, J, L, Q, positions_by_queue
 from .sql_operator import SqlOperator
 
 
@@ -54,16 +54,8 @@ class SqliteBackend(SqlOperator):
 
     # ------------------------------------------------------------------ creating jobs
 
-    def create_jobs(self, specs: Sequence[NewJob], *, connection: Executor | None = None) -> list[Job]:
-        """Insert jobs, numbering them per queue in commit order. Returns them in the
-        order given."""
-        if not specs:
-            return []
-        kept, position = unique_specs(specs)
-        if len(kept) < len(specs):
-            # Items repeating an earlier item's unique_key get that item's job.
-            made = self.create_jobs(kept, connection=connection)
-            return [made[p] for p in position]
+    def _insert_jobs(self, specs: Sequence[NewJob], connection: Executor | None) -> list[Job]:
+        """One queue row upsert and one insert per queue."""
         by_queue = positions_by_queue(specs)
         created: list[Job | None] = [None] * len(specs)
         with self._tx(connection) as conn:
@@ -113,12 +105,11 @@ class SqliteBackend(SqlOperator):
                     created[i] = Job.from_row(row)
         return [job for job in created if job is not None]
 
-    def create_jobs_taking_leases(
-        self, specs: Sequence[NewJob], *, grace: float
+    def _insert_jobs_taking_leases(
+        self, specs: Sequence[NewJob], grace: float
     ) -> tuple[list[Job], list[Lease]]:
-        """:meth:`create_jobs`: no lease is taken in the same transaction here (the kick
-        that follows takes them)."""
-        return self.create_jobs(specs), []
+        """No lease is taken in the same transaction here: the kick that follows takes them."""
+        return self._insert_jobs(specs, None), []
 
     def _bump_sequence(
         self, conn: Connection, queue: str, count: int, due: dt.datetime
