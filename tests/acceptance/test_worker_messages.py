@@ -17,7 +17,7 @@ import redis
 import sqlalchemy as sa
 
 from queuetopia_celery import JobState, make_engine, migrate
-from queuetopia_celery.app import MIN_PERIODIC_EXPIRY
+from queuetopia_celery.tasks import MIN_PERIODIC_EXPIRY
 from tests.apps import testapp
 from tests.conftest import PG_ADMIN_URL, REDIS_URL, wait_for
 
