@@ -84,7 +84,7 @@ class Connections:
         return redact(text, self._secrets)
 
     @contextlib.contextmanager
-    def _tx(self, connection: Executor | None = None) -> Iterator[Connection]:
+    def _transaction(self, connection: Executor | None = None) -> Iterator[Connection]:
         """A connection in a transaction: the caller's (joined, not committed here)
         or our own (committed on success)."""
         driver: Any = None
@@ -183,7 +183,7 @@ class AutocommitConnections(Connections):
                 conn.close()
 
     @contextlib.contextmanager
-    def _auto(self) -> Iterator[Connection]:
+    def _autocommit(self) -> Iterator[Connection]:
         """An autocommit connection (PostgreSQL): each statement is its own transaction.
         The pinned one when inside :meth:`pinned`."""
         pinned = getattr(self._local, "conn", None)

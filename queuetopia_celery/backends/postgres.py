@@ -20,7 +20,7 @@ from ..jobs import STATUS_DONE, STATUS_RUNNING, UTC, Job, NewJob
 from . import postgres_sql as sql
 from .base import Burst, Finished, Lease, Outcome, failure_plan, new_token
 from .connection import AutocommitConnections, Executor
-from .sql_core import JOB_COLUMNS, J, L, Q, chunks, positions_by_queue
+from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, chunks, positions_by_queue
 from .sql_operator import SqlOperator
 
 
@@ -75,7 +75,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         if connection is None:
             # One statement is its own transaction: no BEGIN/COMMIT round trips.
             return self._create_jobs_own(specs, positions_by_queue(specs), None)[0]
-        with self._tx(connection) as conn:
+        with self._transaction(connection) as conn:
             return self._create_jobs_in(conn, specs, positions_by_queue(specs), None, None)[0]
 
     def _insert_jobs_taking_leases(
@@ -95,9 +95,9 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
 
         def attempt(retry: bool) -> tuple[list[Job], list[Lease]]:
             if not retry:
-                with self._auto() as conn:
+                with self._autocommit() as conn:
                     return self._create_jobs_in(conn, specs, by_queue, grace, key)
-            with self._tx() as conn:
+            with self._transaction() as conn:
                 self._wait_for_creators(conn, sorted(by_queue))
                 found = self._created_by(conn, specs, by_queue, key)
                 if found is not None:
@@ -111,14 +111,14 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         ends: a lost insert that the server may still be running (the connection cut by
         the network, not by the server) holds them, so it has ended, committed or not,
         before this transaction looks for its jobs."""
-        insert = postgresql.insert(Q).values(
+        insert = postgresql.insert(QUEUES).values(
             [{"scope": self.scope, "queue": queue, "last_sequence": 0, "due_at": None} for queue in queues]
         )
-        conn.execute(insert.on_conflict_do_nothing(index_elements=[Q.c.scope, Q.c.queue]))
+        conn.execute(insert.on_conflict_do_nothing(index_elements=[QUEUES.c.scope, QUEUES.c.queue]))
         conn.execute(
-            sa.select(Q.c.queue)
-            .where(Q.c.scope == self.scope, Q.c.queue.in_(list(queues)))
-            .order_by(Q.c.queue)
+            sa.select(QUEUES.c.queue)
+            .where(QUEUES.c.scope == self.scope, QUEUES.c.queue.in_(list(queues)))
+            .order_by(QUEUES.c.queue)
             .with_for_update()
         )
 
@@ -129,7 +129,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         unstarted leases that call took (to send again: a duplicate message is
         harmless), or None when that call wrote nothing."""
         rows = conn.execute(
-            sa.select(*JOB_COLUMNS).where(J.c.create_key == key).order_by(J.c.queue, J.c.sequence)
+            sa.select(*JOB_COLUMNS).where(JOBS.c.create_key == key).order_by(JOBS.c.queue, JOBS.c.sequence)
         ).mappings()
         found: dict[str, list[Job]] = {}
         for row in rows:
@@ -151,9 +151,11 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
             self._fill_existing(conn, specs, created)
         by_id = {job.id: job for jobs in found.values() for job in jobs}
         leases = conn.execute(
-            sa.select(L.c.queue, L.c.job_id, L.c.token)
-            .where(L.c.scope == self.scope, L.c.queue.in_(sorted(found)), L.c.started_at.is_(None))
-            .order_by(L.c.queue)
+            sa.select(LEASES.c.queue, LEASES.c.job_id, LEASES.c.token)
+            .where(
+                LEASES.c.scope == self.scope, LEASES.c.queue.in_(sorted(found)), LEASES.c.started_at.is_(None)
+            )
+            .order_by(LEASES.c.queue)
         )
         taken = [
             Lease(row.queue, row.job_id, row.token, by_id[row.job_id].timeout)
@@ -234,7 +236,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         # Every queue named is wanted (a bulk kick may name more than ``limit``).
         limit = max(limit, len(queues))
         kicked: list[Lease] = []
-        with self._auto() as conn:
+        with self._autocommit() as conn:
             # Leases are always inserted in queue order: two multi-row inserts (a bulk
             # kick and a scan) waiting on each other's uncommitted lease rows in
             # opposite orders would deadlock.
@@ -253,14 +255,14 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         }
         taken: list[Lease] = []
         stale: list[str] = []
-        with self._auto() as conn:
+        with self._autocommit() as conn:
             for row in conn.execute(sql.SCAN, params):
                 if row.token is None:
                     stale.append(row.queue)
                 else:
                     taken.append(Lease(row.queue, row.job_id, row.token, row.timeout))
         if stale:
-            with self._tx() as conn:
+            with self._transaction() as conn:
                 self._refresh_due(conn, sorted(stale))
         return taken
 
@@ -307,7 +309,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         )
 
     def _start_once(self, queue: str, token: str, params: dict[str, Any], retry: bool) -> Job | None:
-        with self._auto() as conn:
+        with self._autocommit() as conn:
             row = raw_one(conn, sql.START, params)
             if row["id"] is not None:
                 return Job.from_row(row)
@@ -362,7 +364,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
 
     def _finish_once(self, job: Job, params: dict[str, Any], burst: Burst, retry: bool) -> Finished:
         fresh = params["new_token"]
-        with self._auto() as conn:
+        with self._autocommit() as conn:
             row = raw_one(conn, sql.FINISH_AND_START, params)
             if not row["written"]:
                 if retry:
@@ -386,7 +388,9 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         attempt (a lost attempt recorded by the scan has another error), and the lease
         is released, handed on under the new token chosen for this write (the message
         is to be sent), or started at once for this worker (the burst runs it)."""
-        mine = conn.execute(sa.select(J.c.status, J.c.error, J.c.attempts).where(J.c.id == job.id)).first()
+        mine = conn.execute(
+            sa.select(JOBS.c.status, JOBS.c.error, JOBS.c.attempts).where(JOBS.c.id == job.id)
+        ).first()
         if mine is None or (mine.status, mine.error, mine.attempts) != (
             params["status"],
             params["error"],
@@ -394,13 +398,15 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         ):
             return Finished(False)
         lease = conn.execute(
-            sa.select(L.c.job_id, L.c.started_at, L.c.locked_at, L.c.locked_by).where(
-                L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == params["new_token"]
+            sa.select(LEASES.c.job_id, LEASES.c.started_at, LEASES.c.locked_at, LEASES.c.locked_by).where(
+                LEASES.c.scope == self.scope,
+                LEASES.c.queue == job.queue,
+                LEASES.c.token == params["new_token"],
             )
         ).first()
         if lease is None:
             return Finished(True)
-        nxt = conn.execute(sa.select(*JOB_COLUMNS).where(J.c.id == lease.job_id)).mappings().first()
+        nxt = conn.execute(sa.select(*JOB_COLUMNS).where(JOBS.c.id == lease.job_id)).mappings().first()
         if nxt is None:
             return Finished(True)
         following = Job.from_row(nxt)

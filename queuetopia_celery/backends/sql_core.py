@@ -35,12 +35,11 @@ from .connection import Connections, Executor
 JOBS = schema.jobs
 QUEUES = schema.queues
 LEASES = schema.leases
-J, Q, L = JOBS, QUEUES, LEASES
 
-JOB_COLUMNS = [J.c[name] for name in (f.name for f in dataclasses.fields(Job))]
+JOB_COLUMNS = [JOBS.c[name] for name in (f.name for f in dataclasses.fields(Job))]
 
 #: The order of a queue's jobs: the head is its first open job in this order.
-QUEUE_ORDER = (J.c.scheduled_at, J.c.sequence)
+QUEUE_ORDER = (JOBS.c.scheduled_at, JOBS.c.sequence)
 
 #: The re-send wait doubles at each re-send of one lease, up to 2 ** this many times.
 _MAX_DOUBLINGS = 30
@@ -107,21 +106,23 @@ class SqlCore(Connections, abc.ABC):
     def _open_head(self, queue: sa.ColumnElement[str] | str, *, exclude_id: Any = None) -> sa.Select[Any]:
         """The head of a queue: its first open job by (scheduled_at, sequence)."""
         query = (
-            sa.select(J.c.id, J.c.status, J.c.timeout, J.c.scheduled_at, J.c.next_attempt_at)
-            .where(J.c.scope == self.scope, J.c.queue == queue, J.c.status.in_(OPEN_STATUSES))
+            sa.select(JOBS.c.id, JOBS.c.status, JOBS.c.timeout, JOBS.c.scheduled_at, JOBS.c.next_attempt_at)
+            .where(JOBS.c.scope == self.scope, JOBS.c.queue == queue, JOBS.c.status.in_(OPEN_STATUSES))
             .order_by(*QUEUE_ORDER)
             .limit(1)
         )
         if exclude_id is not None:
-            query = query.where(J.c.id != exclude_id)
+            query = query.where(JOBS.c.id != exclude_id)
         return query
 
     def _heads(self, conn: Connection, queues: Sequence[str] | None) -> dict[str, Job]:
         """The head (first open job) of each queue of the scope."""
-        rank = sa.func.row_number().over(partition_by=J.c.queue, order_by=QUEUE_ORDER).label("rank")
-        ranked = sa.select(*JOB_COLUMNS, rank).where(J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES))
+        rank = sa.func.row_number().over(partition_by=JOBS.c.queue, order_by=QUEUE_ORDER).label("rank")
+        ranked = sa.select(*JOB_COLUMNS, rank).where(
+            JOBS.c.scope == self.scope, JOBS.c.status.in_(OPEN_STATUSES)
+        )
         if queues is not None:
-            ranked = ranked.where(J.c.queue.in_(list(queues)))
+            ranked = ranked.where(JOBS.c.queue.in_(list(queues)))
         sub = ranked.subquery()
         rows = conn.execute(
             sa.select(*[sub.c[c.name] for c in JOB_COLUMNS]).where(sub.c.rank == 1)
@@ -130,14 +131,18 @@ class SqlCore(Connections, abc.ABC):
 
     def _paused_clause(self, queue: str) -> sa.ColumnElement[bool]:
         """Whether an operator paused the queue (see :meth:`pause`)."""
-        return sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.queue == queue, Q.c.paused).exists()
+        return (
+            sa.select(QUEUES.c.queue)
+            .where(QUEUES.c.scope == self.scope, QUEUES.c.queue == queue, QUEUES.c.paused)
+            .exists()
+        )
 
     def _is_paused(self, conn: Connection, queue: str) -> bool:
         return bool(conn.execute(sa.select(self._paused_clause(queue))).scalar())
 
     def _paused_among(self, conn: Connection, queues: Sequence[str]) -> set[str]:
-        query = sa.select(Q.c.queue).where(
-            Q.c.scope == self.scope, Q.c.queue.in_(sorted(set(queues))), Q.c.paused
+        query = sa.select(QUEUES.c.queue).where(
+            QUEUES.c.scope == self.scope, QUEUES.c.queue.in_(sorted(set(queues))), QUEUES.c.paused
         )
         return set(conn.execute(query).scalars())
 
@@ -149,10 +154,10 @@ class SqlCore(Connections, abc.ABC):
             return {}
         rows = conn.execute(
             sa.select(*JOB_COLUMNS).where(
-                J.c.scope == self.scope,
-                J.c.unique_key.in_(sorted(set(keys))),
-                J.c.unique_key.is_not(None),
-                J.c.status.in_(OPEN_STATUSES),
+                JOBS.c.scope == self.scope,
+                JOBS.c.unique_key.in_(sorted(set(keys))),
+                JOBS.c.unique_key.is_not(None),
+                JOBS.c.status.in_(OPEN_STATUSES),
             )
         ).mappings()
         return {row["unique_key"]: Job.from_row(row) for row in rows}
@@ -172,8 +177,8 @@ class SqlCore(Connections, abc.ABC):
         if gone:
             rows = conn.execute(
                 sa.select(*JOB_COLUMNS)
-                .where(J.c.scope == self.scope, J.c.unique_key.in_(gone))
-                .order_by(J.c.id)
+                .where(JOBS.c.scope == self.scope, JOBS.c.unique_key.in_(gone))
+                .order_by(JOBS.c.id)
             ).mappings()
             found.update({row["unique_key"]: Job.from_row(row) for row in rows})
         for i in missing:
@@ -245,7 +250,7 @@ class SqlCore(Connections, abc.ABC):
         new = set(items) - pending
         pending.update(new)
         if new and not isinstance(connection, Session):
-            with self._tx(connection) as conn:
+            with self._transaction(connection) as conn:
                 self._hold_until_commit(conn, sorted(new))
         self._commit_hook(connection, key, callback)
 
@@ -282,7 +287,7 @@ class SqlCore(Connections, abc.ABC):
         """:meth:`kick` in one transaction."""
         # Every queue named is wanted (a bulk kick may name more than ``limit``).
         limit = max(limit, len(queues))
-        with self._tx() as conn:
+        with self._transaction() as conn:
             if wait_for_producers:
                 self._wait_for_producers(conn, sorted(set(queues)))
             return self._take_all(conn, sorted(set(queues)), grace, limit, locked_by)
@@ -303,7 +308,7 @@ class SqlCore(Connections, abc.ABC):
     def scan(self, *, grace: float, limit: int = 1000, locked_by: str | None = None) -> list[Lease]:
         """Take the leases of up to ``limit`` queues whose ``due_at`` has passed and
         which nobody holds; raise the ``due_at`` of those found not due."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             candidates = sorted(set(self._due_queues(conn, limit)))
             if not candidates:
                 return []
@@ -326,12 +331,12 @@ class SqlCore(Connections, abc.ABC):
         """:meth:`kick` of ``queues`` (or :meth:`scan` when None) while the scope holds
         fewer than ``max_concurrent`` leases: at most the free slots are taken. With
         ``wait_for_producers``, first wait as :meth:`kick_after_producers` does."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             if wait_for_producers and queues:
                 self._wait_for_producers(conn, sorted(set(queues)))
             self._lock_scope(conn)
             held = conn.execute(
-                sa.select(sa.func.count()).select_from(L).where(L.c.scope == self.scope)
+                sa.select(sa.func.count()).select_from(LEASES).where(LEASES.c.scope == self.scope)
             ).scalar_one()
             limit = min(limit, max(max_concurrent - int(held), 0))
             if limit == 0:
@@ -361,11 +366,15 @@ class SqlCore(Connections, abc.ABC):
         return taken
 
     def _due_queues(self, conn: Connection, limit: int) -> list[str]:
-        held = sa.select(L.c.queue).where(L.c.scope == Q.c.scope, L.c.queue == Q.c.queue)
+        held = sa.select(LEASES.c.queue).where(
+            LEASES.c.scope == QUEUES.c.scope, LEASES.c.queue == QUEUES.c.queue
+        )
         query = (
-            sa.select(Q.c.queue)
-            .where(Q.c.scope == self.scope, Q.c.due_at <= self._now(), ~held.exists(), ~Q.c.paused)
-            .order_by(Q.c.due_at)
+            sa.select(QUEUES.c.queue)
+            .where(
+                QUEUES.c.scope == self.scope, QUEUES.c.due_at <= self._now(), ~held.exists(), ~QUEUES.c.paused
+            )
+            .order_by(QUEUES.c.due_at)
             .limit(limit)
         )
         return list(conn.execute(query).scalars())
@@ -374,19 +383,27 @@ class SqlCore(Connections, abc.ABC):
         """Raise ``due_at`` of queues found not due to their head's real due time
         (NULL when empty). Rows a producer holds are skipped: that producer lowers
         ``due_at`` itself."""
-        lock = sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.queue.in_(queues))
+        lock = sa.select(QUEUES.c.queue).where(QUEUES.c.scope == self.scope, QUEUES.c.queue.in_(queues))
         lock = self._locked(lock, skip_locked=True)
         locked = list(conn.execute(lock).scalars())
         if not locked:
             return
         head = (
-            sa.select(sa.func.coalesce(J.c.next_attempt_at, J.c.scheduled_at))
-            .where(J.c.scope == Q.c.scope, J.c.queue == Q.c.queue, J.c.status.in_(OPEN_STATUSES))
+            sa.select(sa.func.coalesce(JOBS.c.next_attempt_at, JOBS.c.scheduled_at))
+            .where(
+                JOBS.c.scope == QUEUES.c.scope,
+                JOBS.c.queue == QUEUES.c.queue,
+                JOBS.c.status.in_(OPEN_STATUSES),
+            )
             .order_by(*QUEUE_ORDER)
             .limit(1)
             .scalar_subquery()
         )
-        conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue.in_(locked)).values(due_at=head))
+        conn.execute(
+            sa.update(QUEUES)
+            .where(QUEUES.c.scope == self.scope, QUEUES.c.queue.in_(locked))
+            .values(due_at=head)
+        )
 
     # ------------------------------------------------------------------ running jobs
 
@@ -412,9 +429,9 @@ class SqlCore(Connections, abc.ABC):
         is the lease handed to the queue's next due job (send it), or None when the
         queue was released (the caller then re-checks it with :meth:`dispatch`).
         """
-        with self._tx() as conn:
-            lease = sa.select(L.c.job_id).where(
-                L.c.scope == self.scope, L.c.queue == job.queue, L.c.token == token
+        with self._transaction() as conn:
+            lease = sa.select(LEASES.c.job_id).where(
+                LEASES.c.scope == self.scope, LEASES.c.queue == job.queue, LEASES.c.token == token
             )
             held = conn.execute(self._locked(lease)).first()
             if held is None or held.job_id != job.id:
@@ -432,7 +449,7 @@ class SqlCore(Connections, abc.ABC):
                 values = {"error": outcome.error, **self._failed_values(job, outcome)}
             written = conn.execute(
                 # By id alone (the lease ties the job to this scope): see _START_SQL.
-                sa.update(J).where(J.c.id == job.id, J.c.status == STATUS_RUNNING).values(**values)
+                sa.update(JOBS).where(JOBS.c.id == job.id, JOBS.c.status == STATUS_RUNNING).values(**values)
             )
             if written.rowcount != 1:
                 self._release(conn, job.queue, token)
@@ -452,8 +469,8 @@ class SqlCore(Connections, abc.ABC):
             return None
         fresh = new_token()
         moved = conn.execute(
-            sa.update(L)
-            .where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
+            sa.update(LEASES)
+            .where(LEASES.c.scope == self.scope, LEASES.c.queue == queue, LEASES.c.token == token)
             .values(
                 token=fresh,
                 job_id=head.id,
@@ -469,7 +486,11 @@ class SqlCore(Connections, abc.ABC):
 
     def _release(self, conn: Connection, queue: str, token: str) -> None:
         """Drop the queue's lease if ``token`` still holds it."""
-        conn.execute(sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token))
+        conn.execute(
+            sa.delete(LEASES).where(
+                LEASES.c.scope == self.scope, LEASES.c.queue == queue, LEASES.c.token == token
+            )
+        )
 
     def _failed_values(self, job: Job, outcome: Outcome) -> dict[str, Any]:
         """Status and next attempt of a job whose attempt failed (see _failure_plan)."""
@@ -478,7 +499,7 @@ class SqlCore(Connections, abc.ABC):
         return {"status": plan.status, "next_attempt_at": until}
 
     def _get_for_update(self, conn: Connection, job_id: int) -> Job:
-        query = sa.select(*JOB_COLUMNS).where(J.c.scope == self.scope, J.c.id == job_id)
+        query = sa.select(*JOB_COLUMNS).where(JOBS.c.scope == self.scope, JOBS.c.id == job_id)
         row = conn.execute(self._locked(query)).mappings().first()
         if row is None:
             raise JobNotFoundError(self.scope, job_id)
@@ -487,9 +508,11 @@ class SqlCore(Connections, abc.ABC):
     def _lower_due(self, conn: Connection, queues: Sequence[str] | None) -> None:
         """Make queues due for the next scan (``due_at`` is only a lower bound)."""
         now = self._now()
-        query = sa.update(Q).where(Q.c.scope == self.scope, sa.or_(Q.c.due_at.is_(None), Q.c.due_at > now))
+        query = sa.update(QUEUES).where(
+            QUEUES.c.scope == self.scope, sa.or_(QUEUES.c.due_at.is_(None), QUEUES.c.due_at > now)
+        )
         if queues is not None:
-            query = query.where(Q.c.queue.in_(list(queues)))
+            query = query.where(QUEUES.c.queue.in_(list(queues)))
         conn.execute(query.values(due_at=now))
 
 

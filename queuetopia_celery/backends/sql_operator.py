@@ -30,7 +30,7 @@ from ..jobs import (
     QueueStatus,
 )
 from .connection import Executor
-from .sql_core import JOB_COLUMNS, J, L, Q
+from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES
 from .sql_recovery import SqlRecovery
 
 
@@ -40,26 +40,26 @@ class SqlOperator(SqlRecovery):
     # ------------------------------------------------------------------ reading jobs
 
     def get_job(self, job_id: int, *, connection: Executor | None = None) -> Job | None:
-        with self._tx(connection) as conn:
+        with self._transaction(connection) as conn:
             row = (
-                conn.execute(sa.select(*JOB_COLUMNS).where(J.c.scope == self.scope, J.c.id == job_id))
+                conn.execute(sa.select(*JOB_COLUMNS).where(JOBS.c.scope == self.scope, JOBS.c.id == job_id))
                 .mappings()
                 .first()
             )
         return Job.from_row(row) if row else None
 
     def _filtered(self, query: Any, queue: str | None, action: str | None, state: JobState | None) -> Any:
-        query = query.where(J.c.scope == self.scope)
+        query = query.where(JOBS.c.scope == self.scope)
         if queue is not None:
-            query = query.where(J.c.queue == queue)
+            query = query.where(JOBS.c.queue == queue)
         if action is not None:
-            query = query.where(J.c.action == action)
+            query = query.where(JOBS.c.action == action)
         if state is not None:
             query = query.where(self._state_clause(state))
         return query
 
     def _state_clause(self, state: JobState) -> sa.ColumnElement[bool]:
-        pending = J.c.status == STATUS_PENDING
+        pending = JOBS.c.status == STATUS_PENDING
         by_status = {
             JobState.DONE: STATUS_DONE,
             JobState.EXHAUSTED: STATUS_EXHAUSTED,
@@ -67,15 +67,15 @@ class SqlOperator(SqlRecovery):
             JobState.RUNNING: STATUS_RUNNING,
         }
         if state in by_status:
-            return J.c.status == by_status[state]
+            return JOBS.c.status == by_status[state]
         if state is JobState.HELD:
-            return sa.and_(pending, J.c.next_attempt_at >= HELD_UNTIL)
+            return sa.and_(pending, JOBS.c.next_attempt_at >= HELD_UNTIL)
         if state is JobState.RETRYING:
-            not_held = sa.or_(J.c.next_attempt_at.is_(None), J.c.next_attempt_at < HELD_UNTIL)
-            return sa.and_(pending, J.c.attempts > 0, not_held)
+            not_held = sa.or_(JOBS.c.next_attempt_at.is_(None), JOBS.c.next_attempt_at < HELD_UNTIL)
+            return sa.and_(pending, JOBS.c.attempts > 0, not_held)
         if state is JobState.SCHEDULED:
-            return sa.and_(pending, J.c.attempts == 0, J.c.scheduled_at > self._now())
-        return sa.and_(pending, J.c.attempts == 0, J.c.scheduled_at <= self._now())
+            return sa.and_(pending, JOBS.c.attempts == 0, JOBS.c.scheduled_at > self._now())
+        return sa.and_(pending, JOBS.c.attempts == 0, JOBS.c.scheduled_at <= self._now())
 
     def list_jobs(
         self,
@@ -89,17 +89,19 @@ class SqlOperator(SqlRecovery):
         query = self._filtered(sa.select(*JOB_COLUMNS), queue, action, state)
         # Newest created first across queues (Queuetopia's order), by sequence within
         # a queue (jobs created together share their inserted_at).
-        query = query.order_by(J.c.inserted_at.desc(), J.c.sequence.desc(), J.c.id.desc()).offset(offset)
+        query = query.order_by(JOBS.c.inserted_at.desc(), JOBS.c.sequence.desc(), JOBS.c.id.desc()).offset(
+            offset
+        )
         if limit is not None:
             query = query.limit(limit)
-        with self._tx() as conn:
+        with self._transaction() as conn:
             return [Job.from_row(row) for row in conn.execute(query).mappings()]
 
     def count_jobs(
         self, *, queue: str | None = None, action: str | None = None, state: JobState | None = None
     ) -> int:
-        query = self._filtered(sa.select(func.count()).select_from(J), queue, action, state)
-        with self._tx() as conn:
+        query = self._filtered(sa.select(func.count()).select_from(JOBS), queue, action, state)
+        with self._transaction() as conn:
             return int(conn.execute(query).scalar_one())
 
     # ------------------------------------------------------------------ dispatching
@@ -112,21 +114,21 @@ class SqlOperator(SqlRecovery):
         attempt (failing it exhausts or holds it again); if a later job of its queue
         has already run, it would run after that job: refused unless ``force``. Raises
         :class:`JobNotFoundError` or :class:`JobStateError`."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             job = self._get_for_update(conn, job_id)
             if job.status not in (STATUS_PENDING, STATUS_EXHAUSTED):
                 hint = "its attempt is in progress" if job.status == STATUS_RUNNING else ""
                 raise JobStateError(job_id, job.state.value, "retry", hint)
             if job.status == STATUS_EXHAUSTED and not force:
                 later = conn.execute(
-                    sa.select(J.c.id)
+                    sa.select(JOBS.c.id)
                     .where(
-                        J.c.scope == self.scope,
-                        J.c.queue == job.queue,
-                        J.c.attempts > 0,
+                        JOBS.c.scope == self.scope,
+                        JOBS.c.queue == job.queue,
+                        JOBS.c.attempts > 0,
                         sa.or_(
-                            J.c.scheduled_at > job.scheduled_at,
-                            sa.and_(J.c.scheduled_at == job.scheduled_at, J.c.sequence > job.sequence),
+                            JOBS.c.scheduled_at > job.scheduled_at,
+                            sa.and_(JOBS.c.scheduled_at == job.scheduled_at, JOBS.c.sequence > job.sequence),
                         ),
                     )
                     .limit(1)
@@ -147,8 +149,8 @@ class SqlOperator(SqlRecovery):
                     )
             row = (
                 conn.execute(
-                    sa.update(J)
-                    .where(J.c.id == job_id, J.c.scope == self.scope)
+                    sa.update(JOBS)
+                    .where(JOBS.c.id == job_id, JOBS.c.scope == self.scope)
                     .values(status=STATUS_PENDING, next_attempt_at=self._now())
                     .returning(*JOB_COLUMNS)
                 )
@@ -163,14 +165,16 @@ class SqlOperator(SqlRecovery):
         ``aborted``, with the reason and time recorded; the row is kept. A dispatched
         but unstarted lease on it is released so that the queue moves on. Raises
         :class:`JobNotFoundError` or :class:`JobStateError`."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             found = conn.execute(
-                sa.select(J.c.queue).where(J.c.scope == self.scope, J.c.id == job_id)
+                sa.select(JOBS.c.queue).where(JOBS.c.scope == self.scope, JOBS.c.id == job_id)
             ).first()
             if found is None:
                 raise JobNotFoundError(self.scope, job_id)
             # Lock in the workers' order (lease, then job) so that we never deadlock with them.
-            lease = sa.select(L.c.token).where(L.c.scope == self.scope, L.c.queue == found.queue)
+            lease = sa.select(LEASES.c.token).where(
+                LEASES.c.scope == self.scope, LEASES.c.queue == found.queue
+            )
             conn.execute(self._locked(lease))
             job = self._get_for_update(conn, job_id)
             if job.status != STATUS_PENDING:
@@ -182,8 +186,8 @@ class SqlOperator(SqlRecovery):
                 raise JobStateError(job_id, job.state.value, "abort", hint)
             row = (
                 conn.execute(
-                    sa.update(J)
-                    .where(J.c.id == job_id, J.c.scope == self.scope, J.c.status == STATUS_PENDING)
+                    sa.update(JOBS)
+                    .where(JOBS.c.id == job_id, JOBS.c.scope == self.scope, JOBS.c.status == STATUS_PENDING)
                     .values(
                         status=STATUS_ABORTED,
                         abort_reason=reason,
@@ -196,11 +200,11 @@ class SqlOperator(SqlRecovery):
                 .one()
             )
             conn.execute(
-                sa.delete(L).where(
-                    L.c.scope == self.scope,
-                    L.c.queue == job.queue,
-                    L.c.job_id == job_id,
-                    L.c.started_at.is_(None),
+                sa.delete(LEASES).where(
+                    LEASES.c.scope == self.scope,
+                    LEASES.c.queue == job.queue,
+                    LEASES.c.job_id == job_id,
+                    LEASES.c.started_at.is_(None),
                 )
             )
             self._lower_due(conn, [job.queue])
@@ -212,19 +216,19 @@ class SqlOperator(SqlRecovery):
         kept. Returns how many were deleted."""
         total = 0
         while True:
-            with self._tx() as conn:
+            with self._transaction() as conn:
                 old = (
-                    sa.select(J.c.id)
+                    sa.select(JOBS.c.id)
                     .where(
-                        J.c.scope == self.scope,
-                        J.c.status == STATUS_DONE,
-                        J.c.done_at < self._after(-older_than),
+                        JOBS.c.scope == self.scope,
+                        JOBS.c.status == STATUS_DONE,
+                        JOBS.c.done_at < self._after(-older_than),
                     )
                     .limit(batch)
                 )
                 ids = list(conn.execute(old).scalars())
                 if ids:
-                    conn.execute(sa.delete(J).where(J.c.id.in_(ids)))
+                    conn.execute(sa.delete(JOBS).where(JOBS.c.id.in_(ids)))
             total += len(ids)
             if len(ids) < batch:
                 return total
@@ -232,16 +236,16 @@ class SqlOperator(SqlRecovery):
     def _blocked_since(self, conn: Connection, head: Job) -> dt.datetime:
         """When ``head`` became its queue's head: when the job before it ended, or
         when it was scheduled, whichever is later."""
-        ended = sa.func.coalesce(J.c.done_at, J.c.aborted_at, J.c.attempted_at)
+        ended = sa.func.coalesce(JOBS.c.done_at, JOBS.c.aborted_at, JOBS.c.attempted_at)
         previous = conn.execute(
             sa.select(ended)
             .where(
-                J.c.scope == self.scope,
-                J.c.queue == head.queue,
-                J.c.sequence < head.sequence,
-                J.c.status.not_in(OPEN_STATUSES),
+                JOBS.c.scope == self.scope,
+                JOBS.c.queue == head.queue,
+                JOBS.c.sequence < head.sequence,
+                JOBS.c.status.not_in(OPEN_STATUSES),
             )
-            .order_by(J.c.sequence.desc())
+            .order_by(JOBS.c.sequence.desc())
             .limit(1)
         ).scalar()
         if isinstance(previous, str):  # SQLite loses the type through coalesce()
@@ -253,34 +257,38 @@ class SqlOperator(SqlRecovery):
     def queue_statuses(self, *, queue: str | None = None, blocked_only: bool = False) -> list[QueueStatus]:
         """One row per queue that has open jobs or a lease: blocked queues first
         (longest blocked first), then by queue name."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             names: list[str] | None = None if queue is None else [queue]
             if blocked_only:
                 # Only queues with a failing open job can be blocked: look at those alone.
                 failing = (
-                    sa.select(J.c.queue)
+                    sa.select(JOBS.c.queue)
                     .distinct()
-                    .where(J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES), J.c.error.is_not(None))
+                    .where(
+                        JOBS.c.scope == self.scope,
+                        JOBS.c.status.in_(OPEN_STATUSES),
+                        JOBS.c.error.is_not(None),
+                    )
                 )
                 if queue is not None:
-                    failing = failing.where(J.c.queue == queue)
+                    failing = failing.where(JOBS.c.queue == queue)
                 names = list(conn.execute(failing).scalars())
                 if not names:
                     return []
-            counts = sa.select(J.c.queue, func.count(), func.min(J.c.inserted_at)).where(
-                J.c.scope == self.scope, J.c.status.in_(OPEN_STATUSES)
+            counts = sa.select(JOBS.c.queue, func.count(), func.min(JOBS.c.inserted_at)).where(
+                JOBS.c.scope == self.scope, JOBS.c.status.in_(OPEN_STATUSES)
             )
             if names is not None:
-                counts = counts.where(J.c.queue.in_(names))
-            pending = {row[0]: (int(row[1]), row[2]) for row in conn.execute(counts.group_by(J.c.queue))}
+                counts = counts.where(JOBS.c.queue.in_(names))
+            pending = {row[0]: (int(row[1]), row[2]) for row in conn.execute(counts.group_by(JOBS.c.queue))}
             heads = self._heads(conn, names)
-            lease_q = sa.select(L).where(L.c.scope == self.scope)
+            lease_q = sa.select(LEASES).where(LEASES.c.scope == self.scope)
             if names is not None:
-                lease_q = lease_q.where(L.c.queue.in_(names))
+                lease_q = lease_q.where(LEASES.c.queue.in_(names))
             held = {row["queue"]: row for row in conn.execute(lease_q).mappings()}
-            paused_q = sa.select(Q.c.queue).where(Q.c.scope == self.scope, Q.c.paused)
+            paused_q = sa.select(QUEUES.c.queue).where(QUEUES.c.scope == self.scope, QUEUES.c.paused)
             if names is not None:
-                paused_q = paused_q.where(Q.c.queue.in_(names))
+                paused_q = paused_q.where(QUEUES.c.queue.in_(names))
             paused = set(conn.execute(paused_q).scalars())
             out = []
             for name in sorted(set(pending) | set(held) | (set() if blocked_only else paused)):
@@ -317,7 +325,7 @@ class SqlOperator(SqlRecovery):
     # ------------------------------------------------------------------ pause, bulk, explain
 
     def _queue_row(self, conn: Connection, queue: str) -> Any:
-        query = sa.select(Q.c.paused).where(Q.c.scope == self.scope, Q.c.queue == queue)
+        query = sa.select(QUEUES.c.paused).where(QUEUES.c.scope == self.scope, QUEUES.c.queue == queue)
         row = conn.execute(self._locked(query)).first()
         if row is None:
             raise QueueNotFoundError(self.scope, queue)
@@ -329,12 +337,18 @@ class SqlOperator(SqlRecovery):
         queue's dispatched but unstarted lease is let go (its message is dropped as
         stale). Returns False when the queue was already paused (nothing changed).
         Raises :class:`QueueNotFoundError` for a queue with no row."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             if self._queue_row(conn, queue).paused:
                 return False
-            conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue == queue).values(paused=True))
             conn.execute(
-                sa.delete(L).where(L.c.scope == self.scope, L.c.queue == queue, L.c.started_at.is_(None))
+                sa.update(QUEUES)
+                .where(QUEUES.c.scope == self.scope, QUEUES.c.queue == queue)
+                .values(paused=True)
+            )
+            conn.execute(
+                sa.delete(LEASES).where(
+                    LEASES.c.scope == self.scope, LEASES.c.queue == queue, LEASES.c.started_at.is_(None)
+                )
             )
         return True
 
@@ -342,19 +356,23 @@ class SqlOperator(SqlRecovery):
         """Resume a paused queue and make it due for the next scan (the caller wakes it
         at once with :meth:`dispatch`). Returns False when it was not paused.
         Raises :class:`QueueNotFoundError` for a queue with no row."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             if not self._queue_row(conn, queue).paused:
                 return False
-            conn.execute(sa.update(Q).where(Q.c.scope == self.scope, Q.c.queue == queue).values(paused=False))
+            conn.execute(
+                sa.update(QUEUES)
+                .where(QUEUES.c.scope == self.scope, QUEUES.c.queue == queue)
+                .values(paused=False)
+            )
             self._lower_due(conn, [queue])
         return True
 
     def _bulk_filter(self, query: Any, queue: str | None, action: str | None) -> Any:
-        query = query.where(J.c.scope == self.scope)
+        query = query.where(JOBS.c.scope == self.scope)
         if queue is not None:
-            query = query.where(J.c.queue == queue)
+            query = query.where(JOBS.c.queue == queue)
         if action is not None:
-            query = query.where(J.c.action == action)
+            query = query.where(JOBS.c.action == action)
         return query
 
     def retry_many(
@@ -374,14 +392,21 @@ class SqlOperator(SqlRecovery):
         job holds (of several exhausted jobs with one key, the newest is retried)."""
         state_clause = sa.or_(*(self._state_clause(state) for state in states))
         candidates = self._bulk_filter(
-            sa.select(J.c.id, J.c.queue, J.c.status, J.c.scheduled_at, J.c.sequence, J.c.unique_key),
+            sa.select(
+                JOBS.c.id,
+                JOBS.c.queue,
+                JOBS.c.status,
+                JOBS.c.scheduled_at,
+                JOBS.c.sequence,
+                JOBS.c.unique_key,
+            ),
             queue,
             action,
         ).where(state_clause)
         candidates = self._locked(candidates)
         skipped: dict[str, int] = {}
-        with self._tx() as conn:
-            rows = conn.execute(candidates.order_by(J.c.id)).all()
+        with self._transaction() as conn:
+            rows = conn.execute(candidates.order_by(JOBS.c.id)).all()
             exhausted = [row for row in rows if row.status == STATUS_EXHAUSTED]
             drop: set[int] = set()
             if exhausted and not force:
@@ -412,8 +437,8 @@ class SqlOperator(SqlRecovery):
                 ids = [row.id for row in chosen]
                 for start in range(0, len(ids), 10_000):
                     conn.execute(
-                        sa.update(J)
-                        .where(J.c.scope == self.scope, J.c.id.in_(ids[start : start + 10_000]))
+                        sa.update(JOBS)
+                        .where(JOBS.c.scope == self.scope, JOBS.c.id.in_(ids[start : start + 10_000]))
                         .values(status=STATUS_PENDING, next_attempt_at=self._now())
                     )
                 self._lower_due(conn, queues)
@@ -424,12 +449,12 @@ class SqlOperator(SqlRecovery):
         attempted job."""
         rank = (
             sa.func.row_number()
-            .over(partition_by=J.c.queue, order_by=(J.c.scheduled_at.desc(), J.c.sequence.desc()))
+            .over(partition_by=JOBS.c.queue, order_by=(JOBS.c.scheduled_at.desc(), JOBS.c.sequence.desc()))
             .label("rank")
         )
         sub = (
-            sa.select(J.c.queue, J.c.scheduled_at, J.c.sequence, rank)
-            .where(J.c.scope == self.scope, J.c.queue.in_(list(queues)), J.c.attempts > 0)
+            sa.select(JOBS.c.queue, JOBS.c.scheduled_at, JOBS.c.sequence, rank)
+            .where(JOBS.c.scope == self.scope, JOBS.c.queue.in_(list(queues)), JOBS.c.attempts > 0)
             .subquery()
         )
         rows = conn.execute(sa.select(sub.c.queue, sub.c.scheduled_at, sub.c.sequence).where(sub.c.rank == 1))
@@ -442,11 +467,11 @@ class SqlOperator(SqlRecovery):
         ``queue`` and/or ``action`` in one statement; running jobs are skipped (counted
         as ``running``). Unstarted leases on the aborted jobs are let go."""
         skipped: dict[str, int] = {}
-        with self._tx() as conn:
+        with self._transaction() as conn:
             counts = conn.execute(
-                self._bulk_filter(sa.select(J.c.status, J.c.queue, func.count()), queue, action)
-                .where(J.c.status.in_(OPEN_STATUSES))
-                .group_by(J.c.status, J.c.queue)
+                self._bulk_filter(sa.select(JOBS.c.status, JOBS.c.queue, func.count()), queue, action)
+                .where(JOBS.c.status.in_(OPEN_STATUSES))
+                .group_by(JOBS.c.status, JOBS.c.queue)
             ).all()
             running = sum(int(n) for status, _, n in counts if status == STATUS_RUNNING)
             if running:
@@ -458,23 +483,30 @@ class SqlOperator(SqlRecovery):
             # Lock in the workers' order (leases, then jobs), as abort does.
             conn.execute(
                 self._locked(
-                    sa.select(L.c.queue)
-                    .where(L.c.scope == self.scope, L.c.queue.in_(list(queues)))
-                    .order_by(L.c.queue)
+                    sa.select(LEASES.c.queue)
+                    .where(LEASES.c.scope == self.scope, LEASES.c.queue.in_(list(queues)))
+                    .order_by(LEASES.c.queue)
                 )
             )
             done = conn.execute(
-                self._bulk_filter(sa.update(J), queue, action)
-                .where(J.c.status == STATUS_PENDING)
+                self._bulk_filter(sa.update(JOBS), queue, action)
+                .where(JOBS.c.status == STATUS_PENDING)
                 .values(
                     status=STATUS_ABORTED, abort_reason=reason, aborted_at=self._now(), next_attempt_at=None
                 )
             )
             count = int(done.rowcount or 0)
-            aborted = sa.select(J.c.id).where(J.c.id == L.c.job_id, J.c.status == STATUS_ABORTED).exists()
+            aborted = (
+                sa.select(JOBS.c.id)
+                .where(JOBS.c.id == LEASES.c.job_id, JOBS.c.status == STATUS_ABORTED)
+                .exists()
+            )
             conn.execute(
-                sa.delete(L).where(
-                    L.c.scope == self.scope, L.c.queue.in_(list(queues)), L.c.started_at.is_(None), aborted
+                sa.delete(LEASES).where(
+                    LEASES.c.scope == self.scope,
+                    LEASES.c.queue.in_(list(queues)),
+                    LEASES.c.started_at.is_(None),
+                    aborted,
                 )
             )
             self._lower_due(conn, queues)
@@ -483,24 +515,24 @@ class SqlOperator(SqlRecovery):
     def queue_facts(self, queue: str) -> QueueFacts:
         """What :func:`queuetopia_celery.explain.explain` needs about one queue, read
         in one transaction."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             now = self._clock(conn)
             row = conn.execute(
-                sa.select(Q.c.paused).where(Q.c.scope == self.scope, Q.c.queue == queue)
+                sa.select(QUEUES.c.paused).where(QUEUES.c.scope == self.scope, QUEUES.c.queue == queue)
             ).first()
             open_jobs = conn.execute(
                 sa.select(func.count()).where(
-                    J.c.scope == self.scope, J.c.queue == queue, J.c.status.in_(OPEN_STATUSES)
+                    JOBS.c.scope == self.scope, JOBS.c.queue == queue, JOBS.c.status.in_(OPEN_STATUSES)
                 )
             ).scalar_one()
             head = self._heads(conn, [queue]).get(queue)
             lease = (
-                conn.execute(sa.select(L).where(L.c.scope == self.scope, L.c.queue == queue))
+                conn.execute(sa.select(LEASES).where(LEASES.c.scope == self.scope, LEASES.c.queue == queue))
                 .mappings()
                 .first()
             )
             scope_leases = conn.execute(
-                sa.select(func.count()).select_from(L).where(L.c.scope == self.scope)
+                sa.select(func.count()).select_from(LEASES).where(LEASES.c.scope == self.scope)
             ).scalar_one()
         return QueueFacts(
             queue=queue,

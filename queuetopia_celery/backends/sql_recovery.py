@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection
 from .. import schema
 from ..jobs import HELD_UNTIL, STATUS_PENDING, STATUS_RUNNING, Job
 from .base import Lease, LostAttempt, Outcome, new_token
-from .sql_core import _MAX_DOUBLINGS, JOB_COLUMNS, J, L, SqlCore
+from .sql_core import _MAX_DOUBLINGS, JOB_COLUMNS, JOBS, LEASES, SqlCore
 
 
 class SqlRecovery(SqlCore):
@@ -35,10 +35,12 @@ class SqlRecovery(SqlCore):
         attempt (and calling the failure hook twice) and fences off the dead worker's
         late outcome; if this scan dies before recording, the claim expires and a
         later scan takes over. Returns (lost attempts, leases to re-send)."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             query = (
-                sa.select(L.c.queue, L.c.token, L.c.job_id, L.c.started_at, L.c.resends)
-                .where(L.c.scope == self.scope, L.c.expires_at < self._now())
+                sa.select(
+                    LEASES.c.queue, LEASES.c.token, LEASES.c.job_id, LEASES.c.started_at, LEASES.c.resends
+                )
+                .where(LEASES.c.scope == self.scope, LEASES.c.expires_at < self._now())
                 .limit(limit)
             )
             expired = conn.execute(self._locked(query, skip_locked=True)).all()
@@ -57,13 +59,15 @@ class SqlRecovery(SqlCore):
                     continue
                 started[row.job_id] = claimed = new_token()
                 conn.execute(
-                    sa.update(L)
-                    .where(L.c.scope == self.scope, L.c.queue == row.queue, L.c.token == row.token)
+                    sa.update(LEASES)
+                    .where(
+                        LEASES.c.scope == self.scope, LEASES.c.queue == row.queue, LEASES.c.token == row.token
+                    )
                     .values(token=claimed, expires_at=self._after(claim))
                 )
             lost = []
             if started:
-                rows = conn.execute(sa.select(*JOB_COLUMNS).where(J.c.id.in_(list(started)))).mappings()
+                rows = conn.execute(sa.select(*JOB_COLUMNS).where(JOBS.c.id.in_(list(started)))).mappings()
                 lost = [LostAttempt(Job.from_row(row), started[row["id"]]) for row in rows]
         return lost, resent
 
@@ -75,7 +79,9 @@ class SqlRecovery(SqlCore):
         first = self._first_wait(grace)
         timeouts = dict(
             conn.execute(
-                sa.select(J.c.id, J.c.timeout).where(J.c.id.in_(sorted({row.job_id for row in unstarted})))
+                sa.select(JOBS.c.id, JOBS.c.timeout).where(
+                    JOBS.c.id.in_(sorted({row.job_id for row in unstarted}))
+                )
             ).all()
         )
         updates = []
@@ -91,9 +97,9 @@ class SqlRecovery(SqlCore):
             )
         until = self._after_each("b_wait")
         conn.execute(
-            sa.update(L)
-            .where(L.c.scope == self.scope, L.c.queue == sa.bindparam("b_queue"))
-            .where(L.c.token == sa.bindparam("b_token"))
+            sa.update(LEASES)
+            .where(LEASES.c.scope == self.scope, LEASES.c.queue == sa.bindparam("b_queue"))
+            .where(LEASES.c.token == sa.bindparam("b_token"))
             .values(resends=sa.bindparam("b_resends"), expires_at=until),
             updates,
         )
@@ -107,17 +113,17 @@ class SqlRecovery(SqlCore):
         """Record the failed attempt of a job whose worker died, and drop its lease,
         if the lease is still held by the claim :meth:`recover` took."""
         job = lost.job
-        with self._tx() as conn:
-            lease = sa.select(L.c.token).where(
-                L.c.scope == self.scope,
-                L.c.queue == job.queue,
-                L.c.token == lost.token,
+        with self._transaction() as conn:
+            lease = sa.select(LEASES.c.token).where(
+                LEASES.c.scope == self.scope,
+                LEASES.c.queue == job.queue,
+                LEASES.c.token == lost.token,
             )
             if conn.execute(self._locked(lease, skip_locked=True)).first() is None:
                 return False
             conn.execute(
-                sa.update(J)
-                .where(J.c.id == job.id, J.c.status == STATUS_RUNNING)
+                sa.update(JOBS)
+                .where(JOBS.c.id == job.id, JOBS.c.status == STATUS_RUNNING)
                 .values(error=outcome.error, **self._failed_values(job, outcome))
             )
             self._release(conn, job.queue, lost.token)
@@ -127,10 +133,10 @@ class SqlRecovery(SqlCore):
         """Replace a job's stored error with ``error`` if it is still ``recorded`` (no
         other attempt has ended since): how the scan adds what a failure hook raised to
         a lost attempt it has already recorded."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             moved = conn.execute(
-                sa.update(J)
-                .where(J.c.scope == self.scope, J.c.id == job_id, J.c.error == recorded)
+                sa.update(JOBS)
+                .where(JOBS.c.scope == self.scope, JOBS.c.id == job_id, JOBS.c.error == recorded)
                 .values(error=error)
             )
         return moved.rowcount == 1
@@ -142,16 +148,16 @@ class SqlRecovery(SqlCore):
         lease to expire. Returns how many were dropped."""
         if not leases:
             return 0
-        with self._tx() as conn:
+        with self._transaction() as conn:
             dropped = 0
             for lease in leases:
                 dropped += int(
                     conn.execute(
-                        sa.delete(L).where(
-                            L.c.scope == self.scope,
-                            L.c.queue == lease.queue,
-                            L.c.token == lease.token,
-                            L.c.started_at.is_(None),
+                        sa.delete(LEASES).where(
+                            LEASES.c.scope == self.scope,
+                            LEASES.c.queue == lease.queue,
+                            LEASES.c.token == lease.token,
+                            LEASES.c.started_at.is_(None),
                         )
                     ).rowcount
                     or 0
@@ -162,19 +168,19 @@ class SqlRecovery(SqlCore):
     def extend_lease(self, queue: str, token: str, seconds: float) -> bool:
         """Make a started lease last ``seconds`` from now (database clock), if
         ``token`` still holds it."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             moved = conn.execute(
-                sa.update(L)
-                .where(L.c.scope == self.scope, L.c.queue == queue, L.c.token == token)
+                sa.update(LEASES)
+                .where(LEASES.c.scope == self.scope, LEASES.c.queue == queue, LEASES.c.token == token)
                 .values(expires_at=self._after(seconds))
             )
         return moved.rowcount == 1
 
     def lease_of(self, queue: str) -> dict[str, Any] | None:
         """The lease row of a queue, for inspection (tests, status)."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             row = (
-                conn.execute(sa.select(L).where(L.c.scope == self.scope, L.c.queue == queue))
+                conn.execute(sa.select(LEASES).where(LEASES.c.scope == self.scope, LEASES.c.queue == queue))
                 .mappings()
                 .first()
             )
@@ -187,10 +193,10 @@ class SqlRecovery(SqlCore):
     def release_unstarted(self, queue: str | None = None) -> int:
         """Drop the dispatched-but-unstarted leases of the scope (their messages are
         only wake-ups and will be dropped as stale). Used by ``drain``."""
-        with self._tx() as conn:
-            query = sa.delete(L).where(L.c.scope == self.scope, L.c.started_at.is_(None))
+        with self._transaction() as conn:
+            query = sa.delete(LEASES).where(LEASES.c.scope == self.scope, LEASES.c.started_at.is_(None))
             if queue is not None:
-                query = query.where(L.c.queue == queue)
+                query = query.where(LEASES.c.queue == queue)
             return int(conn.execute(query).rowcount or 0)
 
     def advance(self, queue: str | None = None) -> bool:
@@ -199,9 +205,11 @@ class SqlRecovery(SqlCore):
         pending job's ``scheduled_at`` and retry time back by the same amount so that
         the earliest head becomes due now. Order within each queue is kept. Held
         jobs stay held. Returns False when there is nothing to advance to."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             now = self._clock(conn)
-            leased = set(conn.execute(sa.select(L.c.queue).where(L.c.scope == self.scope)).scalars())
+            leased = set(
+                conn.execute(sa.select(LEASES.c.queue).where(LEASES.c.scope == self.scope)).scalars()
+            )
             due_times = [
                 head.due_at
                 for head in self._heads(conn, None if queue is None else [queue]).values()
@@ -212,11 +220,11 @@ class SqlRecovery(SqlCore):
             earliest = min(due_times)
             if earliest > now:
                 delta = earliest - now
-                select = sa.select(J.c.id, J.c.scheduled_at, J.c.next_attempt_at).where(
-                    J.c.scope == self.scope, J.c.status == STATUS_PENDING
+                select = sa.select(JOBS.c.id, JOBS.c.scheduled_at, JOBS.c.next_attempt_at).where(
+                    JOBS.c.scope == self.scope, JOBS.c.status == STATUS_PENDING
                 )
                 if queue is not None:
-                    select = select.where(J.c.queue == queue)
+                    select = select.where(JOBS.c.queue == queue)
                 rows = [
                     {
                         "b_id": row.id,
@@ -229,8 +237,8 @@ class SqlRecovery(SqlCore):
                 ]
                 if rows:
                     conn.execute(
-                        sa.update(J)
-                        .where(J.c.id == sa.bindparam("b_id"))
+                        sa.update(JOBS)
+                        .where(JOBS.c.id == sa.bindparam("b_id"))
                         .values(
                             scheduled_at=sa.bindparam("b_scheduled_at", type_=schema.UTCDateTime()),
                             next_attempt_at=sa.bindparam("b_next", type_=schema.UTCDateTime()),

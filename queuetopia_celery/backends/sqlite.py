@@ -17,7 +17,7 @@ from .. import schema
 from ..jobs import STATUS_PENDING, STATUS_RUNNING, UTC, Job, NewJob, utcnow
 from .base import Burst, Finished, Lease, Outcome, new_token
 from .connection import Executor
-from .sql_core import JOB_COLUMNS, J, L, Q, positions_by_queue
+from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, positions_by_queue
 from .sql_operator import SqlOperator
 
 
@@ -58,7 +58,7 @@ class SqliteBackend(SqlOperator):
         """One queue row upsert and one insert per queue."""
         by_queue = positions_by_queue(specs)
         created: list[Job | None] = [None] * len(specs)
-        with self._tx(connection) as conn:
+        with self._transaction(connection) as conn:
             now = utcnow()
             now = now.astimezone(UTC)
             # Unique jobs: one writer at a time on SQLite, so looking first is race-free
@@ -99,7 +99,7 @@ class SqliteBackend(SqlOperator):
                         }
                     )
                 result = conn.execute(
-                    sa.insert(J).returning(*JOB_COLUMNS, sort_by_parameter_order=True), rows
+                    sa.insert(JOBS).returning(*JOB_COLUMNS, sort_by_parameter_order=True), rows
                 )
                 for i, row in zip(indexes, result.mappings(), strict=True):
                     created[i] = Job.from_row(row)
@@ -121,20 +121,20 @@ class SqliteBackend(SqlOperator):
         The row stays locked until the creating transaction ends, so producers of one
         queue commit in sequence order; producers of other queues do not wait.
         """
-        insert = self._insert(Q).values(scope=self.scope, queue=queue, last_sequence=count, due_at=due)
+        insert = self._insert(QUEUES).values(scope=self.scope, queue=queue, last_sequence=count, due_at=due)
         excluded = insert.excluded
         upsert = insert.on_conflict_do_update(
-            index_elements=[Q.c.scope, Q.c.queue],
+            index_elements=[QUEUES.c.scope, QUEUES.c.queue],
             set_={
-                "last_sequence": Q.c.last_sequence + count,
+                "last_sequence": QUEUES.c.last_sequence + count,
                 "due_at": sa.case(
-                    (Q.c.due_at.is_(None), excluded.due_at),
-                    (excluded.due_at < Q.c.due_at, excluded.due_at),
-                    else_=Q.c.due_at,
+                    (QUEUES.c.due_at.is_(None), excluded.due_at),
+                    (excluded.due_at < QUEUES.c.due_at, excluded.due_at),
+                    else_=QUEUES.c.due_at,
                 ),
             },
         )
-        return int(conn.execute(upsert.returning(Q.c.last_sequence)).scalar_one()), utcnow()
+        return int(conn.execute(upsert.returning(QUEUES.c.last_sequence)).scalar_one()), utcnow()
 
     # ------------------------------------------------------------------ taking leases
 
@@ -154,7 +154,7 @@ class SqliteBackend(SqlOperator):
                 continue
             token = new_token()
             inserted = conn.execute(
-                self._insert(L)
+                self._insert(LEASES)
                 .values(
                     scope=self.scope,
                     queue=queue,
@@ -164,7 +164,7 @@ class SqliteBackend(SqlOperator):
                     expires_at=self._after(self._first_wait(grace)),
                     locked_by=locked_by,
                 )
-                .on_conflict_do_nothing(index_elements=[L.c.scope, L.c.queue])
+                .on_conflict_do_nothing(index_elements=[LEASES.c.scope, LEASES.c.queue])
             )
             if inserted.rowcount:
                 taken.append(Lease(queue, first.id, token, first.timeout))
@@ -177,15 +177,15 @@ class SqliteBackend(SqlOperator):
         and no attempt was begun under it. Counts the attempt now, so a job that kills
         its worker still runs out of attempts. Returns the job, or None (stale message:
         drop it)."""
-        with self._tx() as conn:
+        with self._transaction() as conn:
             started = conn.execute(
-                sa.update(L)
+                sa.update(LEASES)
                 .where(
-                    L.c.scope == self.scope,
-                    L.c.queue == queue,
-                    L.c.token == token,
-                    L.c.job_id == job_id,
-                    L.c.started_at.is_(None),
+                    LEASES.c.scope == self.scope,
+                    LEASES.c.queue == queue,
+                    LEASES.c.token == token,
+                    LEASES.c.job_id == job_id,
+                    LEASES.c.started_at.is_(None),
                     ~self._paused_clause(queue),
                 )
                 .values(started_at=self._now(), expires_at=self._after(lease), locked_by=worker)
@@ -194,11 +194,11 @@ class SqliteBackend(SqlOperator):
                 return None
             row = (
                 conn.execute(
-                    sa.update(J)
-                    .where(J.c.id == job_id, J.c.status == STATUS_PENDING)
+                    sa.update(JOBS)
+                    .where(JOBS.c.id == job_id, JOBS.c.status == STATUS_PENDING)
                     .values(
                         status=STATUS_RUNNING,
-                        attempts=J.c.attempts + 1,
+                        attempts=JOBS.c.attempts + 1,
                         attempted_at=self._now(),
                         attempted_by=worker,
                     )

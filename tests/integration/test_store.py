@@ -465,7 +465,7 @@ def test_start_replaces_a_connection_found_dead_and_begins_the_attempt(pg_qt, en
     job = qt.create_job("q", "work", {})
     token = qt.backend.lease_of("q")["token"]
     with qt.backend.pinned():
-        with qt.backend._auto() as conn:
+        with qt.backend._autocommit() as conn:
             pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         with engine.connect() as admin:
             admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
