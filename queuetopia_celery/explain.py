@@ -1,4 +1,4 @@
-"""Why is this queue stuck? One sentence, then details, from the facts the store read
+"""Why is this queue stuck? One sentence, then details, from the facts the backend read
 (:meth:`~queuetopia_celery.backends.base.Backend.queue_facts`).
 
 Pure logic: nothing here talks to the database or to Celery.

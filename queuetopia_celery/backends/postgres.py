@@ -176,7 +176,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         queues (queue rows upserted in queue order, so concurrent bulk producers cannot
         deadlock; then the jobs inserted, numbered from each queue's counter). With a
         ``grace``, the statement also takes the leases it can (see
-        :meth:`create_jobs_and_dispatch`)."""
+        :meth:`create_jobs_taking_leases`)."""
         queues = sorted(by_queue)
         dues: list[dt.datetime | None] = []
         nows: list[bool] = []

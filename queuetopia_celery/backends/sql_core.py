@@ -427,7 +427,7 @@ class SqlCore(Connections, abc.ABC):
         Returns ``(written, next)``: ``written`` is False when the token was no longer
         valid (the lease expired and was recovered; the outcome is dropped). ``next``
         is the lease handed to the queue's next due job (send it), or None when the
-        queue was released (the caller then re-checks it with :meth:`dispatch`).
+        queue was released (the caller then re-checks it with a kick).
         """
         with self._transaction() as conn:
             lease = sa.select(LEASES.c.job_id).where(

@@ -354,7 +354,7 @@ class SqlOperator(SqlRecovery):
 
     def resume(self, queue: str) -> bool:
         """Resume a paused queue and make it due for the next scan (the caller wakes it
-        at once with :meth:`dispatch`). Returns False when it was not paused.
+        at once with a kick). Returns False when it was not paused.
         Raises :class:`QueueNotFoundError` for a queue with no row."""
         with self._transaction() as conn:
             if not self._queue_row(conn, queue).paused:
