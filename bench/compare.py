@@ -140,6 +140,13 @@ def markdown(results: dict[str, Any]) -> str:
                     f" | {_span(entry['rev'])} | {entry['ratio']['median']:.2f}"
                     f" ({entry['ratio']['min']:.2f}-{entry['ratio']['max']:.2f}) |"
                 )
+    lines.append("")
+    for label, key in ((CURRENT, CURRENT), (rev, "rev_side")):
+        side = results["compare"].get(key, {})
+        if "queuetopia_celery_file" in side:
+            lines.append(
+                f"{label}: `{side['queuetopia_celery_file']}`, migration head {side.get('migration_head')}."
+            )
     lines += [
         "",
         f"Load average before / after: {results.get('load_before')} / {results.get('load_after')};"
@@ -178,7 +185,10 @@ def prepare(commit: str) -> tuple[Path, Path]:
         ).stdout
         (base / "src.tar").write_bytes(archive)
         with tarfile.open(base / "src.tar") as tar:
-            tar.extractall(base / "src", filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python 3.10.12+, 3.11.4+
+                tar.extractall(base / "src", filter="data")
+            else:  # our own git archive
+                tar.extractall(base / "src")
         # The same dependency versions as this environment: only the library differs.
         freeze = subprocess.run(
             [sys.executable, "-m", "pip", "freeze", "--exclude-editable"],
