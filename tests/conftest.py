@@ -274,3 +274,14 @@ def events(engine: sa.Engine, scope: str) -> list[dict[str, Any]]:
             sa.text("SELECT * FROM qt_test_events WHERE scope = :s ORDER BY started_at, id"), {"s": scope}
         ).mappings()
         return [dict(row) for row in rows]
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None) -> Iterator[None]:
+    """pytest-django's test database (tests/djangoproject); the pools of the
+    DjangoQueuetopias built on it are closed before it is dropped."""
+    yield
+    from queuetopia_celery.contrib.django.queuetopia import registry
+
+    for built in list(registry.values()):
+        built.engine.dispose()

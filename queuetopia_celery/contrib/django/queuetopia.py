@@ -12,7 +12,7 @@ from django.conf import settings
 from django.db import close_old_connections, connections, transaction
 
 from queuetopia_celery.app import Queuetopia, make_engine
-from queuetopia_celery.errors import ConfigurationError
+from queuetopia_celery.errors import ConfigurationError, SchemaMissingError
 from queuetopia_celery.jobs import Job, NewJob
 from queuetopia_celery.performer import PerformerProtocol, Registry
 from queuetopia_celery.store import Executor
@@ -65,6 +65,19 @@ def database_url(alias: str | None = None) -> str:
         query=query,
     )
     return url.render_as_string(hide_password=False)
+
+
+class MigrationsMissingError(SchemaMissingError):
+    """The queuetopia tables are missing or out of date in Django's database."""
+
+    def __init__(self, alias: str) -> None:
+        self.database = alias
+        self.connection_lost = False
+        Exception.__init__(
+            self,
+            f"the queuetopia tables are missing or out of date in Django's database {alias!r}: "
+            f"run `python manage.py migrate queuetopia --database {alias}`",
+        )
 
 
 class _CloseOldConnections:
@@ -122,8 +135,11 @@ class DjangoQueuetopia(Queuetopia):
     ) -> list[Job]:
         if connection is not None:
             return super().create_jobs(jobs, connection=connection)
-        with sqlalchemy_connection(self.using) as conn:
-            created = super().create_jobs(jobs, connection=conn)
+        try:
+            with sqlalchemy_connection(self.using) as conn:
+                created = super().create_jobs(jobs, connection=conn)
+        except SchemaMissingError as exc:
+            raise MigrationsMissingError(self.using) from exc
         if created and not self.disabled:
             queues = sorted({job.queue for job in created})
             # Runs at once when no atomic block is open (the jobs are committed).
