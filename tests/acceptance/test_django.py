@@ -8,6 +8,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.db import transaction
@@ -55,6 +56,10 @@ def django_worker(
         yield proc
     finally:
         proc.stop()
+
+
+def _messages(response: Any) -> list[str]:
+    return [str(message) for message in response.context["messages"]]
 
 
 def _customer() -> str:
@@ -134,3 +139,101 @@ def test_a_job_after_one_that_broke_its_orm_connection_gets_a_working_one(django
     assert shop.wait(broken, timeout=60).status == "exhausted"
     job = shop.wait(after, timeout=60)
     assert job.status == "done", job.error
+
+
+def test_the_admin_lists_filters_and_shows_a_jobs_full_error(
+    django_worker: Proc, admin_client: Client
+) -> None:
+    from tests.djangoproject.celery_app import break_connection, shop
+
+    customer = _customer()
+    failed = shop.wait(break_connection.delay(customer=customer), timeout=60)
+    assert failed.status == "exhausted" and failed.error
+
+    link = f"/admin/queuetopia/job/{failed.id}/change/"
+
+    def listed(query: str) -> bool:
+        page = admin_client.get(f"/admin/queuetopia/job/?{query}")
+        assert page.status_code == 200
+        return link in page.content.decode()
+
+    assert listed(f"state=exhausted&scope={shop.scope}&q={customer}")
+    assert not listed(f"state=done&q={customer}")
+    assert listed(f"action=break_connection&queue=customer-{customer}")
+    assert listed(f"q={failed.id}")
+
+    detail = admin_client.get(f"/admin/queuetopia/job/{failed.id}/change/")
+    assert detail.status_code == 200
+    body = detail.content.decode()
+    assert "terminating connection" in body  # the driver's message, in the full error
+
+
+def test_the_admin_actions_retry_and_abort_through_the_library(
+    django_worker: Proc, admin_client: Client
+) -> None:
+    from tests.djangoproject.celery_app import ship, shop
+    from tests.djangoproject.shop.models import Order
+
+    customer = _customer()
+    order = Order.objects.create(customer=customer, item="book")
+    later = ship.apply_async(kwargs={"customer": customer, "order_id": order.id}, countdown=3600)
+    other = ship.apply_async(kwargs={"customer": f"{customer}-b", "order_id": order.id}, countdown=3600)
+    assert shop.get_job(later.id).state.value == "scheduled"  # type: ignore[union-attr]
+
+    response = admin_client.post(
+        "/admin/queuetopia/job/", {"action": "retry_jobs", "_selected_action": [later.id]}, follow=True
+    )
+    assert response.status_code == 200 and _messages(response) == ["retry: 1 job(s)"]
+    assert shop.wait(later, timeout=60).status == "done"
+
+    response = admin_client.post(
+        "/admin/queuetopia/job/", {"action": "abort_jobs", "_selected_action": [other.id]}, follow=True
+    )
+    assert _messages(response) == ["abort: 1 job(s)"]
+    aborted = shop.get_job(other.id)
+    assert aborted is not None and aborted.status == "aborted" and "admin" in (aborted.abort_reason or "")
+
+    # An action that does not apply is reported, not a crash.
+    response = admin_client.post(
+        "/admin/queuetopia/job/", {"action": "abort_jobs", "_selected_action": [later.id]}, follow=True
+    )
+    (message,) = _messages(response)
+    assert message.startswith(f"job {later.id}:")
+
+
+def test_the_admin_refuses_other_writes(admin_client: Client) -> None:
+    from tests.djangoproject.celery_app import ship, shop
+    from tests.djangoproject.shop.models import Order
+
+    order = Order.objects.create(customer=_customer(), item="book")
+    job = ship.apply_async(kwargs={"customer": order.customer, "order_id": order.id}, countdown=3600)
+    assert admin_client.get("/admin/queuetopia/job/add/").status_code == 403
+    assert admin_client.post(f"/admin/queuetopia/job/{job.id}/change/", {"queue": "x"}).status_code == 403
+    assert admin_client.post(f"/admin/queuetopia/job/{job.id}/delete/", {"post": "yes"}).status_code == 403
+    assert shop.get_job(job.id) == job
+
+
+def test_the_management_command_prints_status_and_jobs(django_worker: Proc) -> None:
+    import subprocess
+
+    from tests.djangoproject.celery_app import ship, shop
+    from tests.djangoproject.shop.models import Order
+
+    order = Order.objects.create(customer=_customer(), item="book")
+    job = ship.apply_async(kwargs={"customer": order.customer, "order_id": order.id}, countdown=3600)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.djangoproject.settings"}
+
+    def manage(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "django", "queuetopia", *args],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    status = manage("status")
+    assert status.returncode == 0, status.stderr
+    assert f"scope {shop.scope!r}" in status.stdout and f"customer-{order.customer}" in status.stdout
+    shown = manage("show", str(job.id))
+    assert shown.returncode == 0 and "scheduled" in shown.stdout
+    missing = manage("show", "999999999")
+    assert missing.returncode == 1 and "no job 999999999" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -41,6 +41,32 @@ def database_alias() -> str:
     return str(alias)
 
 
+def load_queuetopias() -> dict[str, DjangoQueuetopia]:
+    """Import ``QUEUETOPIA['CELERY_APP']`` (the module that builds the project's
+    DjangoQueuetopias, e.g. ``"proj.celery.app"``) and return them by scope."""
+    path = setting("CELERY_APP")
+    if path:
+        from django.utils.module_loading import import_string
+
+        import_string(path)
+    return dict(registry)
+
+
+def default_scope() -> str:
+    """``QUEUETOPIA['SCOPE']``, else the scope of the only DjangoQueuetopia built."""
+    scope = setting("SCOPE")
+    if scope:
+        return str(scope)
+    built = load_queuetopias()
+    if len(built) == 1:
+        return next(iter(built))
+    found = ", ".join(sorted(built)) or "none"
+    raise ConfigurationError(
+        f"give --scope (Queuetopias built: {found}); set QUEUETOPIA['CELERY_APP'] to the module "
+        "that builds them, or QUEUETOPIA['SCOPE']"
+    )
+
+
 def database_url(alias: str | None = None) -> str:
     """The SQLAlchemy URL (psycopg 3) of Django's database ``alias`` (default: the
     ``QUEUETOPIA['DATABASE']`` setting, else ``"default"``), for the workers' own
