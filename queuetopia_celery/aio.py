@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from .app import Queuetopia, _spec
+from .errors import ConfigurationError
 from .jobs import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_BACKOFF,
@@ -35,6 +37,7 @@ from .jobs import (
     NewJob,
     new_job,
 )
+from .ordered_task import BoundOrderedTask, JobOptions, OrderedTask
 
 AsyncExecutor = AsyncConnection | AsyncSession
 
@@ -95,6 +98,30 @@ class AsyncQueuetopia:
             return created
 
         return await connection.run_sync(create)
+
+    async def delay(
+        self, task: OrderedTask[Any, Any] | BoundOrderedTask[Any, Any], /, *args: Any,
+        connection: AsyncExecutor | None = None, **kwargs: Any,
+    ) -> Job:  # fmt: skip
+        """``task.delay(*args, **kwargs)`` of an ordered task (``@qt.task``), awaited,
+        optionally in the caller's transaction (``connection=``): the same queue key,
+        params and job options as the sync call."""
+        if task.qt is not self.qt:
+            raise ConfigurationError(f"{task!r} belongs to another Queuetopia than {self.qt!r}")
+        try:
+            call = task.call_signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{task.name}(): {exc}") from None
+        params = {
+            name: list(value)
+            if task.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
+            else value
+            for name, value in call.arguments.items()
+        }
+        call.apply_defaults()
+        queue = task.queue_key(call.arguments)
+        options = JobOptions().over(task.options).create_kwargs()
+        return await self.create_job(queue, task.name, params, connection=connection, **options)
 
     def _wake_in_thread(self, queues: set[str], committed: bool) -> None:
         """Called by the caller's commit, on the event loop's thread: publish the
