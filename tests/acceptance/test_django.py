@@ -66,7 +66,7 @@ def _customer() -> str:
     return f"c{uuid.uuid4().hex[:8]}"
 
 
-def test_a_rolled_back_view_leaves_neither_the_order_nor_the_job(project: object) -> None:
+def test_a_rolled_back_view_leaves_neither_the_order_nor_the_job_nor_a_wakeup(project: object) -> None:
     from tests.djangoproject.celery_app import shop
     from tests.djangoproject.shop.models import Order
 
@@ -75,6 +75,10 @@ def test_a_rolled_back_view_leaves_neither_the_order_nor_the_job(project: object
     assert response.status_code == 409
     assert not Order.objects.filter(customer=customer).exists()
     assert shop.list_jobs(queue=f"customer-{customer}") == []
+    # Nor a wake-up: no message was published (no worker runs yet in this module).
+    from tests.acceptance.test_fastapi import broker_messages
+
+    assert broker_messages(os.environ["QT_DJANGO_CELERY_QUEUE"]) == 0
 
 
 def test_jobs_of_committed_views_run_in_order_on_the_worker(django_worker: Proc) -> None:

@@ -10,12 +10,14 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from queuetopia_celery import InvalidJobError, Queuetopia
+from queuetopia_celery import DatabaseError, InvalidJobError, Queuetopia
 from queuetopia_celery.aio import AsyncQueuetopia
 from tests.apps import fastapiapp
+from tests.conftest import REDIS_URL
 
 pytestmark = pytest.mark.acceptance
 
@@ -43,8 +45,17 @@ def _run(database_url: str, qt: Queuetopia, body: Callable[..., Any]) -> Any:
     return asyncio.run(main())
 
 
-def test_a_rolled_back_endpoint_leaves_neither_the_row_nor_the_job(
-    database_url: str, qt: Queuetopia, engine: sa.Engine
+def broker_messages(celery_queue: str) -> int:
+    """Messages waiting in the test's Celery queue (no worker consumes it here)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return sum(int(client.llen(key)) for key in client.scan_iter(match=f"{celery_queue}*"))
+    finally:
+        client.close()
+
+
+def test_a_rolled_back_endpoint_leaves_neither_the_row_nor_the_job_and_wakes_nobody(
+    database_url: str, qt: Queuetopia, engine: sa.Engine, celery_queue: str
 ) -> None:
     customer = f"c{uuid.uuid4().hex[:8]}"
 
@@ -54,9 +65,17 @@ def test_a_rolled_back_endpoint_leaves_neither_the_row_nor_the_job(
         assert await jobs.list_jobs(queue=f"customer-{customer}") == []
 
     _run(database_url, qt, body)
+    assert broker_messages(celery_queue) == 0
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT count(*) FROM fa_orders WHERE customer = :c"), {"c": customer})
         assert rows.scalar_one() == 0
+
+    async def commit(client: httpx.AsyncClient, jobs: AsyncQueuetopia, _: Any) -> None:
+        response = await client.post("/orders", json={"customer": customer})
+        assert response.status_code == 200
+
+    _run(database_url, qt, commit)  # waits for the wake-ups it sent
+    assert broker_messages(celery_queue) == 1
 
 
 def test_committed_endpoints_run_their_jobs_in_order(
@@ -120,5 +139,28 @@ def test_bad_input_raises_the_sync_errors_and_writes_nothing(database_url: str, 
         # Without a connection: the sync path in a thread.
         job = await jobs.create_job(queue, "work", {"echo": 3})
         assert (await jobs.get_job(job.id)) == job
+
+    _run(database_url, qt, body)
+
+
+def test_a_dropped_connection_is_a_clear_error_and_creates_nothing(
+    database_url: str, qt: Queuetopia, engine: sa.Engine
+) -> None:
+    queue = f"d{uuid.uuid4().hex[:8]}"
+
+    async def body(_client: Any, jobs: AsyncQueuetopia, async_engine: Any) -> None:
+        async with async_engine.connect() as conn:
+            pid = (await conn.execute(sa.text("SELECT pg_backend_pid()"))).scalar_one()
+            await conn.commit()
+            with engine.connect() as other:
+                other.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            with pytest.raises(DatabaseError, match="database error") as info:
+                await jobs.create_job(queue, "work", {"echo": 1}, connection=conn)
+            assert info.value.__cause__ is not None
+        assert await jobs.list_jobs(queue=queue) == []
+        # The next call, on a fresh connection, works: one job, not two.
+        async with async_engine.begin() as conn:
+            await jobs.create_job(queue, "work", {"echo": 2}, connection=conn)
+        assert [job.params["echo"] for job in await jobs.list_jobs(queue=queue)] == [2]
 
     _run(database_url, qt, body)
