@@ -25,6 +25,11 @@ from queuetopia_celery import Queuetopia, make_engine
 from tests.apps import testapp
 
 ROOT = Path(__file__).resolve().parent.parent
+# pytest-django has set Django up (tests/djangoproject, from pyproject's
+# DJANGO_SETTINGS_MODULE) before this file is imported. The variable must not reach the
+# celery workers other tests start from os.environ: Celery would load its Django fixup
+# there. The Django tests pass it to their own processes.
+os.environ.pop("DJANGO_SETTINGS_MODULE", None)
 PG_ADMIN_URL = os.environ.get("QT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QT_TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
 

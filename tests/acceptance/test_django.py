@@ -41,6 +41,7 @@ def django_worker(
     tmp = tmp_path_factory.mktemp("django-worker")
     env = {
         **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.djangoproject.settings",
         "QT_TEST_BROKER_URL": REDIS_URL,
         "QT_TEST_READY_FILE": str(tmp / "ready"),
     }

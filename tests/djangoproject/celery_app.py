@@ -6,17 +6,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.djangoproject.settings")
-
 import django
+from django.conf import settings
 
-django.setup()
+if not settings.configured:  # the worker (in pytest, pytest-django has set Django up)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.djangoproject.settings")
+    django.setup()
 
-from celery import Celery, signals  # noqa: E402
-from django.db import transaction  # noqa: E402
+from celery import Celery, signals
+from django.db import transaction
 
-from queuetopia_celery.contrib.django import DjangoQueuetopia  # noqa: E402
-from tests.djangoproject.shop.models import Order, Shipment  # noqa: E402
+from queuetopia_celery.contrib.django import DjangoQueuetopia
+from tests.djangoproject.shop.models import Order, Shipment
 
 SCOPE = os.environ.setdefault("QT_DJANGO_SCOPE", f"shop-{os.getpid()}")
 QUEUE = os.environ.setdefault("QT_DJANGO_CELERY_QUEUE", f"qt-django-{SCOPE}")
