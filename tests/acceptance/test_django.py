@@ -121,6 +121,25 @@ def test_a_job_created_in_an_atomic_block_waits_for_the_commit(django_worker: Pr
     assert Shipment.objects.get(customer=customer).order_id == order.id
 
 
+def test_a_job_in_a_rolled_back_savepoint_is_gone_and_the_outer_blocks_job_kept(project: object) -> None:
+    from tests.djangoproject.celery_app import ship, shop
+    from tests.djangoproject.shop.models import Order
+    from tests.djangoproject.shop.views import Refused
+
+    customer = _customer()
+    with transaction.atomic():
+        order = Order.objects.create(customer=customer, item="book")
+        try:
+            with transaction.atomic():  # a savepoint
+                dropped = ship.delay(customer=customer, order_id=order.id)
+                raise Refused
+        except Refused:
+            pass
+        kept = ship.delay(customer=customer, order_id=order.id)
+    assert shop.get_job(dropped.id) is None
+    assert [job.id for job in shop.list_jobs(queue=f"customer-{customer}")] == [kept.id]
+
+
 def test_outside_an_atomic_block_the_job_commits_at_once(django_worker: Proc) -> None:
     from tests.djangoproject.celery_app import ship, shop
     from tests.djangoproject.shop.models import Order

@@ -7,6 +7,6 @@ migrate``, and build your Queuetopias with :class:`DjangoQueuetopia` in your pro
 """
 
 from .connection import sqlalchemy_connection
-from .queuetopia import DjangoQueuetopia, database_url
+from .queuetopia import DjangoQueuetopia, MigrationsMissingError, database_url
 
-__all__ = ["DjangoQueuetopia", "database_url", "sqlalchemy_connection"]
+__all__ = ["DjangoQueuetopia", "MigrationsMissingError", "database_url", "sqlalchemy_connection"]
