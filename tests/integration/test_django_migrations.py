@@ -10,7 +10,8 @@ import subprocess
 import pytest
 import sqlalchemy as sa
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, transaction
+from django.db.transaction import TransactionManagementError
 
 from queuetopia_celery import migrate
 
@@ -74,11 +75,20 @@ def test_no_model_change_is_left_without_a_migration() -> None:
 def test_a_missing_migration_names_the_command_and_migrating_back_and_forth_works() -> None:
     from queuetopia_celery.contrib.django.queuetopia import MigrationsMissingError
     from tests.djangoproject.celery_app import ship
+    from tests.djangoproject.shop.models import Order
 
     call_command("migrate", "queuetopia", "zero", verbosity=0)
     try:
         with pytest.raises(MigrationsMissingError, match=r"python manage.py migrate queuetopia"):
             ship.delay(customer="nobody", order_id=1)
+        # Inside an atomic block the failed statement marks the block for rollback, as
+        # Django does for its own queries: the next query says so clearly.
+        with transaction.atomic():
+            with pytest.raises(MigrationsMissingError):
+                ship.delay(customer="nobody", order_id=1)
+            assert transaction.get_rollback()
+            with pytest.raises(TransactionManagementError):
+                Order.objects.count()
     finally:
         call_command("migrate", "queuetopia", verbosity=0)
     assert ship.delay(customer="nobody", order_id=1).id > 0
