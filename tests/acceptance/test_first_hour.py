@@ -73,6 +73,17 @@ COVERED: dict[str, str] = {
         "test_a_busy_broker_gets_a_bounded_number_of_re_sent_messages, with its default 30 s backlog"
         " (the five-minute run is the slow tier, by hand)"
     ),
+    # With Django: tests/acceptance/test_examples_django_fastapi.py runs them as written.
+    "createdb -h 127.0.0.1 -U postgres djangoshop": "test_with_django_as_the_readme_says",
+    "cd examples/djangoshop": "test_with_django_as_the_readme_says",
+    (
+        "export DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1/djangoshop"
+        " BROKER_URL=redis://127.0.0.1:6379/0"
+    ): "test_with_django_as_the_readme_says",
+    "python manage.py migrate": "test_with_django_as_the_readme_says",
+    "celery -A djangoshop worker --loglevel INFO &": "test_with_django_as_the_readme_says",
+    "python manage.py place_orders 5": "test_with_django_as_the_readme_says",
+    "python manage.py queuetopia status": "test_with_django_as_the_readme_says",
 }
 
 
