@@ -68,10 +68,9 @@ def _customer() -> str:
 
 
 def test_a_rolled_back_view_leaves_neither_the_order_nor_the_job_nor_a_wakeup(project: object) -> None:
+    from tests.acceptance.test_fastapi import broker_messages
     from tests.djangoproject.celery_app import shop
     from tests.djangoproject.shop.models import Order
-
-    from tests.acceptance.test_fastapi import broker_messages
 
     customer = _customer()
     before = broker_messages(os.environ["QT_DJANGO_CELERY_QUEUE"])  # other tests' leftovers
