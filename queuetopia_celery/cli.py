@@ -80,21 +80,21 @@ class _Context:
             raise click.UsageError(f"give the app once: -A {self.app_spec} and {option} {spec} differ")
         self.app_spec = spec
 
-    def queuetopia(self) -> Queuetopia:
+    def queuetopia(self, *, database_exists: bool = True) -> Queuetopia:
         """The user's Queuetopia (``-A``), or one that wakes nothing, built from
-        ``--database-url`` and ``--scope``."""
+        ``--database-url`` and ``--scope``. A SQLite file that does not exist is an
+        error (connecting would create an empty one) unless ``database_exists=False``."""
         if self._queuetopia is None:
-            qt = self._load_app(self.app_spec) if self.app_spec else self._without_app()
-            missing = _missing_sqlite_file(qt.engine)
-            if missing:
-                # Connecting would create an empty file.
-                safe = qt.engine.url.render_as_string(hide_password=True)
-                _fail(
-                    f"no SQLite database at {missing} (the file does not exist): "
-                    f"create it with `queuetopia-celery migrate --database-url {safe}`"
-                )
-            self._queuetopia = qt
-        return self._queuetopia
+            self._queuetopia = self._load_app(self.app_spec) if self.app_spec else self._without_app()
+        qt = self._queuetopia
+        missing = _missing_sqlite_file(qt.engine) if database_exists else None
+        if missing:
+            safe = qt.engine.url.render_as_string(hide_password=True)
+            _fail(
+                f"no SQLite database at {missing} (the file does not exist): "
+                f"create it with `queuetopia-celery migrate --database-url {safe}`"
+            )
+        return qt
 
     @property
     def wakes(self) -> bool:
@@ -199,7 +199,7 @@ def migrate(obj: _Context, local_url: str | None, dry_run: bool) -> None:
             url = local_url or obj.require_url()
             engine = make_engine(url)
         else:  # -A alone: the app's database
-            engine = obj.queuetopia().engine
+            engine = obj.queuetopia(database_exists=False).engine
             url = engine.url.render_as_string(hide_password=False)
         if dry_run:
             # Only what would run: nothing when the tables are at the newest version.
