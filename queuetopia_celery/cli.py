@@ -109,7 +109,10 @@ class _Context:
 
         try:
             engine = make_engine(url)
-            return Queuetopia(self.scope, app=Celery("queuetopia-cli"), engine=engine, disabled=True)
+            # A Celery app of its own, not made the process's current app (the Django
+            # management command runs this CLI inside the project's process).
+            app = Celery("queuetopia-cli", set_as_current=False)
+            return Queuetopia(self.scope, app=app, engine=engine, disabled=True)
         except (QueuetopiaError, sa.exc.ArgumentError) as exc:
             _fail(str(exc))
 

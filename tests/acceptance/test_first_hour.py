@@ -70,10 +70,6 @@ COVERED: dict[str, str] = {
     "python -m queuetopia_celery --help": "test_running_it_and_the_cli_from_the_wheel",
     "pytest examples/test_mailapp.py": "test_the_testing_example_passes_run_after_run",
     "bash scripts/test.sh": "not here: it is the command that runs this test (.ci/run calls it)",
-    "QT_BACKLOG_SECONDS=300 bash scripts/test.sh tests/chaos/test_default_timings.py -k busy -s": (
-        "not here: the five-minute run of test_a_busy_broker_gets_a_bounded_number_of_re_sent_messages, "
-        "which the default suite runs with a 30 s backlog"
-    ),
 }
 
 
