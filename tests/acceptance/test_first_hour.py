@@ -70,6 +70,21 @@ COVERED: dict[str, str] = {
     "python -m queuetopia_celery --help": "test_running_it_and_the_cli_from_the_wheel",
     "pytest examples/test_mailapp.py": "test_the_testing_example_passes_run_after_run",
     "bash scripts/test.sh": "not here: it is the command that runs this test (.ci/run calls it)",
+    "QT_BACKLOG_SECONDS=300 bash scripts/test.sh tests/chaos/test_default_timings.py -k busy -s": (
+        "test_a_busy_broker_gets_a_bounded_number_of_re_sent_messages, with its default 30 s backlog"
+        " (the five-minute run is the slow tier, by hand)"
+    ),
+    # With Django: tests/acceptance/test_examples_django_fastapi.py runs them as written.
+    "createdb -h 127.0.0.1 -U postgres djangoshop": "test_with_django_as_the_readme_says",
+    "cd examples/djangoshop": "test_with_django_as_the_readme_says",
+    (
+        "export DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1/djangoshop"
+        " BROKER_URL=redis://127.0.0.1:6379/0"
+    ): "test_with_django_as_the_readme_says",
+    "python manage.py migrate": "test_with_django_as_the_readme_says",
+    "celery -A djangoshop worker --loglevel INFO &": "test_with_django_as_the_readme_says",
+    "python manage.py place_orders 5": "test_with_django_as_the_readme_says",
+    "python manage.py queuetopia status": "test_with_django_as_the_readme_says",
 }
 
 
