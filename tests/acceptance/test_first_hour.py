@@ -66,6 +66,7 @@ COVERED: dict[str, str] = {
     "celery -A myapp beat": "test_running_it_and_the_cli_from_the_wheel",
     "queuetopia-celery migrate --database-url URL": "test_running_it_and_the_cli_from_the_wheel",
     "queuetopia-celery migrate --database-url URL --dry-run": "test_running_it_and_the_cli_from_the_wheel",
+    "queuetopia-celery -A myapp:mail status": "test_running_it_and_the_cli_from_the_wheel",
     "python -m queuetopia_celery --help": "test_running_it_and_the_cli_from_the_wheel",
     "pytest examples/test_mailapp.py": "test_the_testing_example_passes_run_after_run",
     "bash scripts/test.sh": "not here: it is the command that runs this test (.ci/run calls it)",
@@ -476,6 +477,11 @@ def test_running_it_and_the_cli_from_the_wheel(
 
         wait_for(lambda: outputs().count("sending job #") == 9, timeout=10, message="9 lines printed")
         check_each_queue_ran_in_order(mail_jobs(url), outputs(), 9, one_worker=False)
+        # The operator CLI through the app itself, from the image's working directory.
+        command = substitute(readme_command("queuetopia-celery -A myapp:mail status"), app)
+        status = bare_venv.sh(command, **env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.startswith("scope 'mail': "), status.stdout
     finally:
         for group in (worker, beat, worker_beat):
             group.stop()
