@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,8 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
       its message's token is stale. Only for proving that the chaos checker sees it.
     """
     env = os.environ
+    if env.get("QT_TEST_SEND_LOG"):
+        log_sends(env["QT_TEST_SEND_LOG"], qt.scope)
     if env.get("QT_TEST_ACKS_LATE") == "1":
         app.conf.task_acks_late = True
     if env.get("QT_TEST_VISIBILITY_TIMEOUT"):
@@ -204,6 +207,25 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
             return job if job is not None else store.get_job(job_id)
 
         store.start = start_ignoring_token  # type: ignore[method-assign]
+
+
+def log_sends(path: str, scope: str) -> Callable[..., None]:
+    """Append one line per task message of ``scope`` published by this process to
+    ``path`` (the task's name), so that the chaos report can count messages per job.
+    Returns the signal receiver (to disconnect it)."""
+    prefix = f"queuetopia.{scope}."
+
+    def receiver(sender: Any = None, **_: Any) -> None:
+        name = str(sender)
+        if name.startswith(prefix):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (name[len(prefix) :] + "\n").encode())
+            finally:
+                os.close(fd)
+
+    signals.after_task_publish.connect(receiver, weak=False)
+    return receiver
 
 
 FAULTS_DDL = """
