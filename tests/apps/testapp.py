@@ -173,6 +173,8 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
 
     * QT_TEST_ACKS_LATE=1, QT_TEST_VISIBILITY_TIMEOUT=s: ack after the task, and let
       Redis redeliver a message unacked for that long (duplicate delivery).
+    * QT_TEST_TRANSPORT_OPTIONS='{"ack_emulation": false}': broker transport options.
+    * QT_TEST_SEND_LOG=path: log every task message of the scope published (one line).
     * QT_TEST_DUPLICATE_SENDS=1: publish every perform message twice.
     * QT_TEST_PG_KILL="dispatch=0.1,start=0.1,finish=0.1": while the store runs that
       call, terminate its own PostgreSQL backend before a statement with that
@@ -188,6 +190,13 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
         app.conf.task_acks_late = True
     if env.get("QT_TEST_VISIBILITY_TIMEOUT"):
         app.conf.broker_transport_options = {"visibility_timeout": float(env["QT_TEST_VISIBILITY_TIMEOUT"])}
+    if env.get("QT_TEST_TRANSPORT_OPTIONS"):  # JSON, merged into broker_transport_options
+        import json
+
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            **json.loads(env["QT_TEST_TRANSPORT_OPTIONS"]),
+        }
     if env.get("QT_TEST_DUPLICATE_SENDS") == "1":
         send = qt.send
 
