@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
+from .celery_defaults import apply_celery_defaults
 from .errors import ConfigurationError, InvalidJobError
 from .jobs import (
     DEFAULT_MAX_ATTEMPTS,
@@ -137,6 +138,7 @@ class Queuetopia:
             )
         scopes.add(scope)
         self.app = app
+        apply_celery_defaults(app)
         self.engine = engine if engine is not None else make_engine(str(database_url))
         self.store = Store(self.engine, self.scope)
         self.registry = Registry(self.scope, performer)
