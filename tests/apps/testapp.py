@@ -180,6 +180,8 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
       call, terminate its own PostgreSQL backend before a statement with that
       probability (logged in qt_test_faults), until QT_TEST_PG_KILL_MAX kills are
       logged for the scope.
+    * QT_TEST_NO_TIME_LIMIT=1: deliberately broken, perform messages sent without the
+      hard time limit (shows what the paused-child test relies on).
     * QT_TEST_BREAK_FENCING=1: deliberately broken worker that runs a job even when
       its message's token is stale. Only for proving that the chaos checker sees it.
     """
@@ -207,6 +209,8 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
         qt.send = send_twice  # type: ignore[method-assign]
     if env.get("QT_TEST_PG_KILL"):
         _install_pg_kill(qt, env["QT_TEST_PG_KILL"])
+    if env.get("QT_TEST_NO_TIME_LIMIT") == "1":
+        drop_time_limits(qt)
     if env.get("QT_TEST_BREAK_FENCING") == "1":
         store = qt.store
         start = store.start
@@ -235,6 +239,18 @@ def log_sends(path: str, scope: str) -> Callable[..., None]:
 
     signals.after_task_publish.connect(receiver, weak=False)
     return receiver
+
+
+def drop_time_limits(qt: Queuetopia) -> None:
+    """Deliberately broken: ``qt`` sends its perform messages without Celery's hard
+    time limit. Only for showing that the paused-child test depends on it."""
+    apply_async = qt.perform_task.apply_async
+
+    def without_limit(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("time_limit", None)
+        return apply_async(*args, **kwargs)
+
+    qt.perform_task.apply_async = without_limit
 
 
 FAULTS_DDL = """
