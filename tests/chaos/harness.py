@@ -352,11 +352,19 @@ def judge(
 
     # 2. no overlap within a queue
     runs_by_queue: dict[str, list[tuple[dt.datetime, dt.datetime, dict[str, Any]]]] = defaultdict(list)
+    # A prefork child runs one job at a time: a run it left open (its end was never
+    # recorded: killed, or the database was down) ended before its next run began.
+    starts_by_pid: dict[int, list[dt.datetime]] = defaultdict(list)
+    for ev in events:
+        starts_by_pid[ev["pid"]].append(ev["started_at"])
     for ev in events:
         end = ev["ended_at"]
         if end is None:
             killed = kills.get(ev["pid"])
             end = killed if killed is not None and killed > ev["started_at"] else ev["started_at"]
+            later = [start for start in starts_by_pid[ev["pid"]] if start > ev["started_at"]]
+            if later:
+                end = min(end, *later)
         runs_by_queue[ev["queue"]].append((ev["started_at"], end, ev))
     for queue, runs in runs_by_queue.items():
         runs.sort(key=lambda r: (r[0], r[1]))
