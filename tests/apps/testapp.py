@@ -105,11 +105,26 @@ def _record(qt: Queuetopia, job: Job, kind: str, started: bool) -> int:
 
 
 def _end(qt: Queuetopia, event_id: int, kind: str) -> None:
-    with qt.engine.begin() as conn:
-        conn.execute(
-            sa.text("UPDATE qt_test_events SET ended_at = clock_timestamp(), kind = :k WHERE id = :i"),
-            {"i": event_id, "k": kind},
-        )
+    """Record the run's end. When the database is down or the connection was cut,
+    keep trying (for up to 60 s) with the end time taken now, so that a run is left
+    open only by a process that died (the chaos checker relies on it); the database
+    runs on this machine, so its clock and ours agree."""
+    import datetime as dt
+
+    ended = dt.datetime.now(dt.timezone.utc)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with qt.engine.begin() as conn:
+                conn.execute(
+                    sa.text("UPDATE qt_test_events SET ended_at = :e, kind = :k WHERE id = :i"),
+                    {"i": event_id, "k": kind, "e": ended},
+                )
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _heartbeat(qt: Queuetopia, event_id: int) -> None:

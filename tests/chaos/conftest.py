@@ -253,6 +253,7 @@ class Chaos:
             proc.stop(timeout=5)
         dead = [p for p in workers if p.handle.poll() is not None]
         for proc in dead:
+            self.procs.remove(proc)  # replaced: never restarted twice
             self.worker(beat="-B" in proc.args)
         if stuck:
             self.notes.append(

@@ -72,7 +72,10 @@ class Soak:
         for pid in children:
             os.kill(pid, signal.SIGKILL)
             self.chaos.kills[pid] = self.chaos.kills[victim.pid]
-        self.chaos.worker(beat="-B" in victim.args)  # the supervisor starts another
+        # The supervisor starts another; the dead one is no longer the soak's to watch
+        # (a later broker outage must not "restart" it again).
+        self.chaos.procs.remove(victim)
+        self.chaos.worker(beat="-B" in victim.args)
         return True
 
     def child_kill9(self) -> bool:
