@@ -14,6 +14,7 @@ from celery import signals as celery_signals
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
+from .celery_defaults import apply_celery_defaults
 from .create_task import register_create_task
 from .errors import ConfigurationError, InvalidJobError, UnknownActionError
 from .explain import QueueExplanation, explain
@@ -174,6 +175,7 @@ class Queuetopia:
             )
         scopes.add(scope)
         self.app = app
+        apply_celery_defaults(app)
         self.engine = engine if engine is not None else make_engine(str(database_url))
         self.store = Store(self.engine, self.scope, resend_after=self.resend_after)
         self.registry = Registry(self.scope, performer)

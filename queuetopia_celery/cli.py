@@ -786,6 +786,28 @@ def demo(obj: _Context, local_url: str | None, broker: str | None) -> None:
         sys.exit(1)
 
 
+@cli.command()
+@click.option("-A", "--app", "app_spec", required=True, help="The Celery app, as for celery -A.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for answers.")
+@click.option("--host", help="Judge the workers of this host (default: this machine's hostname).")
+@click.option("--worker", "workers", multiple=True, help="Judge exactly this node (name@host); repeatable.")
+@click.option("--expect", type=click.IntRange(min=1), default=1, show_default=True, help="Workers needed.")
+def health(app_spec: str, timeout: float, host: str | None, workers: tuple[str, ...], expect: int) -> None:
+    """Exit 0 when this host's Celery workers answer a ping, 1 otherwise (a liveness
+    check for a supervisor: a stopped or stuck worker does not answer)."""
+    from . import health as _health
+
+    try:
+        app = _health.load_app(app_spec)
+    except Exception as exc:
+        _fail(f"cannot load the Celery app {app_spec!r}: {type(exc).__name__}: {exc}")
+        return
+    found = _health.check(app, timeout=timeout, host=host, workers=workers, expect=expect)
+    if not found.ok:
+        _fail(found.message)
+    click.echo(f"ok: {found.message}")
+
+
 def _offline_url(url: str) -> str:
     parsed = sa.engine.make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):

@@ -70,6 +70,15 @@ COVERED: dict[str, str] = {
     "python -m queuetopia_celery --help": "test_running_it_and_the_cli_from_the_wheel",
     "pytest examples/test_mailapp.py": "test_the_testing_example_passes_run_after_run",
     "bash scripts/test.sh": "not here: it is the command that runs this test (.ci/run calls it)",
+    "bash scripts/test.sh tests/chaos/test_soak.py --soak-minutes 10 --soak-seed 7": (
+        "test_seeded_random_soak, one minute with a random seed (ten minutes is the slow tier, by hand)"
+    ),
+    "bash scripts/test.sh tests/chaos/test_postgres_outage.py --chaos-long": (
+        "test_postgres_restarted_or_down_mid_run, without the 60 s outage (slow tier, by hand)"
+    ),
+    ".venv/bin/python scripts/reliability.py --defaults": (
+        "not here: the report runs the chaos scenarios for 25 minutes (slow tier, by hand)"
+    ),
     "QT_BACKLOG_SECONDS=300 bash scripts/test.sh tests/chaos/test_default_timings.py -k busy -s": (
         "test_a_busy_broker_gets_a_bounded_number_of_re_sent_messages, with its default 30 s backlog"
         " (the five-minute run is the slow tier, by hand)"
