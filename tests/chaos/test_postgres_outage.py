@@ -96,7 +96,7 @@ def test_postgres_restarted_or_down_mid_run(chaos, chaos_postgres, request, how,
     verdict = chaos.finish(
         f"PostgreSQL {how}",
         expect,
-        crashes=harness.CONNECTION_LOSS_MAY_REPEAT,
+        crashes=harness.outage_may_repeat(chaos.settings),
         snapshots=snapshots,
         timeout=120,
     )
