@@ -4,6 +4,7 @@ FROM python:3.11-slim
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY queuetopia_celery ./queuetopia_celery
+COPY migrations ./migrations
 RUN pip install --no-cache-dir .
 WORKDIR /app
 COPY examples ./examples

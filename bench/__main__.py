@@ -1,7 +1,11 @@
 """``python -m bench [--quick] [--only NAME ...] [--runs N]``: run the scenarios of
 issue 5 against queuetopia-celery, plain Celery and procrastinate, back to back on the
 local PostgreSQL and Redis (db 5), and write ``bench/results/<time>.json`` and a
-markdown summary (and the throughput plot with ``--plot``)."""
+markdown summary (and the throughput plot with ``--plot``).
+
+``python -m bench --compare REV [--quick] [--only ...] [--runs N]`` runs the
+throughput, latency and enqueue scenarios of queuetopia-celery for this checkout and
+for the revision REV side by side instead (see ``bench/compare.py``)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import compare, report
 from .env import Env, load
 from .scenarios import SCENARIOS
 
@@ -83,7 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="repetitions per measurement (default 3)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--plot", type=Path, help="write the throughput-vs-queues PNG here")
+    parser.add_argument(
+        "--compare",
+        metavar="REV",
+        help="compare this checkout with the revision REV (a commit, tag or branch) instead",
+    )
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        bad = sorted(set(args.only or []) - set(compare.COMPARABLE))
+        if bad:
+            parser.error(f"--compare runs only {', '.join(compare.COMPARABLE)}, not {', '.join(bad)}")
+        if args.plot:
+            parser.error("--plot does not apply to --compare")
     cfg = dict(QUICK if args.quick else FULL)
     if args.runs:
         cfg["runs"] = args.runs
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     # SIGTERM (e.g. from a CI timeout) cleans up like Ctrl-C: workers stopped, databases dropped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.compare is not None:
+        return compare.run(args.compare, args.only or list(compare.COMPARABLE), cfg, results, args.out)
     env = Env()
     # Recorded because it matters: with autovacuum off the bench vacuums between runs.
     results["machine"]["postgresql_autovacuum"] = env.autovacuum()

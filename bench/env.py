@@ -58,7 +58,7 @@ def percentile(values: Sequence[float], p: float) -> float:
 class Env:
     """Databases and a temp dir that live for one bench run."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, procrastinate: bool = True) -> None:
         tag = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
         self.tag = tag
         self.db_name = f"qt_bench_{tag}"
@@ -67,7 +67,8 @@ class Env:
         self.admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
         with self.admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{self.db_name}"'))
-            conn.execute(sa.text(f'CREATE DATABASE "{self.proc_db_name}"'))
+            if procrastinate:
+                conn.execute(sa.text(f'CREATE DATABASE "{self.proc_db_name}"'))
         base = sa.engine.make_url(PG_ADMIN_URL)
         self.database_url = base.set(database=self.db_name).render_as_string(hide_password=False)
         proc_url = base.set(database=self.proc_db_name, drivername="postgresql")

@@ -4,6 +4,7 @@ driver build the same app)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from pathlib import Path
@@ -35,16 +36,18 @@ def build(
         timezone="UTC",
         worker_hijack_root_logger=False,
     )
-    qt = Queuetopia(
-        scope,
-        app=app,
-        database_url=database_url,
-        poll_interval=poll_interval,
-        celery_queue=celery_queue,
-        dispatch_grace=60,
-        burst_jobs=burst_jobs,
-        burst_seconds=burst_seconds,
-    )
+    options: dict[str, Any] = {
+        "database_url": database_url,
+        "poll_interval": poll_interval,
+        "celery_queue": celery_queue,
+        "dispatch_grace": 60,
+        "burst_jobs": burst_jobs,
+        "burst_seconds": burst_seconds,
+    }
+    # `python -m bench --compare REV` runs this module against an older revision too:
+    # pass only the options that revision's Queuetopia knows.
+    known = inspect.signature(Queuetopia).parameters
+    qt = Queuetopia(scope, app=app, **{k: v for k, v in options.items() if k in known})
 
     @qt.performer("noop")
     def noop(job: Job) -> Any:

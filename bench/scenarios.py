@@ -56,6 +56,22 @@ def throughput(env: Env, cfg: Config) -> dict[str, Any]:
 # ---------------------------------------------------------------- 3: latency
 
 
+def latency_samples(env: Env, ours: Ours, samples: int) -> list[float]:
+    """``samples`` latencies (ms) of ``create_job`` to the performer's first line on
+    ``ours``'s idle worker, after 5 warm-up jobs."""
+    r = redis.Redis.from_url(REDIS_URL)
+    key = env.unique("lat")
+    lat: list[float] = []
+    for i in range(samples + 5):
+        ours.qt.create_job(f"lat-{i % 10}", "stamp", {"key": key, "sent": time.time()})
+        _, value = r.blpop([key], timeout=30)  # type: ignore[misc]
+        if i >= 5:  # warm-up
+            lat.append(float(value) * 1000)
+        time.sleep(0.02)
+    r.delete(key)
+    return lat
+
+
 def latency(env: Env, cfg: Config) -> dict[str, Any]:
     """create_job -> performer start on an idle worker, vs Celery delay() -> start."""
     samples = cfg["latency_samples"]
@@ -66,16 +82,7 @@ def latency(env: Env, cfg: Config) -> dict[str, Any]:
         # Both systems' performers push their start latency to a Redis list that the
         # driver waits on (BLPOP): no polling competes with the worker for the CPU.
         r = redis.Redis.from_url(REDIS_URL)
-        qt = ours.qt
-        key = env.unique("lat")
-        lat: list[float] = []
-        for i in range(samples + 5):
-            qt.create_job(f"lat-{i % 10}", "stamp", {"key": key, "sent": time.time()})
-            _, value = r.blpop([key], timeout=30)  # type: ignore[misc]
-            if i >= 5:  # warm-up
-                lat.append(float(value) * 1000)
-            time.sleep(0.02)
-        r.delete(key)
+        lat = latency_samples(env, ours, samples)
         out["queuetopia-celery"] = {p: percentile(lat, int(p[1:])) for p in ("p50", "p95", "p99")}
         # Celery: delay() to the task's start, on a worker consuming the idle queue.
         key = env.unique("lat")
@@ -151,13 +158,35 @@ def _producer(args: tuple[str, str, str, str, int, int, int, Any]) -> tuple[floa
     return t0, t1
 
 
+def enqueue_once(env: Env, system: str, *, mode: str, procs: int, target: str, n_total: int) -> float:
+    """One enqueue measurement (jobs/s): ``n_total`` jobs created by ``procs`` producer
+    processes, one by one (``mode`` "one") or in batches of 1,000 ("bulk"), to many
+    queues or to one ("one_queue")."""
+    if system == "queuetopia-celery":
+        env.vacuum()
+    ctx = multiprocessing.get_context("spawn")
+    cq = env.unique("enq")
+    db = env.proc_dsn if system == "procrastinate" else env.database_url
+    n = n_total // procs
+    # One by one: a new queue per job (each kick sends a message).
+    # Bulk: 100 queues per producer (each batch kicks them).
+    n_queues = (n if mode == "one" else 100) if target == "many" else 1
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(procs)
+        with ctx.Pool(procs) as pool:
+            spans = pool.map(
+                _producer,
+                [(system, mode, db, cq, n, i, n_queues, barrier) for i in range(procs)],
+            )
+    redis.Redis.from_url(REDIS_URL).delete(cq)
+    return n * procs / (max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans))
+
+
 def enqueue(env: Env, cfg: Config) -> dict[str, Any]:
     """Jobs/s created one by one (create_job, with its kick) and in bulk (create_jobs
     of 1,000), from 1 and 4 producer processes, to many queues and to one queue. No
     worker runs: the perform messages pile up in Redis and are deleted afterwards."""
     env.proc_schema()
-    ctx = multiprocessing.get_context("spawn")
-    r = redis.Redis.from_url(REDIS_URL)
     out: dict[str, Any] = {}
     for mode in ("one", "bulk"):
         n_total = cfg["enqueue_one"] if mode == "one" else cfg["enqueue_bulk"]
@@ -171,23 +200,9 @@ def enqueue(env: Env, cfg: Config) -> dict[str, Any]:
                     for system in systems:
                         if target == "one_queue" and system == "celery":
                             continue
-                        if system == "queuetopia-celery":
-                            env.vacuum()
-                        cq = env.unique("enq")
-                        db = env.proc_dsn if system == "procrastinate" else env.database_url
-                        n = n_total // procs
-                        # One by one: a new queue per job (each kick sends a message).
-                        # Bulk: 100 queues per producer (each batch kicks them).
-                        n_queues = (n if mode == "one" else 100) if target == "many" else 1
-                        with ctx.Manager() as manager:
-                            barrier = manager.Barrier(procs)
-                            with ctx.Pool(procs) as pool:
-                                spans = pool.map(
-                                    _producer,
-                                    [(system, mode, db, cq, n, i, n_queues, barrier) for i in range(procs)],
-                                )
-                        r.delete(cq)
-                        rate = n * procs / (max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans))
+                        rate = enqueue_once(
+                            env, system, mode=mode, procs=procs, target=target, n_total=n_total
+                        )
                         rates[system].append(rate)
                         log(f"  enqueue {key} {system}: {rate:.0f} jobs/s")
                 out[key] = {s: {"rate": summary(v)} for s, v in rates.items() if v}

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
 from .backends import Backend, Burst, Executor, Lease, configure_sqlite, open_backend, ping_when_idle
+from .celery_defaults import apply_celery_defaults
 from .create_task import register_create_task
 from .errors import ConfigurationError, InvalidJobError, UnknownActionError
 from .explain import QueueExplanation, explain
@@ -164,6 +165,7 @@ class Queuetopia:
             )
         scopes.add(scope)
         self.app = app
+        apply_celery_defaults(app)
         self.engine = engine if engine is not None else make_engine(str(database_url))
         self.backend: Backend = open_backend(self.engine, self.scope, resend_after=self.resend_after)
         self.registry = Registry(self.scope, performer)

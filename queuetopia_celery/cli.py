@@ -1,8 +1,17 @@
 """The ``queuetopia-celery`` command line: a thin layer over the library.
 
-Every option can also be given as an environment variable: ``--database-url`` is
-``QUEUETOPIA_DATABASE_URL``, ``--scope`` is ``QUEUETOPIA_SCOPE``. Expected errors print
-one line on stderr and exit with status 1 (2 for bad usage).
+Like ``celery -A proj``, it can load your own Queuetopia (``-A myapp.tasks:mail``, or
+``-A myapp.tasks`` for a module holding exactly one): every command then goes through
+that Queuetopia's methods, on its database and scope, and ``retry``, ``abort`` and
+``resume`` wake the queue at once through its broker. Without ``-A``,
+``--database-url`` and ``--scope`` build a Queuetopia that wakes nothing
+(``disabled=True``): reading works the same, and a write says that the next scan
+starts the queue. Either way the library validates; the CLI only parses.
+
+Every option can also be given as an environment variable: ``-A`` is
+``QUEUETOPIA_APP``, ``--database-url`` is ``QUEUETOPIA_DATABASE_URL``, ``--scope`` is
+``QUEUETOPIA_SCOPE``. Expected errors print one line on stderr and exit with status 1
+(2 for bad usage: a bad option, input the library refuses, an app that cannot be loaded).
 """
 
 from __future__ import annotations
@@ -14,47 +23,172 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import sqlalchemy as sa
 
 from . import migrate as _migrate
-from .app import bulk_states, bulk_target, make_engine
-from .backends import Backend, open_backend
-from .errors import JobNotFoundError, QueuetopiaError
+from .app import BULK_RETRY_STATES, Queuetopia, make_engine
+from .errors import InvalidJobError, JobNotFoundError, QueuetopiaError
+from .explain import QueueExplanation
 from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
+
+#: Passwords this process knows of (database and broker URLs): never printed.
+_SECRETS: list[str] = []
+
+
+def _hide_secrets(text: str) -> str:
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _keep_secret(url: object) -> None:
+    """Remember the password of a database or broker URL, so that no message shows it."""
+    if isinstance(url, str):
+        try:
+            url = sa.engine.make_url(url)
+        except (sa.exc.ArgumentError, ValueError):
+            return
+    password = getattr(url, "password", None)
+    if isinstance(password, str) and password and password not in _SECRETS:
+        _SECRETS.append(password)
 
 
 class _Context:
-    def __init__(self, database_url: str | None, scope: str | None) -> None:
+    """What the global options say, and the Queuetopia the commands act through (built
+    on first use, so that ``migrate`` and ``demo`` need none)."""
+
+    def __init__(self, database_url: str | None, scope: str | None, app_spec: str | None) -> None:
         self.database_url = database_url
         self.scope = scope
+        self.app_spec = app_spec
+        self._queuetopia: Queuetopia | None = None
+        _keep_secret(database_url)
 
     def require_url(self) -> str:
         if not self.database_url:
-            raise click.UsageError("no database: give --database-url or set QUEUETOPIA_DATABASE_URL")
+            raise click.UsageError(
+                "no database: give --database-url or set QUEUETOPIA_DATABASE_URL (or -A your app)"
+            )
         return self.database_url
 
+    def use_app(self, spec: str, option: str) -> None:
+        """A command's own app option (``explain --app``, kept from before ``-A``)."""
+        if self.app_spec not in (None, spec):
+            raise click.UsageError(f"give the app once: -A {self.app_spec} and {option} {spec} differ")
+        self.app_spec = spec
 
-def _fail(message: str) -> None:
-    lines = message.strip().splitlines()
+    def queuetopia(self, *, database_exists: bool = True) -> Queuetopia:
+        """The user's Queuetopia (``-A``), or one that wakes nothing, built from
+        ``--database-url`` and ``--scope``. A SQLite file that does not exist is an
+        error (connecting would create an empty one) unless ``database_exists=False``."""
+        if self._queuetopia is None:
+            self._queuetopia = self._load_app(self.app_spec) if self.app_spec else self._without_app()
+        qt = self._queuetopia
+        missing = _missing_sqlite_file(qt.engine) if database_exists else None
+        if missing:
+            safe = qt.engine.url.render_as_string(hide_password=True)
+            _fail(
+                f"no SQLite database at {missing} (the file does not exist): "
+                f"create it with `queuetopia-celery migrate --database-url {safe}`"
+            )
+        return qt
+
+    @property
+    def wakes(self) -> bool:
+        """Whether the Queuetopia's writes wake queues: the user's, unless disabled."""
+        return self.app_spec is not None and not self.queuetopia().disabled
+
+    def _without_app(self) -> Queuetopia:
+        url = self.require_url()
+        if not self.scope:
+            raise click.UsageError("no scope: give --scope or set QUEUETOPIA_SCOPE (or -A your app)")
+        from celery import Celery
+
+        try:
+            engine = make_engine(url)
+            # A Celery app of its own, not made the process's current app (the Django
+            # management command runs this CLI inside the project's process).
+            app = Celery("queuetopia-cli", set_as_current=False)
+            return Queuetopia(self.scope, app=app, engine=engine, disabled=True)
+        except (QueuetopiaError, sa.exc.ArgumentError) as exc:
+            _fail(str(exc))
+
+    def _load_app(self, spec: str) -> Queuetopia:
+        qt = _load_queuetopia(spec)
+        _keep_secret(qt.engine.url)
+        _keep_secret(getattr(qt.app.conf, "broker_url", None))
+        if self.scope and self.scope != qt.scope:
+            _usage_fail(f"-A {spec} is scope {qt.scope!r}, not --scope {self.scope!r}")
+        if self.database_url and not _same_database(qt.engine.url, self.database_url):
+            theirs = qt.engine.url.render_as_string(hide_password=True)
+            _usage_fail(f"-A {spec} uses the database {theirs}, not --database-url's")
+        return qt
+
+
+def _same_database(url: sa.URL, given: str) -> bool:
+    try:
+        other = sa.engine.make_url(given)
+    except (sa.exc.ArgumentError, ValueError):
+        return False
+    if other.drivername in ("postgresql", "postgres"):
+        other = other.set(drivername="postgresql+psycopg")
+    return url.set(password=None) == other.set(password=None)
+
+
+def _fail(message: str, status: int = 1) -> NoReturn:
+    lines = _hide_secrets(message).strip().splitlines()
     click.echo(f"error: {lines[0] if lines else 'unknown error'}", err=True)
-    sys.exit(1)
+    sys.exit(status)
+
+
+def _usage_fail(message: str) -> NoReturn:
+    """Bad usage (exit 2) in one line, without click's usage text."""
+    _fail(message, status=2)
+
+
+class _OneLine(logging.Formatter):
+    """Log records as one line each: an exception is named, its traceback left out
+    (``-v`` shows it), and no known password is printed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f" ({type(exc).__name__}: {first_line(str(exc))})"
+        return _hide_secrets(text)
+
+
+class _Verbose(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return _hide_secrets(super().format(record))
 
 
 @click.group(context_settings={"auto_envvar_prefix": "QUEUETOPIA", "help_option_names": ["-h", "--help"]})
+@click.option(
+    "-A",
+    "--app",
+    "app_spec",
+    envvar="QUEUETOPIA_APP",
+    metavar="MODULE[:NAME]",
+    help="Your Queuetopia (module:attribute, or a module holding exactly one): its database, scope, "
+    "performers and broker are used, and retry, abort and resume wake the queue at once.",
+)
 @click.option("--database-url", envvar="QUEUETOPIA_DATABASE_URL", help="SQLAlchemy URL of the database.")
 @click.option("--scope", envvar="QUEUETOPIA_SCOPE", help="The Queuetopia scope to act on.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens.")
 @click.version_option(package_name="queuetopia-celery")
 @click.pass_context
-def cli(ctx: click.Context, database_url: str | None, scope: str | None, verbose: bool) -> None:
+def cli(
+    ctx: click.Context, app_spec: str | None, database_url: str | None, scope: str | None, verbose: bool
+) -> None:
     """Persistent, ordered, blocking job queues for Celery."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    ctx.obj = _Context(database_url, scope)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Verbose("%(levelname)s %(name)s: %(message)s") if verbose else _OneLine())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+    ctx.obj = _Context(database_url, scope, app_spec)
 
 
 @cli.command()
@@ -63,9 +197,13 @@ def cli(ctx: click.Context, database_url: str | None, scope: str | None, verbose
 @click.pass_obj
 def migrate(obj: _Context, local_url: str | None, dry_run: bool) -> None:
     """Create or upgrade the queuetopia tables (idempotent)."""
-    url = local_url or obj.require_url()
     try:
-        engine = make_engine(url)
+        if local_url or obj.database_url or not obj.app_spec:
+            url = local_url or obj.require_url()
+            engine = make_engine(url)
+        else:  # -A alone: the app's database
+            engine = obj.queuetopia(database_exists=False).engine
+            url = engine.url.render_as_string(hide_password=False)
         if dry_run:
             # Only what would run: nothing when the tables are at the newest version.
             if _missing_sqlite_file(engine):
@@ -96,24 +234,12 @@ def migrate(obj: _Context, local_url: str | None, dry_run: bool) -> None:
 # ---------------------------------------------------------------------- operator commands
 
 
-def _store(obj: _Context) -> Backend:
-    url = obj.require_url()
-    if not obj.scope:
-        raise click.UsageError("no scope: give --scope or set QUEUETOPIA_SCOPE")
-    try:
-        engine = make_engine(url)
-        missing = _missing_sqlite_file(engine)
-        if missing:
-            # Connecting would create an empty file.
-            safe = engine.url.render_as_string(hide_password=True)
-            _fail(
-                f"no SQLite database at {missing} (the file does not exist): "
-                f"create it with `queuetopia-celery migrate --database-url {safe}`"
-            )
-        return open_backend(engine, validate_name("scope", obj.scope))
-    except (QueuetopiaError, sa.exc.ArgumentError) as exc:
-        _fail(str(exc))
-        raise  # unreachable: _fail exits
+def _explain_without_app(qt: Queuetopia, queue: str) -> QueueExplanation:
+    """``explain`` without the user's app: the facts alone, with no registry to tell
+    whether a performer exists (the answer says it cannot tell)."""
+    from .explain import explain
+
+    return explain(qt.backend.queue_facts(validate_name("queue", queue)))
 
 
 def _missing_sqlite_file(engine: sa.Engine) -> str | None:
@@ -126,12 +252,14 @@ def _missing_sqlite_file(engine: sa.Engine) -> str | None:
 
 def _expected_errors(fn: Callable[..., None]) -> Callable[..., None]:
     """Print expected errors (unknown job, unreachable database, ...) as one line and
-    exit with status 1, without a traceback."""
+    exit with status 1, without a traceback; input the library refuses exits with 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
+        except InvalidJobError as exc:
+            _usage_fail(str(exc))
         except (QueuetopiaError, sa.exc.ArgumentError) as exc:
             _fail(str(exc))
 
@@ -231,14 +359,14 @@ def _clip(text: str, width: int) -> str:
 @_expected_errors
 def status(obj: _Context, as_json: bool, queue: str | None) -> None:
     """One row per queue with jobs in it: blocked queues first."""
-    store = _store(obj)
-    rows = store.queue_statuses(queue=queue)
+    qt = obj.queuetopia()
+    rows = qt.queue_statuses(queue=queue)
     if as_json:
         click.echo(json.dumps([row.to_dict() for row in rows], indent=2))
         return
     now = utcnow()
     blocked = sum(1 for row in rows if row.blocked)
-    click.echo(f"scope {store.scope!r}: {len(rows)} queue(s) with jobs, {blocked} blocked")
+    click.echo(f"scope {qt.scope!r}: {len(rows)} queue(s) with jobs, {blocked} blocked")
     if not rows:
         return
     table = []
@@ -281,8 +409,7 @@ def jobs(
     obj: _Context, *, queue: str | None, state: str | None, action: str | None, limit: int, as_json: bool
 ) -> None:
     """List jobs, newest first."""
-    store = _store(obj)
-    found = store.list_jobs(queue=queue, action=action, state=JobState(state) if state else None, limit=limit)
+    found = obj.queuetopia().list_jobs(queue=queue, action=action, state=state, limit=limit)
     if as_json:
         click.echo(json.dumps([job_to_dict(job) for job in found], indent=2))
         return
@@ -314,10 +441,10 @@ def jobs(
 @_expected_errors
 def show(obj: _Context, job_id: int, as_json: bool) -> None:
     """Show one job whole."""
-    store = _store(obj)
-    job = store.get_job(job_id)
+    qt = obj.queuetopia()
+    job = qt.get_job(job_id)
     if job is None:
-        raise JobNotFoundError(store.scope, job_id)
+        raise JobNotFoundError(qt.scope, job_id)
     data = job_to_dict(job)
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -333,7 +460,43 @@ def show(obj: _Context, job_id: int, as_json: bool) -> None:
         click.echo(error.rstrip())
 
 
-_NO_KICK = "no worker was woken from here: the next scan (every poll_interval) starts it"
+def _no_kick(what: str = "it") -> str:
+    return f"no worker was woken from here: the next scan (every poll_interval) starts {what}"
+
+
+class _LoggedErrors(logging.Handler):
+    """Counts the errors the library logs: a wake-up that could not be sent (the broker
+    is down) is logged, not raised, as the write it follows is committed."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def _writing(obj: _Context, write: Callable[[Queuetopia], Any]) -> tuple[Any, Callable[..., str]]:
+    """Run ``write`` on the Queuetopia; return its result and ``said(what, queues)``,
+    which says what woke ``queues``: the app's broker, or nothing (then the next scan
+    starts ``what``)."""
+    qt = obj.queuetopia()
+    errors = _LoggedErrors()
+    library = logging.getLogger(__package__)
+    library.addHandler(errors)
+    try:
+        result = write(qt)
+    finally:
+        library.removeHandler(errors)
+
+    def said(what: str, queues: str = "its queue") -> str:
+        if not obj.wakes:
+            return _no_kick(what)
+        if errors.count:
+            return f"waking {queues} through the app's broker failed (see above): the next scan starts {what}"
+        return f"woke {queues} at once through the app's broker"
+
+    return result, said
 
 
 @cli.command()
@@ -344,7 +507,7 @@ _NO_KICK = "no worker was woken from here: the next scan (every poll_interval) s
     "--state",
     "states",
     multiple=True,
-    type=click.Choice(["exhausted", "held", "retrying"]),
+    type=click.Choice([s.value for s in BULK_RETRY_STATES]),
     help="Bulk: only jobs in this state (repeatable; default: all three).",
 )
 @click.option("--all", "everything", is_flag=True, help="Bulk: every failed job of the scope.")
@@ -381,8 +544,10 @@ def retry(
             dry_run=dry_run,
         )
         return
-    job = _store(obj).retry(job_id, force=force)
-    click.echo(f"job {job.id} of queue {job.queue!r} is due now ({job.attempts} attempts so far); {_NO_KICK}")
+    job, said = _writing(obj, lambda qt: qt.retry_job(job_id, force=force))
+    click.echo(
+        f"job {job.id} of queue {job.queue!r} is due now ({job.attempts} attempts so far); {said('it')}"
+    )
 
 
 @cli.command()
@@ -406,23 +571,21 @@ def abort(
 ) -> None:
     """Take a blocking job out of its queue for good (recorded, never deleted), or
     every pending job of a queue or action (--queue, --action, --all)."""
-    if not reason.strip():
-        raise click.BadParameter("must not be empty", param_hint="--reason")
     if job_id is None or queue or action or everything or dry_run:
         _abort_bulk(
             obj,
             job_id,
-            reason=reason.strip(),
+            reason=reason,
             queue=queue,
             action=action,
             everything=everything,
             dry_run=dry_run,
         )
         return
-    job = _store(obj).abort(job_id, reason.strip())
+    job, said = _writing(obj, lambda qt: qt.abort_job(job_id, reason))
     click.echo(
-        f"job {job.id} of queue {job.queue!r} aborted ({reason.strip()}); "
-        f"the queue moves on to its next job; {_NO_KICK.replace('it', 'that job', 1)}"
+        f"job {job.id} of queue {job.queue!r} aborted ({job.abort_reason}); "
+        f"the queue moves on to its next job; {said('that job')}"
     )
 
 
@@ -446,7 +609,7 @@ _SKIP_REASONS = {
 }
 
 
-def _bulk_report(verb: str, result: BulkResult, target: str) -> None:
+def _bulk_report(verb: str, result: BulkResult, target: str, said: Callable[..., str]) -> None:
     done = f"would {verb}" if result.dry_run else {"retry": "retried", "abort": "aborted"}[verb]
     click.echo(
         f"{done} {result.count} job(s) {target}" + (" (dry run: nothing changed)" if result.dry_run else "")
@@ -454,7 +617,7 @@ def _bulk_report(verb: str, result: BulkResult, target: str) -> None:
     for reason, count in sorted(result.skipped.items()):
         click.echo(f"skipped {count}: {_SKIP_REASONS.get(reason, reason)}")
     if result.count and not result.dry_run:
-        click.echo(_NO_KICK.replace("it", "them", 1))
+        click.echo(said("them", f"their {len(result.queues)} queue(s)"))
 
 
 def _target(queue: str | None, action: str | None) -> str:
@@ -474,10 +637,14 @@ def _retry_bulk(
     dry_run: bool,
 ) -> None:
     _bulk_usage(job_id, queue, action, everything)
-    queue, action = bulk_target(queue, action, everything)
-    chosen = bulk_states(list(states) or None)
-    result = _store(obj).retry_many(queue=queue, action=action, states=chosen, force=force, dry_run=dry_run)
-    _bulk_report("retry", result, f"{_target(queue, action)} ({', '.join(s.value for s in chosen)})")
+    result, said = _writing(
+        obj,
+        lambda qt: qt.retry_jobs(
+            queue=queue, action=action, state=states or None, force=force, all=everything, dry_run=dry_run
+        ),
+    )
+    chosen = states or tuple(s.value for s in BULK_RETRY_STATES)
+    _bulk_report("retry", result, f"{_target(queue, action)} ({', '.join(chosen)})", said)
 
 
 def _abort_bulk(
@@ -491,9 +658,13 @@ def _abort_bulk(
     dry_run: bool,
 ) -> None:
     _bulk_usage(job_id, queue, action, everything)
-    queue, action = bulk_target(queue, action, everything)
-    result = _store(obj).abort_many(queue=queue, action=action, reason=reason, dry_run=dry_run)
-    _bulk_report("abort", result, f"{_target(queue, action)} (pending: waiting, scheduled, retrying, held)")
+    result, said = _writing(
+        obj,
+        lambda qt: qt.abort_jobs(reason=reason, queue=queue, action=action, all=everything, dry_run=dry_run),
+    )
+    _bulk_report(
+        "abort", result, f"{_target(queue, action)} (pending: waiting, scheduled, retrying, held)", said
+    )
 
 
 @cli.command()
@@ -502,7 +673,7 @@ def _abort_bulk(
 @_expected_errors
 def pause(obj: _Context, queue: str) -> None:
     """Pause a queue: its running job finishes, nothing else starts until resume."""
-    if _store(obj).pause(validate_name("queue", queue)):
+    if obj.queuetopia().pause_queue(queue):
         click.echo(
             f"queue {queue!r} paused: its running job (if any) finishes; no other job of it starts "
             f"until `queuetopia-celery resume {queue}`"
@@ -517,72 +688,59 @@ def pause(obj: _Context, queue: str) -> None:
 @_expected_errors
 def resume(obj: _Context, queue: str) -> None:
     """Resume a paused queue."""
-    if _store(obj).resume(validate_name("queue", queue)):
-        click.echo(f"queue {queue!r} resumed; {_NO_KICK.replace('it', 'its next job', 1)}")
+    changed, said = _writing(obj, lambda qt: qt.resume_queue(queue))
+    if changed:
+        click.echo(f"queue {queue!r} resumed; {said('its next job', 'it')}")
     else:
         click.echo(f"queue {queue!r} was not paused: nothing changed")
 
 
-def _load_queuetopia(spec: str) -> Any:
-    """The Queuetopia at ``module:attribute`` (the current directory is importable)."""
+def _load_queuetopia(spec: str) -> Queuetopia:
+    """The Queuetopia at ``module:attribute``, or the one Queuetopia of ``module`` (the
+    current directory is importable, as for ``celery -A``). What goes wrong is one line
+    and exit status 2."""
     import importlib
 
-    from .app import Queuetopia
-
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise click.BadParameter(f"{spec!r} is not module:attribute (example: myapp:qt)", param_hint="--app")
+    module_name, colon, attribute = spec.partition(":")
+    if not module_name or (colon and not attribute):
+        _usage_fail(f"-A {spec!r} is not module:attribute or module (example: myapp.tasks:mail)")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}", param_hint="--app") from None
-    found = getattr(module, attribute, None)
-    if not isinstance(found, Queuetopia):
-        raise click.BadParameter(
-            f"{spec!r} is {type(found).__name__ if found is not None else 'missing'}, not a Queuetopia",
-            param_hint="--app",
-        )
-    return found
+        _usage_fail(f"-A {spec}: cannot import {module_name!r}: {first_line(str(exc))}")
+    except Exception as exc:  # the module's own code failed: say how, in one line
+        failure = f"{type(exc).__name__}: {first_line(str(exc))}"
+        _usage_fail(f"-A {spec}: importing {module_name!r} failed: {failure}")
+    if attribute:
+        found = getattr(module, attribute, None)
+        if not isinstance(found, Queuetopia):
+            what = "missing" if found is None else f"a {type(found).__name__}"
+            _usage_fail(f"-A {spec}: {module_name}.{attribute} is {what}, not a Queuetopia")
+        return found
+    held = {id(value): (name, value) for name, value in vars(module).items() if isinstance(value, Queuetopia)}
+    if len(held) != 1:
+        names = ", ".join(sorted(name for name, _ in held.values()))
+        count = f"{len(held)} Queuetopias ({names})" if held else "no Queuetopia"
+        _usage_fail(f"-A {spec}: module {module_name!r} holds {count}: give module:attribute")
+    ((_, qt),) = held.values()
+    return qt
 
 
 @cli.command()
 @click.argument("queue")
-@click.option(
-    "--app",
-    "app_spec",
-    envvar="QUEUETOPIA_APP",
-    help="module:attribute of your Queuetopia, to tell whether a performer exists for the head's action "
-    "and what max_concurrent_queues is.",
-)
+@click.option("--app", "app_spec", hidden=True, help="Same as the global -A (kept for scripts).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 @_expected_errors
 def explain(obj: _Context, queue: str, app_spec: str | None, as_json: bool) -> None:
-    """Why is this queue stuck? One sentence, then details."""
-    from .explain import explain as _explain
-
-    store = _store(obj)
-    has_performer: Callable[[str], bool] | None = None
-    max_concurrent = None
+    """Why is this queue stuck? One sentence, then details. With -A, your app's
+    performers and max_concurrent_queues are taken into account."""
     if app_spec:
-        qt = _load_queuetopia(app_spec)
-        if qt.scope != store.scope:
-            raise click.BadParameter(
-                f"{app_spec} is scope {qt.scope!r}, not {store.scope!r}", param_hint="--app"
-            )
-        registry = qt.registry
-
-        def has_performer(action: str) -> bool:
-            return registry.default is not None or action in registry.actions
-
-        max_concurrent = qt.max_concurrent_queues
-    answer = _explain(
-        store.queue_facts(validate_name("queue", queue)),
-        has_performer=has_performer,
-        max_concurrent=max_concurrent,
-    )
+        obj.use_app(app_spec, "--app")
+    qt = obj.queuetopia()
+    answer = qt.explain_queue(queue) if obj.app_spec else _explain_without_app(qt, queue)
     if as_json:
         click.echo(json.dumps(answer.to_dict(), indent=2))
         return
@@ -600,7 +758,7 @@ def explain(obj: _Context, queue: str, app_spec: str | None, as_json: bool) -> N
 def purge(obj: _Context, older_than: str) -> None:
     """Delete done jobs that finished longer ago than --older-than."""
     seconds = parse_duration(older_than)
-    deleted = _store(obj).purge(seconds)
+    deleted = obj.queuetopia().purge_jobs(older_than=seconds)
     click.echo(f"deleted {deleted} done job(s) older than {older_than}")
 
 
@@ -626,6 +784,28 @@ def demo(obj: _Context, local_url: str | None, broker: str | None) -> None:
         return
     if not summary.ok:
         sys.exit(1)
+
+
+@cli.command()
+@click.option("-A", "--app", "app_spec", required=True, help="The Celery app, as for celery -A.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for answers.")
+@click.option("--host", help="Judge the workers of this host (default: this machine's hostname).")
+@click.option("--worker", "workers", multiple=True, help="Judge exactly this node (name@host); repeatable.")
+@click.option("--expect", type=click.IntRange(min=1), default=1, show_default=True, help="Workers needed.")
+def health(app_spec: str, timeout: float, host: str | None, workers: tuple[str, ...], expect: int) -> None:
+    """Exit 0 when this host's Celery workers answer a ping, 1 otherwise (a liveness
+    check for a supervisor: a stopped or stuck worker does not answer)."""
+    from . import health as _health
+
+    try:
+        app = _health.load_app(app_spec)
+    except Exception as exc:
+        _fail(f"cannot load the Celery app {app_spec!r}: {type(exc).__name__}: {exc}")
+        return
+    found = _health.check(app, timeout=timeout, host=host, workers=workers, expect=expect)
+    if not found.ok:
+        _fail(found.message)
+    click.echo(f"ok: {found.message}")
 
 
 def _offline_url(url: str) -> str:

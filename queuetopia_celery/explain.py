@@ -101,7 +101,7 @@ def explain(
     if has_performer is None:
         details.append(
             f"cannot tell whether a performer is registered for {head.action!r} "
-            "(no app loaded: give --app module:queuetopia)"
+            "(no app loaded: give -A module:queuetopia)"
         )
         performer_known = True
     else:

@@ -1,4 +1,6 @@
-"""Schema migrations: Alembic, with our own version table, shipped in the package.
+"""Schema migrations: Alembic, with our own version table, shipped in the package
+(the top-level ``migrations/`` folder, mapped into the wheel as
+:mod:`queuetopia_celery.migrations`).
 
 ``upgrade(engine)`` brings the tables to the newest version; it is idempotent and
 serialized across processes with an advisory lock on PostgreSQL. ``upgrade_sql(url)``
@@ -21,10 +23,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import migrations
 from .errors import DatabaseError
 from .schema import VERSION_TABLE
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+#: Alembic's script directory: the package's folder (installed from a wheel) or the
+#: project's top-level ``migrations/`` (a source checkout, an editable install).
+MIGRATIONS = Path(next(iter(migrations.__path__)))
 _LOCK_KEY = 0x51554555  # "QUEU"
 
 

@@ -1,6 +1,6 @@
 """The tables, as SQLAlchemy Core metadata.
 
-The migrations in ``queuetopia_celery/migrations`` build exactly these tables; a test
+The migrations in ``migrations/`` (top level) build exactly these tables; a test
 compares the two.
 
 * ``queuetopia_jobs``: one row per job. Open jobs (``pending`` or ``running``) are

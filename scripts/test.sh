@@ -33,6 +33,14 @@ if ! redis_up; then
   redis_up || { echo "Redis did not start" >&2; exit 1; }
 fi
 
+# The chaos tier runs a private RabbitMQ node and PostgreSQL cluster of its own: it
+# needs the server binaries (not the shared services).
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && [ -z "${QT_TEST_RABBITMQ_BIN:-}" ] \
+    && command -v apt-get >/dev/null; then
+  echo "rabbitmq-server is not installed: installing it"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server >/dev/null
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi

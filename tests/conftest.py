@@ -25,6 +25,11 @@ from queuetopia_celery import Queuetopia, make_engine
 from tests.apps import testapp
 
 ROOT = Path(__file__).resolve().parent.parent
+# pytest-django has set Django up (tests/djangoproject, from pyproject's
+# DJANGO_SETTINGS_MODULE) before this file is imported. The variable must not reach the
+# celery workers other tests start from os.environ: Celery would load its Django fixup
+# there. The Django tests pass it to their own processes.
+os.environ.pop("DJANGO_SETTINGS_MODULE", None)
 PG_ADMIN_URL = os.environ.get("QT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QT_TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
 
@@ -299,3 +304,14 @@ def events(engine: sa.Engine, scope: str) -> list[dict[str, Any]]:
             sa.text("SELECT * FROM qt_test_events WHERE scope = :s ORDER BY started_at, id"), {"s": scope}
         ).mappings()
         return [dict(row) for row in rows]
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None) -> Iterator[None]:
+    """pytest-django's test database (tests/djangoproject); the pools of the
+    DjangoQueuetopias built on it are closed before it is dropped."""
+    yield
+    from queuetopia_celery.contrib.django.queuetopia import registry
+
+    for built in list(registry.values()):
+        built.engine.dispose()

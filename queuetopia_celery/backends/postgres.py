@@ -424,12 +424,17 @@ def raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str
     transaction, if any) and return its rows, timestamps in UTC. SQLAlchemy's result
     machinery (rebuilt for every textual statement) cost about as much client CPU as
     the rest of a job."""
-    driver = conn.connection.driver_connection
+    # The DBAPI connection, not the driver's: the same psycopg connection on a sync
+    # engine, and SQLAlchemy's sync facade over it under an AsyncConnection's run_sync.
+    driver: Any = conn.connection.dbapi_connection
     assert driver is not None
-    with driver.cursor() as cur:
+    cur = driver.cursor()
+    try:
         cur.execute(sql, params)
         names = [column.name for column in cur.description or ()]
         rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
+    finally:
+        cur.close()
     for row in rows:
         for key, value in row.items():
             if isinstance(value, dt.datetime):
@@ -438,6 +443,6 @@ def raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str
 
 
 def raw_one(conn: Connection, sql: str, params: dict[str, Any]) -> dict[str, Any]:
-    """:func:`_raw_all` of a statement returning one row."""
+    """:func:`raw_all` of a statement returning one row."""
     (row,) = raw_all(conn, sql, params)
     return row

@@ -66,9 +66,34 @@ COVERED: dict[str, str] = {
     "celery -A myapp beat": "test_running_it_and_the_cli_from_the_wheel",
     "queuetopia-celery migrate --database-url URL": "test_running_it_and_the_cli_from_the_wheel",
     "queuetopia-celery migrate --database-url URL --dry-run": "test_running_it_and_the_cli_from_the_wheel",
+    "queuetopia-celery -A myapp:mail status": "test_running_it_and_the_cli_from_the_wheel",
     "python -m queuetopia_celery --help": "test_running_it_and_the_cli_from_the_wheel",
     "pytest examples/test_mailapp.py": "test_the_testing_example_passes_run_after_run",
     "bash scripts/test.sh": "not here: it is the command that runs this test (.ci/run calls it)",
+    "bash scripts/test.sh tests/chaos/test_soak.py --soak-minutes 10 --soak-seed 7": (
+        "test_seeded_random_soak, one minute with a random seed (ten minutes is the slow tier, by hand)"
+    ),
+    "bash scripts/test.sh tests/chaos/test_postgres_outage.py --chaos-long": (
+        "test_postgres_restarted_or_down_mid_run, without the 60 s outage (slow tier, by hand)"
+    ),
+    ".venv/bin/python scripts/reliability.py --defaults": (
+        "not here: the report runs the chaos scenarios for 25 minutes (slow tier, by hand)"
+    ),
+    "QT_BACKLOG_SECONDS=300 bash scripts/test.sh tests/chaos/test_default_timings.py -k busy -s": (
+        "test_a_busy_broker_gets_a_bounded_number_of_re_sent_messages, with its default 30 s backlog"
+        " (the five-minute run is the slow tier, by hand)"
+    ),
+    # With Django: tests/acceptance/test_examples_django_fastapi.py runs them as written.
+    "createdb -h 127.0.0.1 -U postgres djangoshop": "test_with_django_as_the_readme_says",
+    "cd examples/djangoshop": "test_with_django_as_the_readme_says",
+    (
+        "export DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1/djangoshop"
+        " BROKER_URL=redis://127.0.0.1:6379/0"
+    ): "test_with_django_as_the_readme_says",
+    "python manage.py migrate": "test_with_django_as_the_readme_says",
+    "celery -A djangoshop worker --loglevel INFO &": "test_with_django_as_the_readme_says",
+    "python manage.py place_orders 5": "test_with_django_as_the_readme_says",
+    "python manage.py queuetopia status": "test_with_django_as_the_readme_says",
 }
 
 
@@ -461,6 +486,11 @@ def test_running_it_and_the_cli_from_the_wheel(
 
         wait_for(lambda: outputs().count("sending job #") == 9, timeout=10, message="9 lines printed")
         check_each_queue_ran_in_order(mail_jobs(url), outputs(), 9, one_worker=False)
+        # The operator CLI through the app itself, from the image's working directory.
+        command = substitute(readme_command("queuetopia-celery -A myapp:mail status"), app)
+        status = bare_venv.sh(command, **env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.startswith("scope 'mail': "), status.stdout
     finally:
         for group in (worker, beat, worker_beat):
             group.stop()

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,26 @@ def _record(qt: Queuetopia, job: Job, kind: str, started: bool) -> int:
 
 
 def _end(qt: Queuetopia, event_id: int, kind: str) -> None:
-    with qt.engine.begin() as conn:
-        conn.execute(
-            sa.text("UPDATE qt_test_events SET ended_at = clock_timestamp(), kind = :k WHERE id = :i"),
-            {"i": event_id, "k": kind},
-        )
+    """Record the run's end. When the database is down or the connection was cut,
+    keep trying (for up to 60 s) with the end time taken now, so that a run is left
+    open only by a process that died (the chaos checker relies on it); the database
+    runs on this machine, so its clock and ours agree."""
+    import datetime as dt
+
+    ended = dt.datetime.now(dt.timezone.utc)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with qt.engine.begin() as conn:
+                conn.execute(
+                    sa.text("UPDATE qt_test_events SET ended_at = :e, kind = :k WHERE id = :i"),
+                    {"i": event_id, "k": kind, "e": ended},
+                )
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _heartbeat(qt: Queuetopia, event_id: int) -> None:
@@ -188,11 +204,15 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
     * QT_TEST_PREFETCH_MULTIPLIER=n: Celery's worker_prefetch_multiplier (default here 1).
     * QT_TEST_ACKS_LATE=1, QT_TEST_VISIBILITY_TIMEOUT=s: ack after the task, and let
       Redis redeliver a message unacked for that long (duplicate delivery).
+    * QT_TEST_TRANSPORT_OPTIONS='{"ack_emulation": false}': broker transport options.
+    * QT_TEST_SEND_LOG=path: log every task message of the scope published (one line).
     * QT_TEST_DUPLICATE_SENDS=1: publish every perform message twice.
     * QT_TEST_PG_KILL="dispatch=0.1,start=0.1,finish=0.1": while the store runs that
       call, terminate its own PostgreSQL backend before a statement with that
       probability (logged in qt_test_faults), until QT_TEST_PG_KILL_MAX kills are
       logged for the scope.
+    * QT_TEST_NO_TIME_LIMIT=1: deliberately broken, perform messages sent without the
+      hard time limit (shows what the paused-child test relies on).
     * QT_TEST_BREAK_FENCING=1: deliberately broken worker that runs a job even when
       its message's token is stale. Only for proving that the chaos checker sees it.
     """
@@ -200,10 +220,19 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
     if env.get("QT_TEST_PREFETCH_MULTIPLIER"):
         # Celery's default is 4 (this app sets 1): a worker then holds more messages.
         app.conf.worker_prefetch_multiplier = int(env["QT_TEST_PREFETCH_MULTIPLIER"])
+    if env.get("QT_TEST_SEND_LOG"):
+        log_sends(env["QT_TEST_SEND_LOG"], qt.scope)
     if env.get("QT_TEST_ACKS_LATE") == "1":
         app.conf.task_acks_late = True
     if env.get("QT_TEST_VISIBILITY_TIMEOUT"):
         app.conf.broker_transport_options = {"visibility_timeout": float(env["QT_TEST_VISIBILITY_TIMEOUT"])}
+    if env.get("QT_TEST_TRANSPORT_OPTIONS"):  # JSON, merged into broker_transport_options
+        import json
+
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            **json.loads(env["QT_TEST_TRANSPORT_OPTIONS"]),
+        }
     if env.get("QT_TEST_DUPLICATE_SENDS") == "1":
         send = qt.send
 
@@ -214,6 +243,8 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
         qt.send = send_twice  # type: ignore[method-assign]
     if env.get("QT_TEST_PG_KILL"):
         _install_pg_kill(qt, env["QT_TEST_PG_KILL"])
+    if env.get("QT_TEST_NO_TIME_LIMIT") == "1":
+        drop_time_limits(qt)
     if env.get("QT_TEST_BREAK_FENCING") == "1":
         store = qt.backend
         start = store.start
@@ -223,6 +254,37 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
             return job if job is not None else store.get_job(job_id)
 
         store.start = start_ignoring_token  # type: ignore[method-assign]
+
+
+def log_sends(path: str, scope: str) -> Callable[..., None]:
+    """Append one line per task message of ``scope`` published by this process to
+    ``path`` (the task's name), so that the chaos report can count messages per job.
+    Returns the signal receiver (to disconnect it)."""
+    prefix = f"queuetopia.{scope}."
+
+    def receiver(sender: Any = None, **_: Any) -> None:
+        name = str(sender)
+        if name.startswith(prefix):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (name[len(prefix) :] + "\n").encode())
+            finally:
+                os.close(fd)
+
+    signals.after_task_publish.connect(receiver, weak=False)
+    return receiver
+
+
+def drop_time_limits(qt: Queuetopia) -> None:
+    """Deliberately broken: ``qt`` sends its perform messages without Celery's hard
+    time limit. Only for showing that the paused-child test depends on it."""
+    apply_async = qt.perform_task.apply_async
+
+    def without_limit(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("time_limit", None)
+        return apply_async(*args, **kwargs)
+
+    qt.perform_task.apply_async = without_limit
 
 
 FAULTS_DDL = """

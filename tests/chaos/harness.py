@@ -23,8 +23,10 @@ import datetime as dt
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -51,6 +53,20 @@ FAST_OPTIONS = {"poll_interval": 0.3, "dispatch_grace": 4.0, "lease_margin": 1.0
 #: How long after its ``inserted_at`` a job is surely committed, for jobs whose
 #: producer did not say when it committed.
 COMMIT_SLACK = dt.timedelta(seconds=1)
+#: Whether a lost database connection (a restart, an outage, a terminated backend)
+#: may repeat a job that had succeeded, with the default timings: no, the outcome write
+#: is retried on a new connection under the same token while its lease lasts (75 s by
+#: default). See :func:`outage_may_repeat` for the shortened timings.
+CONNECTION_LOSS_MAY_REPEAT = False
+
+
+def outage_may_repeat(settings: str) -> bool:
+    """Whether a PostgreSQL outage or restart may repeat a job under ``settings``. With
+    the shortened timings a running lease lasts JOB_TIMEOUT + 1.5 s (4.5 s): a restart
+    under load or a 10 s outage outlives it, so the scan rightly takes the job from a
+    worker that could not reach the database to write its outcome (the one repeat a
+    lease allows). With the defaults, it may not."""
+    return CONNECTION_LOSS_MAY_REPEAT or settings == "fast"
 #: Job timeout used by the workload (keeps the running lease, hence recovery, short).
 JOB_TIMEOUT = 3.0
 
@@ -135,6 +151,8 @@ class Feeder:
         self.rng = random.Random(seed)
         self.expect: dict[int, str] = {}
         self.errors: list[BaseException] = []
+        #: Every exception a create raised before it was tried again.
+        self.refusals: list[BaseException] = []
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -159,13 +177,17 @@ class Feeder:
         finally:
             self.done.set()
 
-    def create(self, chunk: Sequence[Spec]) -> None:
-        for attempt in range(50):
+    def create(self, chunk: Sequence[Spec], *, patience: float = 150) -> None:
+        """Create ``chunk`` in one transaction; while the database is under attack (or
+        down), note the error and try again, for up to ``patience`` seconds."""
+        deadline = time.monotonic() + patience
+        while True:
             try:
                 jobs = self.qt.create_jobs([spec.as_create() for spec in chunk])
                 break
-            except Exception:  # the database may be under attack: try again
-                if attempt == 49:
+            except Exception as exc:  # the database may be under attack: try again
+                self.refusals.append(exc)
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
         committed = dt.datetime.now(UTC)
@@ -338,11 +360,19 @@ def judge(
 
     # 2. no overlap within a queue
     runs_by_queue: dict[str, list[tuple[dt.datetime, dt.datetime, dict[str, Any]]]] = defaultdict(list)
+    # A prefork child runs one job at a time: a run it left open (its end was never
+    # recorded: killed, or the database was down) ended before its next run began.
+    starts_by_pid: dict[int, list[dt.datetime]] = defaultdict(list)
+    for ev in events:
+        starts_by_pid[ev["pid"]].append(ev["started_at"])
     for ev in events:
         end = ev["ended_at"]
         if end is None:
             killed = kills.get(ev["pid"])
             end = killed if killed is not None and killed > ev["started_at"] else ev["started_at"]
+            later = [start for start in starts_by_pid[ev["pid"]] if start > ev["started_at"]]
+            if later:
+                end = min(end, *later)
         runs_by_queue[ev["queue"]].append((ev["started_at"], end, ev))
     for queue, runs in runs_by_queue.items():
         runs.sort(key=lambda r: (r[0], r[1]))
@@ -435,6 +465,30 @@ def recovery_seconds(
     return worst
 
 
+def queues_back_seconds(
+    jobs: Iterable[dict[str, Any]], events: Iterable[dict[str, Any]], fault_at: dt.datetime
+) -> float | None:
+    """Longest time from ``fault_at`` to the first start, after it, in each queue that
+    had work left at that moment (a job visible before it whose last run ended after
+    it, or that never ran before it). None when no queue had work left."""
+    events = list(events)
+    last_end: dict[int, dt.datetime] = {}
+    for ev in events:
+        end = ev["ended_at"] or ev["started_at"]
+        last_end[ev["job_id"]] = max(end, last_end.get(ev["job_id"], end))
+    affected = {
+        job["queue"]
+        for job in jobs
+        if job["inserted_at"] < fault_at and last_end.get(job["id"], fault_at) >= fault_at
+    }
+    first_start: dict[str, dt.datetime] = {}
+    for ev in events:
+        if ev["queue"] in affected and ev["started_at"] > fault_at:
+            first_start[ev["queue"]] = min(ev["started_at"], first_start.get(ev["queue"], ev["started_at"]))
+    waits = [(first_start[q] - fault_at).total_seconds() for q in affected if q in first_start]
+    return max(waits) if waits else None
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -450,6 +504,14 @@ class Record:
     repeats: int
     settle_s: float
     notes: str = ""
+    #: Longest time from a fault (the end of an outage) to every queue that had work
+    #: left running again (see :func:`queues_back_seconds`).
+    queues_back_s: float | None = None
+    #: Perform messages published per job (every process of the scenario).
+    messages_per_job: float | None = None
+    #: "fast" (the suite's shortened timings) or "defaults" (the library's defaults,
+    #: poll_interval aside).
+    settings: str = "fast"
 
     def write(self) -> None:
         path = os.environ.get("QT_CHAOS_REPORT")
@@ -508,6 +570,10 @@ class RedisServer:
         self.cli("SHUTDOWN", "NOSAVE")
         _wait(lambda: not self.up(), 10, "redis-server to stop")
 
+    def purge(self, queue: str) -> None:
+        """Lose the queue's messages."""
+        self.cli("DEL", queue)
+
     def restart(self, down: float = 0.0) -> None:
         self.stop()
         try:
@@ -523,3 +589,268 @@ def _wait(condition: Callable[[], Any], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- a private PostgreSQL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _as_user(user: str, args: list[str]) -> list[str]:
+    """Run ``args`` as ``user`` when we are root (initdb and rabbitmq refuse root)."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", user, "--", *args]
+    return args
+
+
+def _chown_to(user: str, path: Path) -> None:
+    if os.geteuid() == 0:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def postgres_bindir() -> Path:
+    """The PostgreSQL server binaries: QT_TEST_PG_BINDIR, else the newest
+    /usr/lib/postgresql/*/bin, else ``pg_config --bindir``."""
+    if os.environ.get("QT_TEST_PG_BINDIR"):
+        return Path(os.environ["QT_TEST_PG_BINDIR"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if found:
+        return found[-1].parent
+    out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster of our own (initdb into a temporary directory, a free port,
+    trust authentication, no fsync), so that a test can restart it, stop it for a
+    while or restart it in fast mode (every connection killed) without disturbing
+    anyone else. The URLs carry a password, which trust ignores: error messages and
+    logs must never show it."""
+
+    PASSWORD = "chaos-pw-Zq81"  # a marker to look for in messages, not a secret
+    USER = "postgres"
+
+    def __init__(self) -> None:
+        self.bindir = postgres_bindir()
+        self.port = free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="qt-chaos-pg-"))
+        _chown_to(self.USER, self.workdir)
+        self.data = self.workdir / "data"
+        self.log = self.workdir / "postgres.log"
+        self.restarts = 0
+
+    def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            _as_user(self.USER, [str(self.bindir / args[0]), *args[1:]]),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+
+    def init(self) -> None:
+        done = self._run(
+            "initdb", "-D", str(self.data), "-U", self.USER, "--auth=trust", "--no-sync",
+            "-E", "UTF8", "--locale=C",
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"initdb failed: {done.stderr[-2000:]}")
+        settings = {
+            "port": str(self.port),
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": f"'{self.workdir}'",
+            "max_connections": "300",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+        }
+        with (self.data / "postgresql.conf").open("a", encoding="utf-8") as conf:
+            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def up(self) -> bool:
+        done = self._run("pg_isready", "-q", "-h", "127.0.0.1", "-p", str(self.port), timeout=10)
+        return done.returncode == 0
+
+    def start(self) -> None:
+        done = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
+        if done.returncode != 0 and not self.up():
+            raise RuntimeError(f"pg_ctl start failed: {done.stderr[-2000:]}\n{self.log_tail()}")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: every session killed, a clean shutdown; ``immediate``: a crash
+        (recovery at the next start)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def restart(self, mode: str = "fast", down: float = 0.0) -> None:
+        """Stop in ``mode``, stay down ``down`` seconds, start again."""
+        if down <= 0 and mode == "fast":
+            done = self._run(
+                "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart"
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"pg_ctl restart failed: {done.stderr[-2000:]}\n{self.log_tail()}")
+        else:
+            self.stop(mode)
+            try:
+                time.sleep(down)  # the outage itself, not a wait for a result
+            finally:
+                self.start()
+        self.restarts += 1
+
+    def log_tail(self, size: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- a private RabbitMQ
+
+
+def rabbitmq_home() -> Path | None:
+    """Where the RabbitMQ scripts live (the Debian package), or None."""
+    for candidate in (os.environ.get("QT_TEST_RABBITMQ_BIN"), "/usr/lib/rabbitmq/bin"):
+        if candidate and (Path(candidate) / "rabbitmq-server").exists():
+            return Path(candidate)
+    return None
+
+
+class RabbitNode:
+    """A RabbitMQ node of our own (its own node name, AMQP and distribution ports,
+    data and log directories), so that stopping and starting it never disturbs the
+    shared server. Restart is ``rabbitmqctl stop_app`` / ``start_app``: every
+    connection dropped, durable queues and persistent messages kept."""
+
+    USER = "rabbitmq"
+
+    def __init__(self) -> None:
+        home = rabbitmq_home()
+        if home is None:
+            raise RuntimeError("rabbitmq-server is not installed (QT_TEST_RABBITMQ_BIN)")
+        self.bin = home
+        self.port = free_port()
+        dist = free_port()
+        self.name = f"qtchaos{self.port}@localhost"
+        self.workdir = Path(tempfile.mkdtemp(prefix="qt-chaos-rabbit-"))
+        _chown_to(self.USER, self.workdir)
+        (self.workdir / "enabled_plugins").write_text("[].\n")
+        (self.workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        )
+        (self.workdir / "env.conf").write_text("")
+        for name in ("enabled_plugins", "rabbitmq.conf", "env.conf"):
+            _chown_to(self.USER, self.workdir / name)
+        import pwd
+
+        home_dir = pwd.getpwnam(self.USER).pw_dir if os.geteuid() == 0 else os.environ.get("HOME", "/")
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": home_dir,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(dist),
+            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.workdir / "env.conf"),
+            "RABBITMQ_PID_FILE": str(self.workdir / "rabbit.pid"),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.restarts = 0
+
+    def _env_prefix(self) -> list[str]:
+        return ["env", *(f"{k}={v}" for k, v in self.env.items())]
+
+    def _run(self, script: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            _as_user(self.USER, [*self._env_prefix(), str(self.bin / script), *args]),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self._run("rabbitmqctl", "-n", self.name, *args, timeout=timeout)
+
+    def up(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"AMQP\x00\x00\x09\x01")
+                return sock.recv(8) != b""
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        """Start the node in the foreground of a process of ours and wait until it
+        accepts AMQP connections (only the application when the node runs)."""
+        server = getattr(self, "server", None)
+        if server is not None and server.poll() is None:
+            self.start_app()
+            return
+        args = [*self._env_prefix(), str(self.bin / "rabbitmq-server")]
+        with (self.workdir / "server.out").open("ab") as out:
+            self.server = subprocess.Popen(
+                _as_user(self.USER, args), cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not self.up():
+            if self.server.poll() is not None or time.monotonic() > deadline:
+                tail = (self.workdir / "server.out").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the private RabbitMQ node did not start:\n{tail}")
+            time.sleep(0.2)
+
+    def cli(self, *args: str) -> str:
+        return self.ctl(*args).stdout.strip()
+
+    def stop_app(self) -> None:
+        self.ctl("stop_app")
+        _wait(lambda: not self.up(), 30, "RabbitMQ to stop")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+        self.ctl("await_startup", "--timeout", "60", timeout=70)
+        _wait(self.up, 30, "RabbitMQ to answer")
+
+    def restart(self, down: float = 0.0) -> None:
+        self.stop_app()
+        try:
+            time.sleep(down)  # the outage itself
+        finally:
+            self.start_app()
+            self.restarts += 1
+
+    def purge(self, queue: str) -> None:
+        """Lose the queue's messages (what a Redis ``DEL`` does)."""
+        self.ctl("purge_queue", queue)
+
+    def destroy(self) -> None:
+        self.ctl("stop", timeout=60)
+        server = getattr(self, "server", None)
+        if server is not None:
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, 9)
+                server.wait(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -94,3 +94,19 @@ def test_recovery_is_measured_from_lease_expiry_to_the_next_start():
     ]
     events = [run(1, 6.5, 7), run(2, 2, 3, queue="r"), run(3, 9, 10, queue="r"), run(5, 9, 10, queue="s")]
     assert recovery_seconds(snapshot, events, t(1)) == 1.5
+
+
+def test_a_run_left_open_ends_before_its_process_ran_something_else():
+    """A run whose end was never written (the database was down) by a child that
+    went on to run other jobs, and was killed much later: it ended before the child's
+    next run, not at the kill."""
+    jobs = [job(1, 1, attempts=2), job(2, 2)]
+    events = [
+        run(1, 0, None, attempt=1, pid=7),
+        run(1, 5, 6, attempt=2, pid=7),
+        run(2, 7, 8, pid=8),
+    ]
+    assert violations(jobs, events, crashes=True, kills={7: t(20)})[0] == []
+    # Another process still overlaps the open run up to the kill.
+    late = [run(1, 0, None, attempt=1, pid=7), run(1, 5, 6, attempt=2, pid=9)]
+    assert "[2]" in violations([job(1, 1, attempts=2)], late, crashes=True, kills={7: t(20)})[0]

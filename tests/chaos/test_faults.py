@@ -51,6 +51,15 @@ def test_kill_9_of_a_worker_child_mid_job(chaos):
     assert chaos.faults == 3
 
 
+BROKERS = pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
+
+
+def on_broker(chaos, fault: str) -> str:
+    """The report's name of a fault: RabbitMQ runs say so."""
+    return fault + " (RabbitMQ)" if chaos.broker.url.startswith("amqp") else fault
+
+
+@BROKERS
 def test_kill_9_of_the_worker_main_process(chaos):
     _, victim = chaos.workers(2)
     specs = harness.mixed_workload(chaos.rng, 300, 12, slow=0.15, slow_sleep=(0.5, 1.2))
@@ -63,7 +72,9 @@ def test_kill_9_of_the_worker_main_process(chaos):
         chaos.kills.setdefault(pid, chaos.kills[victim.pid])
     chaos.worker()  # a replacement comes up, as under a supervisor
     expect = feeder.join()
-    verdict = chaos.finish("kill -9 worker main process", expect, crashes=True, snapshots=snapshots)
+    verdict = chaos.finish(
+        on_broker(chaos, "kill -9 worker main process"), expect, crashes=True, snapshots=snapshots
+    )
     assert_clean(verdict)
 
 
@@ -123,7 +134,11 @@ def test_jobs_that_time_out_or_kill_their_process_every_time_end_exhausted(chaos
 # --------------------------------------------------------------------------- Redis
 
 
-def test_redis_restarted_losing_every_queued_message(chaos):
+@BROKERS
+def test_broker_restarted_mid_run(chaos, broker_kind):
+    """Redis: ``SHUTDOWN NOSAVE`` and a restart, every queued message lost. RabbitMQ:
+    ``stop_app``/``start_app`` of the private node, every connection dropped (durable
+    queues keep their persistent messages)."""
     chaos.workers(2)
     specs = harness.mixed_workload(chaos.rng, 300, 12)
     feeder = chaos.feeder(specs, spread=4).start()
@@ -131,13 +146,15 @@ def test_redis_restarted_losing_every_queued_message(chaos):
         lambda: len(harness.open_runs(chaos.engine, chaos.scope)) or None, timeout=60, message="jobs running"
     )
     snapshots = [chaos.snapshot()]
-    chaos.redis.restart()
-    chaos.faults += 1
+    chaos.broker.restart()
+    chaos.mark_fault()
     chaos.supervise_after_broker_outage()
     expect = feeder.join()
-    verdict = chaos.finish(
-        "Redis restarted, queued messages lost", expect, crashes=False, snapshots=snapshots
-    )
+    fault = {
+        "redis": "Redis restarted, queued messages lost",
+        "rabbitmq": "RabbitMQ restarted (stop_app/start_app)",
+    }[broker_kind]
+    verdict = chaos.finish(fault, expect, crashes=False, snapshots=snapshots)
     assert_clean(verdict)
 
 
@@ -150,7 +167,7 @@ def test_redis_unavailable_while_jobs_are_created_and_finished(chaos):
     )
     snapshots = [chaos.snapshot()]
     chaos.redis.restart(down=4)  # the feeder and the workers carry on meanwhile
-    chaos.faults += 1
+    chaos.mark_fault()
     chaos.supervise_after_broker_outage()
     expect = feeder.join()
     verdict = chaos.finish("Redis down 4 s during create/finish", expect, crashes=False, snapshots=snapshots)

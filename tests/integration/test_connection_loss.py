@@ -19,7 +19,7 @@ from queuetopia_celery import DatabaseError, JobState, Queuetopia
 from queuetopia_celery.backends import Burst, Outcome
 from queuetopia_celery.backends import connection as store_module
 
-#: The first lines of the statements a test can cut (see queuetopia_celery/store.py).
+#: The first lines of the statements a test can cut (see queuetopia_celery/backends/postgres_sql.py).
 CREATE = "INSERT INTO queuetopia_queues AS qq"
 START = "UPDATE queuetopia_leases\n    SET started_at = now()"
 FINISH = "WITH lease AS ("

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -185,6 +186,9 @@ def test_database_errors_never_show_the_password() -> None:
 
 
 def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    """The top-level ``migrations/`` goes into the wheel as ``queuetopia_celery.migrations``;
+    installed from the wheel (unpacked first on the path, ahead of this checkout), the
+    package, ``steps`` and ``queuetopia-celery migrate`` come from it."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
         check=True,
@@ -193,10 +197,66 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("queuetopia_celery-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    versions = [
+        f"queuetopia_celery/migrations/versions/{p.name}" for p in ROOT.glob("migrations/versions/*.py")
+    ]
     for path in (
+        "queuetopia_celery/migrations/__init__.py",
         "queuetopia_celery/migrations/env.py",
         "queuetopia_celery/migrations/steps.py",
-        "queuetopia_celery/migrations/versions/0001_initial.py",
+        "queuetopia_celery/migrations/script.py.mako",
         "queuetopia_celery/py.typed",
+        *versions,
     ):
         assert path in names
+    assert "queuetopia_celery/migrations.py" not in names, "the checkout's stand-in is not shipped"
+    assert not [name for name in names if name.startswith("migrations/") or "__pycache__" in name]
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = (
+        "import queuetopia_celery.migrations as m, queuetopia_celery.migrate as g;"
+        "from queuetopia_celery.migrations import steps;"
+        "print(m.__file__, steps.__file__, g.MIGRATIONS, g.head(), sep='\\n')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    package, steps_file, folder, head = out.stdout.split()
+    assert package == str(site / "queuetopia_celery/migrations/__init__.py")
+    assert steps_file == str(site / "queuetopia_celery/migrations/steps.py")
+    assert (folder, head) == (str(site / "queuetopia_celery/migrations"), migrate.head())
+    db = tmp_path / "jobs.db"
+    migrated = subprocess.run(
+        [sys.executable, "-m", "queuetopia_celery", "migrate", "--database-url", f"sqlite:///{db}"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    assert f"migrated from nothing to {migrate.head()}" in migrated.stdout
+
+
+def test_the_checkout_keeps_the_migrations_top_level() -> None:
+    """In this checkout (an editable install) ``queuetopia_celery.migrations`` is the
+    project's top-level ``migrations/`` folder, as the wheel's is the packaged copy."""
+    from queuetopia_celery import migrations
+    from queuetopia_celery.migrations import steps
+
+    assert not (ROOT / "queuetopia_celery/migrations/__init__.py").exists()
+    assert list(migrations.__path__) == [str(ROOT / "migrations")]
+    assert Path(steps.__file__ or "") == ROOT / "migrations/steps.py"
+    assert migrate.MIGRATIONS == ROOT / "migrations"
+    revisions = sorted(p.name[:4] for p in (ROOT / "migrations/versions").glob("0*.py"))
+    assert revisions[-1] == migrate.head() and revisions[0] == "0001"

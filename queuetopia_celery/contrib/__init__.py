@@ -1,0 +1,1 @@
+"""Integrations with frameworks: :mod:`queuetopia_celery.contrib.django`."""
