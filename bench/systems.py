@@ -30,17 +30,27 @@ def open_count(qt: Queuetopia, queues: str | None = None) -> int:
         return 1 if conn.execute(sa.text(sql + " LIMIT 1"), params).first() else 0
 
 
+def backend_of(qt: Queuetopia) -> Any:
+    """The facade's backend: ``qt.backend``, or ``qt.store`` on a revision from before
+    the backend split (``python -m bench --compare`` runs this code against older
+    revisions too)."""
+    backend = getattr(qt, "backend", None)
+    return backend if backend is not None else getattr(qt, "store")  # noqa: B009
+
+
 def seed(qt: Queuetopia, queues: list[str], per_queue: int, action: str = "noop", **opts: Any) -> None:
-    """Create the jobs without waking anyone (store level: no kick)."""
+    """Create the jobs without waking anyone (backend level: no kick)."""
     specs = [new_job(q, action, {}, **opts) for _ in range(per_queue) for q in queues]
+    backend = backend_of(qt)
     for start in range(0, len(specs), 5000):
-        qt.backend.create_jobs(specs[start : start + 5000])
+        backend.create_jobs(specs[start : start + 5000])
 
 
 def dispatch_all(qt: Queuetopia, queues: list[str]) -> None:
     """What the producers' kicks do: take the leases, send the perform messages."""
+    backend = backend_of(qt)
     for start in range(0, len(queues), 1000):
-        qt.send(qt.backend.kick(queues[start : start + 1000], grace=qt.dispatch_grace))
+        qt.send(backend.kick(queues[start : start + 1000], grace=qt.dispatch_grace))
 
 
 class Ours:
