@@ -49,8 +49,10 @@ def seed(qt: Queuetopia, queues: list[str], per_queue: int, action: str = "noop"
 def dispatch_all(qt: Queuetopia, queues: list[str]) -> None:
     """What the producers' kicks do: take the leases, send the perform messages."""
     backend = backend_of(qt)
+    # ``kick``; ``dispatch`` on a revision from before the backend split.
+    kick = getattr(backend, "kick", None) or backend.dispatch
     for start in range(0, len(queues), 1000):
-        qt.send(backend.kick(queues[start : start + 1000], grace=qt.dispatch_grace))
+        qt.send(kick(queues[start : start + 1000], grace=qt.dispatch_grace))
 
 
 class Ours:
