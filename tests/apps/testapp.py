@@ -207,7 +207,7 @@ def _install_faults(app: Celery, qt: Queuetopia) -> None:
     * QT_TEST_TRANSPORT_OPTIONS='{"ack_emulation": false}': broker transport options.
     * QT_TEST_SEND_LOG=path: log every task message of the scope published (one line).
     * QT_TEST_DUPLICATE_SENDS=1: publish every perform message twice.
-    * QT_TEST_PG_KILL="dispatch=0.1,start=0.1,finish=0.1": while the store runs that
+    * QT_TEST_PG_KILL="dispatch=0.1,start=0.1,finish=0.1": while the backend runs that
       call, terminate its own PostgreSQL backend before a statement with that
       probability (logged in qt_test_faults), until QT_TEST_PG_KILL_MAX kills are
       logged for the scope.
@@ -353,12 +353,16 @@ def _install_pg_kill(qt: Queuetopia, spec: str) -> None:
         dbapi_connection.cursor_factory = KillingCursor
 
     store = qt.backend
-    # "finish" also covers the store's combined calls (finish_and_start, ...).
+    # "finish" also covers the backend's combined calls (finish_and_start, ...);
+    # "dispatch" is every call that takes leases (kick, kick_after_producers, scan,
+    # fill_slots: one Store.dispatch before the backend split).
+    prefixes = {"dispatch": ("kick", "scan", "fill_slots")}
     methods = [
         (attr, name)
         for name in list(rates)
+        for prefix in prefixes.get(name, (name,))
         for attr in dir(store)
-        if attr == name or (attr.startswith(name + "_") and callable(getattr(store, attr)))
+        if attr == prefix or (attr.startswith(prefix + "_") and callable(getattr(store, attr)))
     ]
     for attr, name in methods:
         method = getattr(store, attr)
