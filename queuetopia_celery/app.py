@@ -7,7 +7,7 @@ import datetime as dt
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -38,7 +38,7 @@ from .jobs import (
 from .ordered_task import TaskDecorator, wait_for_job
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
 from .tasks import CeleryTasks, publish
-from .wakeup import WakeUp
+from .wakeup import AfterCommit, WakeUp
 from .worker import Runner
 
 logger = logging.getLogger(__name__)
@@ -183,6 +183,9 @@ class Queuetopia:
             max_concurrent=self.max_concurrent_queues,
             send=self.send,
         )
+        #: Sends the wake-ups of jobs created in their own transaction from a
+        #: background thread, off the caller's path (see :class:`AfterCommit`).
+        self.after_commit = AfterCommit(self._wake_committed, name=f"queuetopia-{self.scope}-wake-ups")
         self.celery_tasks = CeleryTasks(self)
         self.perform_task = self.celery_tasks.perform
         self.scan_task = self.celery_tasks.scan
@@ -274,36 +277,82 @@ class Queuetopia:
         )
         return self.create_jobs([spec], connection=connection)[0]
 
+    @overload
     def create_jobs(
-        self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None
-    ) -> list[Job]:
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["jobs"] = "jobs",
+    ) -> list[Job]: ...
+
+    @overload
+    def create_jobs(
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["ids"],
+    ) -> list[int]: ...
+
+    @overload
+    def create_jobs(
+        self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None, returning: None
+    ) -> None: ...
+
+    def create_jobs(
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["jobs", "ids"] | None = "jobs",
+    ) -> list[Job] | list[int] | None:
         """Create many jobs in one transaction; each queue is woken once.
 
         Each item is a :class:`~queuetopia_celery.jobs.NewJob` or a dict of
         ``create_job``'s arguments (``queue``, ``action``, ``params``, options). If one
         item is invalid, nothing is written.
+
+        Returns the jobs, in the order given. ``returning="ids"`` returns their ids
+        only and ``returning=None`` nothing: the jobs are then not read back (on
+        PostgreSQL they are written by COPY), the fast path for large batches.
         """
+        if returning not in ("jobs", "ids", None):
+            raise InvalidJobError("returning", f"must be 'jobs', 'ids' or None, got {returning!r}")
         specs = [item if isinstance(item, NewJob) else _spec(item, self.on_exhausted) for item in jobs]
         if not specs:
-            return []
+            return None if returning is None else []
         self._check_actions(specs)
         queues = list(dict.fromkeys(spec.queue for spec in specs))
-        if connection is None:
-            # One connection for the insert and the kick: one pool checkout. The insert
-            # itself takes the leases of new and idle queues, unless a concurrency limit
-            # (counted under a lock by dispatch) or disabled=True says otherwise.
-            own_leases = not self.disabled and self.max_concurrent_queues is None
-            with self.backend.pinned():
-                if own_leases:
-                    created, taken = self.backend.create_jobs_taking_leases(specs, grace=self.dispatch_grace)
-                else:
-                    created, taken = self.backend.create_jobs(specs), []
-                self._kick(queues, committed=True, taken=taken)
-            return created
-        created = self.backend.create_jobs(specs, connection=connection)
-        if not self.disabled:
-            self.backend.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
+        # Without a caller's transaction the insert itself takes the leases of new and
+        # idle queues, unless a concurrency limit (counted under a lock by dispatch) or
+        # disabled=True says otherwise.
+        own_leases = connection is None and not self.disabled and self.max_concurrent_queues is None
+        if returning != "jobs":
+            inserted = self.backend.insert_jobs(
+                specs, connection=connection, grace=self.dispatch_grace if own_leases else None
+            )
+            self._wake_created(queues, inserted.leases, connection)
+            return inserted.ids if returning == "ids" else None
+        if own_leases:
+            created, taken = self.backend.create_jobs_taking_leases(specs, grace=self.dispatch_grace)
+        else:
+            created, taken = self.backend.create_jobs(specs, connection=connection), []
+        self._wake_created(queues, taken, connection)
         return created
+
+    def _wake_created(
+        self, queues: Sequence[str], taken: Sequence[Lease], connection: Executor | None
+    ) -> None:
+        """Wake the queues of jobs just created: in their own transaction (committed),
+        from the background sender, off the caller's path (the scan is the safety net);
+        in the caller's, once it commits."""
+        if self.disabled:
+            return
+        if connection is None:
+            self.after_commit.submit(queues, taken)
+        else:
+            self.backend.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
 
     def _check_actions(self, specs: Sequence[NewJob]) -> None:
         """Refuse an action no performer handles, when this Queuetopia knows its
@@ -316,6 +365,9 @@ class Queuetopia:
         for spec in specs:
             if spec.action not in handled:
                 raise UnknownActionError(self.scope, spec.action, known)
+
+    def _wake_committed(self, queues: Sequence[str], taken: Sequence[Lease]) -> None:
+        self._kick(queues, committed=True, taken=taken)
 
     def _kick_after(self, queues: set[str], committed: bool) -> None:
         self._kick(sorted(queues), committed=committed)

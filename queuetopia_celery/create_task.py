@@ -86,9 +86,7 @@ def job_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def create_from_message(
-    qt: Queuetopia, message_id: str, fields: Mapping[str, Any]
-) -> int | list[int]:
+def create_from_message(qt: Queuetopia, message_id: str, fields: Mapping[str, Any]) -> int | list[int]:
     """Create the jobs of one message, once per ``message_id``; return their ids (one
     id for a single-job message). A message seen before creates nothing and returns the
     ids its first delivery created."""

@@ -352,7 +352,8 @@ class _OrderedTaskBase(Generic[P, R]):
         except TypeError as exc:
             raise TypeError(f"{self.name}(): {exc}") from None
         params = {
-            name: list(value) if self.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
+            name: list(value)
+            if self.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
             else value
             for name, value in call.arguments.items()
         }

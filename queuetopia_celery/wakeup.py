@@ -6,10 +6,18 @@ Nothing here imports Celery."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import logging
+import os
+import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 
 from .backends.base import Backend, Lease
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -68,3 +76,97 @@ class WakeUp:
     def _sent(self, leases: Sequence[Lease]) -> int:
         self.send(leases)
         return len(leases)
+
+
+#: How long the interpreter's exit waits for wake-ups still to be sent.
+EXIT_FLUSH_SECONDS = 5.0
+
+
+class AfterCommit:
+    """Sends the wake-ups of committed jobs from a background thread, off the
+    producer's path: ``create_job`` returns once its insert has committed, and the
+    perform messages of the leases that insert took (and the kicks of the queues whose
+    lease it could not take) go out from here, merged with the ones pending meanwhile
+    into one call of ``wake(queues, leases)``.
+
+    Nothing is lost when this thread never gets to them (the process killed right
+    after the commit, the broker down): a lease taken by the insert is unstarted, and
+    the scan re-sends its message once ``resend_after`` has passed (as for any lost
+    message); a queue left without a lease had its ``due_at`` lowered by the insert, so
+    the next scan takes it. ``wake`` catches and logs its own errors.
+
+    The thread is started at the first :meth:`submit` of a process (a forked child
+    starts its own; the parent's pending wake-ups stay the parent's), and the
+    interpreter's exit waits up to :data:`EXIT_FLUSH_SECONDS` for what is pending."""
+
+    def __init__(
+        self, wake: Callable[[Sequence[str], Sequence[Lease]], None], *, name: str = "wake-ups"
+    ) -> None:
+        self.wake = wake
+        self.name = name
+        self._start()
+        _SENDERS.add(self)
+
+    def _start(self) -> None:
+        """Fresh state for this process (never the lock a forked parent's thread held)."""
+        self._cond = threading.Condition(threading.Lock())
+        self._queues: dict[str, None] = {}
+        self._leases: list[Lease] = []
+        #: Submitted batches not yet handed to ``wake`` and returned from it.
+        self._unsent = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, queues: Sequence[str], leases: Sequence[Lease] = ()) -> None:
+        """Wake ``queues`` (sending ``leases``, taken for some of them) soon."""
+        if not queues and not leases:
+            return
+        with self._cond:
+            self._queues.update(dict.fromkeys(queues))
+            self._leases.extend(leases)
+            self._unsent += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every wake-up submitted so far has been sent (or failed and been
+        logged). Returns False if ``timeout`` seconds passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._unsent == 0, timeout)
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                cond.wait_for(lambda: bool(self._queues or self._leases))
+                queues, leases, batches = list(self._queues), self._leases, self._unsent
+                self._queues, self._leases = {}, []
+            try:
+                self.wake(queues, leases)
+            except BaseException:  # never let the thread die: the scan is the safety net
+                logger.exception("could not wake queues %s; the next scan will", queues)
+            with cond:
+                self._unsent -= batches
+                cond.notify_all()
+
+
+#: The senders of this process: flushed when the interpreter exits, started afresh
+#: in a forked child (which has no thread and must not wait on a lock that one of the
+#: parent's threads held at the fork).
+_SENDERS: weakref.WeakSet[AfterCommit] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    deadline = time.monotonic() + EXIT_FLUSH_SECONDS
+    for sender in list(_SENDERS):
+        sender.flush(max(deadline - time.monotonic(), 0.0))
+
+
+def _reset_in_child() -> None:
+    for sender in list(_SENDERS):
+        sender._start()
+
+
+os.register_at_fork(after_in_child=_reset_in_child)

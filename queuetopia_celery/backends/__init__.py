@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Engine
 
-from .base import Backend, Burst, Finished, Lease, LostAttempt, Outcome
+from .base import Backend, Burst, Finished, Inserted, Lease, LostAttempt, Outcome
 from .connection import Executor, ping_when_idle
 from .postgres import PostgresBackend
 from .sqlite import SqliteBackend, configure_sqlite
@@ -34,6 +34,7 @@ __all__ = [
     "Burst",
     "Executor",
     "Finished",
+    "Inserted",
     "Lease",
     "LostAttempt",
     "Outcome",

@@ -57,6 +57,17 @@ class Lease:
 
 
 @dataclasses.dataclass(frozen=True)
+class Inserted:
+    """What :meth:`Backend.insert_jobs` wrote, without reading the jobs back."""
+
+    #: The new jobs' ids, in the order given (an item whose unique_key an open job
+    #: held: that job's id).
+    ids: list[int]
+    #: The leases taken with the insert (own transaction only): send them.
+    leases: list[Lease]
+
+
+@dataclasses.dataclass(frozen=True)
 class Burst:
     """What :meth:`Backend.finish_and_start` needs to begin the next job in the same
     Celery task: who runs it, whether the burst budget allows another job, and the
@@ -163,6 +174,14 @@ class Backend(Protocol):
     ) -> tuple[list[Job], list[Lease]]:
         """Insert jobs in their own transaction and take, where the backend can in the
         same statement, the leases of their queues: send those."""
+
+    def insert_jobs(
+        self, specs: Sequence[NewJob], *, connection: Any = None, grace: float | None = None
+    ) -> Inserted:
+        """:meth:`create_jobs` for bulk producers: the ids only, not the rows read back
+        (PostgreSQL: COPY). Without ``connection`` and with a ``grace``, the leases of
+        new and idle queues are taken in the same transaction, as by
+        :meth:`create_jobs_taking_leases`."""
 
     def kick(
         self, queues: Sequence[str], *, grace: float, limit: int = 1000, locked_by: str | None = None

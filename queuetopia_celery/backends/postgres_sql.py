@@ -300,3 +300,35 @@ SELECT (SELECT count(*) FROM done) AS written, moved.id AS next_id, moved.timeou
 FROM (SELECT 1) AS one LEFT JOIN moved ON true LEFT JOIN started ON true
 """
 )
+
+#: The bulk path's first statement (PostgreSQL): upsert the queue rows of a batch (in
+#: queue order; each stays locked until the transaction ends, as in CREATE_JOBS),
+#: reserving ``:queue_counts`` sequence numbers each, with the time the row became ours
+#: (the default ``scheduled_at``).
+RESERVE_QUEUES = driver_sql(
+    """
+INSERT INTO queuetopia_queues AS qq (scope, queue, last_sequence, due_at)
+SELECT :scope, u.queue, u.n, least(u.due, CASE WHEN u.has_now THEN now() END)
+FROM unnest(CAST(:queues AS text[]), CAST(:queue_counts AS int[]), CAST(:queue_due_at AS timestamptz[]),
+            CAST(:queue_has_now AS boolean[])) AS u(queue, n, due, has_now)
+ORDER BY u.queue
+ON CONFLICT (scope, queue) DO UPDATE SET
+    last_sequence = qq.last_sequence + excluded.last_sequence,
+    due_at = CASE WHEN qq.due_at IS NULL OR excluded.due_at < qq.due_at
+                  THEN excluded.due_at ELSE qq.due_at END
+RETURNING qq.queue, qq.last_sequence, clock_timestamp() AS locked_at
+"""
+)
+
+#: ``:count`` new job ids, once the queue rows are ours (so ids follow the queue's
+#: commit order, as with CREATE_JOBS).
+RESERVE_IDS = driver_sql(
+    "SELECT nextval(pg_get_serial_sequence('queuetopia_jobs', 'id')) FROM generate_series(1, :count)"
+)
+
+#: The bulk path's jobs: written by COPY (ids, sequences and times computed by the
+#: client from the two statements above).
+COPY_JOBS = (
+    "COPY queuetopia_jobs (id, scope, queue, action, params, sequence, timeout, max_backoff, max_attempts,"
+    " on_exhausted, scheduled_at, status, attempts, inserted_at, create_key) FROM STDIN"
+)

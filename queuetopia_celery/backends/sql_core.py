@@ -27,7 +27,7 @@ from ..jobs import (
     Job,
     NewJob,
 )
-from .base import Burst, Finished, Lease, Outcome, chunks, failure_plan, new_token
+from .base import Burst, Finished, Inserted, Lease, Outcome, chunks, failure_plan, new_token
 
 __all__ = ["chunks"]
 from .connection import Connections, Executor
@@ -215,6 +215,19 @@ class SqlCore(Connections, abc.ABC):
         kept, position = unique_specs(specs)
         made, taken = self._insert_jobs_taking_leases(kept, grace)
         return ([made[p] for p in position] if len(kept) < len(specs) else made), taken
+
+    def insert_jobs(
+        self, specs: Sequence[NewJob], *, connection: Executor | None = None, grace: float | None = None
+    ) -> Inserted:
+        """:meth:`create_jobs` (or :meth:`create_jobs_taking_leases`, in its own
+        transaction with a ``grace``) returning the ids only. This portable version
+        reads the jobs back all the same; a backend with a faster bulk path (PostgreSQL's
+        COPY) replaces it."""
+        if connection is None and grace is not None:
+            made, taken = self.create_jobs_taking_leases(specs, grace=grace)
+        else:
+            made, taken = self.create_jobs(specs, connection=connection), []
+        return Inserted([job.id for job in made], taken)
 
     @abc.abstractmethod
     def _insert_jobs(self, specs: Sequence[NewJob], connection: Executor | None) -> list[Job]:
