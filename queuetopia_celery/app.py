@@ -3,6 +3,7 @@ Celery app."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -183,9 +184,9 @@ class Queuetopia:
             max_concurrent=self.max_concurrent_queues,
             send=self.send,
         )
-        #: Sends the wake-ups of jobs created in their own transaction from a
-        #: background thread, off the caller's path (see :class:`AfterCommit`).
-        self.after_commit = AfterCommit(self._wake_committed, name=f"queuetopia-{self.scope}-wake-ups")
+        #: Publishes the perform messages of jobs created in their own transaction from
+        #: a background thread, off the caller's path (see :class:`AfterCommit`).
+        self.after_commit = AfterCommit(self._send_committed, name=f"queuetopia-{self.scope}-wake-ups")
         self.celery_tasks = CeleryTasks(self)
         self.perform_task = self.celery_tasks.perform
         self.scan_task = self.celery_tasks.scan
@@ -334,25 +335,52 @@ class Queuetopia:
             )
             self._wake_created(queues, inserted.leases, connection)
             return inserted.ids if returning == "ids" else None
-        if own_leases:
-            created, taken = self.backend.create_jobs_taking_leases(specs, grace=self.dispatch_grace)
-        else:
-            created, taken = self.backend.create_jobs(specs, connection=connection), []
-        self._wake_created(queues, taken, connection)
+        # One connection for the insert and the kick that may follow: one pool checkout.
+        with self.backend.pinned() if connection is None else contextlib.nullcontext():
+            if own_leases:
+                created, taken = self.backend.create_jobs_taking_leases(specs, grace=self.dispatch_grace)
+            else:
+                created, taken = self.backend.create_jobs(specs, connection=connection), []
+            self._wake_created(queues, taken, connection)
         return created
 
     def _wake_created(
         self, queues: Sequence[str], taken: Sequence[Lease], connection: Executor | None
     ) -> None:
-        """Wake the queues of jobs just created: in their own transaction (committed),
-        from the background sender, off the caller's path (the scan is the safety net);
-        in the caller's, once it commits."""
+        """Wake the queues of jobs just created. In their own transaction (committed):
+        take the leases the insert could not, and leave the messages of all of them to
+        the background sender, off the caller's path (the scan is the safety net). In
+        the caller's: once it commits."""
         if self.disabled:
             return
-        if connection is None:
-            self.after_commit.submit(queues, taken)
-        else:
+        if connection is not None:
             self.backend.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
+            return
+        held = {lease.queue for lease in taken}
+        rest = [queue for queue in queues if queue not in held]
+        try:
+            leases = [*taken, *self.wakeup.take(rest)] if rest else list(taken)
+        except Exception:
+            self.after_commit.submit(taken)
+            # The jobs are committed; the next scan will start them.
+            logger.exception(
+                "could not wake queues %s; the next scan will", rest, extra={"scope": self.scope}
+            )
+            return
+        self.after_commit.submit(leases)
+
+    def _send_committed(self, leases: Sequence[Lease]) -> None:
+        """Publish the messages of leases taken for committed jobs (the background
+        sender's work); a failure is logged: the leases were given back by
+        :meth:`send`, and the next scan sends them."""
+        try:
+            self.send(leases)
+        except Exception:
+            logger.exception(
+                "could not wake queues %s; the next scan will",
+                sorted({lease.queue for lease in leases}),
+                extra={"scope": self.scope},
+            )
 
     def _check_actions(self, specs: Sequence[NewJob]) -> None:
         """Refuse an action no performer handles, when this Queuetopia knows its
@@ -365,9 +393,6 @@ class Queuetopia:
         for spec in specs:
             if spec.action not in handled:
                 raise UnknownActionError(self.scope, spec.action, known)
-
-    def _wake_committed(self, queues: Sequence[str], taken: Sequence[Lease]) -> None:
-        self._kick(queues, committed=True, taken=taken)
 
     def _kick_after(self, queues: set[str], committed: bool) -> None:
         self._kick(sorted(queues), committed=committed)

@@ -63,6 +63,10 @@ class WakeUp:
             if len(taken) < self.scan_limit:
                 return total
 
+    def take(self, queues: Sequence[str]) -> list[Lease]:
+        """:meth:`kick` without sending: the leases taken, for the caller to send."""
+        return self._take(queues)
+
     def _take(self, queues: Sequence[str] | None, *, limit: int = 1000) -> list[Lease]:
         backend = self.backend
         if self.max_concurrent is not None:
@@ -83,26 +87,27 @@ EXIT_FLUSH_SECONDS = 5.0
 
 
 class AfterCommit:
-    """Sends the wake-ups of committed jobs from a background thread, off the
-    producer's path: ``create_job`` returns once its insert has committed, and the
-    perform messages of the leases that insert took (and the kicks of the queues whose
-    lease it could not take) go out from here, merged with the ones pending meanwhile
-    into one call of ``wake(queues, leases)``.
+    """Publishes the perform messages of leases taken for committed jobs from a
+    background thread, off the producer's path: ``create_job`` returns once its insert
+    (and, for a queue the insert could not decide, the kick) has committed and the
+    leases are taken; their messages go out from here, merged with the ones pending
+    meanwhile into one call of ``publish(leases)``.
 
     Nothing is lost when this thread never gets to them (the process killed right
-    after the commit, the broker down): a lease taken by the insert is unstarted, and
-    the scan re-sends its message once ``resend_after`` has passed (as for any lost
-    message); a queue left without a lease had its ``due_at`` lowered by the insert, so
-    the next scan takes it. ``wake`` catches and logs its own errors.
+    after the commit, the broker down): each lease is unstarted, and the scan re-sends
+    its message once ``resend_after`` has passed, as for any lost message (a lease
+    whose publish failed is given back by ``publish`` for the next scan). The database
+    holds the same rows when ``create_job`` returns as with an inline publish; only the
+    message is later. ``publish`` catches and logs its own errors.
 
-    The thread is started at the first :meth:`submit` of a process (a forked child
-    starts its own; the parent's pending wake-ups stay the parent's), and the
-    interpreter's exit waits up to :data:`EXIT_FLUSH_SECONDS` for what is pending."""
+    The thread is started at the first :meth:`submit` (a forked child starts its own;
+    the parent's pending messages stay the parent's), and the interpreter's exit waits
+    up to :data:`EXIT_FLUSH_SECONDS` for what is pending."""
 
     def __init__(
-        self, wake: Callable[[Sequence[str], Sequence[Lease]], None], *, name: str = "wake-ups"
+        self, publish: Callable[[Sequence[Lease]], None], *, name: str = "queuetopia-wake-ups"
     ) -> None:
-        self.wake = wake
+        self.publish = publish
         self.name = name
         self._start()
         _SENDERS.add(self)
@@ -110,28 +115,26 @@ class AfterCommit:
     def _start(self) -> None:
         """Fresh state for this process (never the lock a forked parent's thread held)."""
         self._cond = threading.Condition(threading.Lock())
-        self._queues: dict[str, None] = {}
         self._leases: list[Lease] = []
-        #: Submitted batches not yet handed to ``wake`` and returned from it.
+        #: Leases submitted and not yet published (or failed and logged).
         self._unsent = 0
         self._thread: threading.Thread | None = None
 
-    def submit(self, queues: Sequence[str], leases: Sequence[Lease] = ()) -> None:
-        """Wake ``queues`` (sending ``leases``, taken for some of them) soon."""
-        if not queues and not leases:
+    def submit(self, leases: Sequence[Lease]) -> None:
+        """Publish the perform messages of ``leases`` soon."""
+        if not leases:
             return
         with self._cond:
-            self._queues.update(dict.fromkeys(queues))
             self._leases.extend(leases)
-            self._unsent += 1
+            self._unsent += len(leases)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
             self._cond.notify()
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every wake-up submitted so far has been sent (or failed and been
-        logged). Returns False if ``timeout`` seconds passed first."""
+        """Wait until every lease submitted so far has been published (or failed and
+        been logged). Returns False if ``timeout`` seconds passed first."""
         with self._cond:
             return self._cond.wait_for(lambda: self._unsent == 0, timeout)
 
@@ -139,15 +142,17 @@ class AfterCommit:
         cond = self._cond
         while True:
             with cond:
-                cond.wait_for(lambda: bool(self._queues or self._leases))
-                queues, leases, batches = list(self._queues), self._leases, self._unsent
-                self._queues, self._leases = {}, []
+                cond.wait_for(lambda: bool(self._leases))
+                leases, self._leases = self._leases, []
             try:
-                self.wake(queues, leases)
+                self.publish(leases)
             except BaseException:  # never let the thread die: the scan is the safety net
-                logger.exception("could not wake queues %s; the next scan will", queues)
+                logger.exception(
+                    "could not send the perform messages of queues %s; the next scan will",
+                    sorted({lease.queue for lease in leases}),
+                )
             with cond:
-                self._unsent -= batches
+                self._unsent -= len(leases)
                 cond.notify_all()
 
 
