@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from .env import ROOT, load, summary
+from .env import ENQUEUE_MODES, ROOT, load, summary
 
 #: The scenarios that can be compared, and the side command each measurement runs.
 COMPARABLE = ("throughput", "latency", "enqueue")
@@ -66,7 +66,7 @@ def plan(names: Sequence[str], cfg: dict[str, Any]) -> list[Step]:
         elif name == "latency":
             steps.append((name, "idle worker", name, {"samples": cfg["latency_samples"]}))
         elif name == "enqueue":
-            for mode in ("one", "bulk"):
+            for mode in ENQUEUE_MODES:
                 n_total = cfg["enqueue_one"] if mode == "one" else cfg["enqueue_bulk"]
                 for procs in (1, 4):
                     for target in ("many", "one_queue"):
