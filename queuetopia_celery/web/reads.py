@@ -18,9 +18,9 @@ from ..jobs import (
     HELD_UNTIL,
     OPEN_STATUSES,
     STATUS_PENDING,
+    STATUS_RUNNING,
     Job,
     JobState,
-    state_of,
     utcnow,
 )
 from ..schema import jobs as JOBS
@@ -113,40 +113,67 @@ class Reads:
     # ------------------------------------------------------------------ overview
 
     def overview(self, *, page: int, page_size: int) -> Overview:
+        """One page of the scope's queues with open jobs, blocked ones first, and the
+        scope's totals: one pass over the open jobs (grouped by queue), the totals
+        summed over the groups by window functions, then the page's heads and leases."""
         now = utcnow()
-        with self.engine.connect() as conn:
-            counts = self._state_counts(conn, now)
-            failing = sa.func.max(sa.case((JOBS.c.error.is_not(None), 1), else_=0)).label("failing")
-            per_queue = (
-                sa.select(
-                    JOBS.c.queue,
-                    sa.func.count().label("open_jobs"),
-                    failing,
-                    sa.func.min(JOBS.c.inserted_at).label("oldest"),
-                )
-                .where(self._open)
-                .group_by(JOBS.c.queue)
-                .subquery()
+        held = JOBS.c.next_attempt_at >= HELD_UNTIL
+        pending = JOBS.c.status == STATUS_PENDING
+        due = sa.func.coalesce(JOBS.c.next_attempt_at, JOBS.c.scheduled_at)
+        per_state = {
+            JobState.RUNNING: JOBS.c.status == STATUS_RUNNING,
+            JobState.HELD: sa.and_(pending, held),
+            JobState.RETRYING: sa.and_(pending, JOBS.c.attempts > 0, sa.not_(held)),
+            JobState.SCHEDULED: sa.and_(pending, JOBS.c.attempts == 0, JOBS.c.scheduled_at > now),
+            JobState.AVAILABLE: sa.and_(pending, JOBS.c.attempts == 0, JOBS.c.scheduled_at <= now),
+        }
+        per_queue = (
+            sa.select(
+                JOBS.c.queue,
+                sa.func.count().label("open_jobs"),
+                sa.func.max(sa.case((JOBS.c.error.is_not(None), 1), else_=0)).label("failing"),
+                sa.func.min(JOBS.c.inserted_at).label("oldest"),
+                sa.func.min(sa.case((sa.and_(pending, due <= now), due))).label("due"),
+                *(
+                    sa.func.sum(sa.case((condition, 1), else_=0)).label(state.value)
+                    for state, condition in per_state.items()
+                ),
             )
-            totals = conn.execute(
-                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(per_queue.c.failing), 0))
-            ).one()
-            chosen = conn.execute(
-                sa.select(per_queue.c.queue, per_queue.c.open_jobs, per_queue.c.oldest)
-                .order_by(per_queue.c.failing.desc(), per_queue.c.queue)
-                .limit(page_size)
-                .offset((page - 1) * page_size)
-            ).all()
+            .where(self._open)
+            .group_by(JOBS.c.queue)
+            .subquery()
+        )
+        # The totals: window functions over every group (the whole scope), on each row.
+        query = sa.select(
+            per_queue.c.queue,
+            per_queue.c.open_jobs,
+            per_queue.c.oldest,
+            sa.over(sa.func.count()).label("queues"),
+            sa.over(sa.func.sum(per_queue.c.failing)).label("failing"),
+            sa.over(sa.func.min(per_queue.c.due)).label("due"),
+            sa.over(
+                sa.func.first_value(per_queue.c.queue), order_by=per_queue.c.due.asc().nulls_last()
+            ).label("due_queue"),
+            *(sa.over(sa.func.sum(per_queue.c[state.value])).label(state.value) for state in per_state),
+        ).order_by(per_queue.c.failing.desc(), per_queue.c.queue)
+        with self.engine.connect() as conn:
+            chosen = conn.execute(query.limit(page_size).offset((page - 1) * page_size)).all()
+            totals = chosen[0] if chosen else conn.execute(query.limit(1)).first()
             paused_total = conn.execute(
                 sa.select(sa.func.count()).where(QUEUES.c.scope == self.scope, QUEUES.c.paused)
             ).scalar_one()
             rows = self._rows(conn, [(r.queue, int(r.open_jobs), r.oldest) for r in chosen])
-            oldest_due = self._oldest_due(conn, now)
+            oldest_due = None
+            if totals is not None and totals.due is not None:
+                oldest_due = self._oldest_due(conn, totals.due_queue, now)
+        counts = dict.fromkeys(OPEN_STATES, 0)
+        if totals is not None:
+            counts.update({state: int(getattr(totals, state.value) or 0) for state in per_state})
         return Overview(
             now=now,
             counts=counts,
-            queues_open=int(totals[0]),
-            queues_failing=int(totals[1]),
+            queues_open=int(totals.queues) if totals is not None else 0,
+            queues_failing=int(totals.failing or 0) if totals is not None else 0,
             queues_paused=int(paused_total),
             oldest_due=oldest_due,
             rows=rows,
@@ -154,32 +181,12 @@ class Reads:
             page_size=page_size,
         )
 
-    def _state_counts(self, conn: sa.Connection, now: dt.datetime) -> dict[JobState, int]:
-        """Open jobs by state, in one pass over the open-jobs index."""
-        query = (
-            sa.select(
-                JOBS.c.status,
-                (JOBS.c.attempts > 0).label("tried"),
-                (sa.func.coalesce(JOBS.c.next_attempt_at, JOBS.c.scheduled_at) >= HELD_UNTIL).label("held"),
-                (JOBS.c.scheduled_at > now).label("later"),
-                sa.func.count(),
-            )
-            .where(self._open)
-            .group_by(*(sa.literal_column(str(n)) for n in range(1, 5)))
-        )
-        counts = dict.fromkeys(OPEN_STATES, 0)
-        for status, tried, held, later, count in conn.execute(query):
-            scheduled_at = now + dt.timedelta(seconds=1) if later else now
-            state = state_of(status, 1 if tried else 0, scheduled_at, now, held=bool(held))
-            counts[state] = counts.get(state, 0) + int(count)
-        return counts
-
-    def _oldest_due(self, conn: sa.Connection, now: dt.datetime) -> OldestDue | None:
-        """The pending job that has been due the longest (held jobs are never due)."""
+    def _oldest_due(self, conn: sa.Connection, queue: str, now: dt.datetime) -> OldestDue | None:
+        """The pending job of ``queue`` that has been due the longest."""
         due = sa.func.coalesce(JOBS.c.next_attempt_at, JOBS.c.scheduled_at).label("due_at")
         row = conn.execute(
             sa.select(JOBS.c.id, JOBS.c.queue, due)
-            .where(JOBS.c.scope == self.scope, JOBS.c.status == STATUS_PENDING, due <= now)
+            .where(self._open, JOBS.c.queue == queue, JOBS.c.status == STATUS_PENDING, due <= now)
             .order_by(due)
             .limit(1)
         ).first()

@@ -4,6 +4,7 @@ authentication, read-only mode, CSRF, escaping, pagination, actions."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import re
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from starlette.applications import Starlette
 from queuetopia_celery import Job, Queuetopia
 from queuetopia_celery.errors import ConfigurationError
 from queuetopia_celery.web import BasicAuth, TokenAuth, queuetopia_web
+from queuetopia_celery.web.reads import Reads
 
 SCRIPT = "<script>alert('pwned')</script>"
 AUTH = ("ops", "s3cret-pass")
@@ -94,6 +96,19 @@ def test_the_overview_shows_a_blocked_queue_first_with_its_error_and_counts(web_
     assert "failed with &lt;script&gt;" in text
     assert "second line" not in text  # the overview shows the error's first line
     assert SCRIPT not in text
+
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    web_qt.create_job("a-later-queue", "ok", {}, scheduled_at=later)
+    view = Reads(web_qt.engine, web_qt.scope).overview(page=1, page_size=50)
+    assert {state.value: count for state, count in view.counts.items() if count} == {
+        "held": 1,
+        "available": 2,
+        "scheduled": 1,
+    }
+    assert (view.queues_open, view.queues_failing, view.queues_paused) == (3, 1, 0)
+    assert view.oldest_due is not None and view.oldest_due.queue in ("a-calm-queue", "z-blocked")
+    assert [row.queue for row in view.rows] == ["z-blocked", "a-calm-queue", "a-later-queue"]
+    assert view.rows[0].blocked and view.rows[0].blocked_since is not None
 
 
 def test_a_job_whose_params_and_error_hold_a_script_shows_them_as_text(web_qt: Queuetopia) -> None:
