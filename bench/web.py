@@ -75,6 +75,28 @@ def _row(name: str, times: list[float]) -> str:
     return f"| {name} | {statistics.median(times):.1f} | {p95:.1f} | {max(times):.1f} |"
 
 
+def _explain(engine: sa.Engine, get: Callable[[], None]) -> None:
+    """Print the plan of each statement one request runs (EXPLAIN ANALYZE)."""
+    seen: list[tuple[str, Any]] = []
+
+    def record(*event: Any) -> None:  # (conn, cursor, statement, parameters, context, many)
+        statement, parameters = event[2], event[3]
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    sa.event.listen(engine, "before_cursor_execute", record)
+    get()
+    sa.event.remove(engine, "before_cursor_execute", record)
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        for statement, parameters in seen:
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters)
+            print("\n".join(row[0] for row in cursor.fetchall()), end="\n\n")
+    finally:
+        raw.close()
+
+
 def main(args: argparse.Namespace) -> None:
     name = f"qt_bench_web_{uuid.uuid4().hex[:6]}"
     admin = sa.create_engine(ADMIN, isolation_level="AUTOCOMMIT")
@@ -131,6 +153,8 @@ def _bench(args: argparse.Namespace, url: str) -> None:
         ("a job", getter(web, f"/job/{blocked_job.id}")),
         ("baseline: overview of an empty scope", getter(web_empty, "/")),
     ]
+    if args.explain:
+        _explain(engine, pages[0][1])
     results = [(label, _times(args.repeats, get)) for label, get in pages]
     statuses = _times(max(3, args.repeats // 5), qt.queue_statuses)
     load = os.getloadavg()
@@ -154,4 +178,5 @@ if __name__ == "__main__":
     parser.add_argument("--done", type=int, default=20)
     parser.add_argument("--blocked", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--explain", action="store_true", help="print the overview's query plans first")
     main(parser.parse_args())

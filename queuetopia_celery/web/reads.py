@@ -255,6 +255,7 @@ class Reads:
                 )
             ).scalars()
         )
+        since = self._blocked_since(conn, [job for job in heads.values() if job.error is not None])
         out = []
         for name, count, oldest in chosen:
             head = heads.get(name)
@@ -265,7 +266,7 @@ class Reads:
                     open_jobs=count,
                     head=head,
                     blocked=blocked,
-                    blocked_since=self._blocked_since(conn, head) if blocked and head is not None else None,
+                    blocked_since=since.get(head.id) if head is not None else None,
                     oldest_open_at=_aware(oldest) if oldest is not None else None,
                     paused=name in paused,
                     lease=leases.get(name),
@@ -288,24 +289,37 @@ class Reads:
             for r in rows
         }
 
-    def _blocked_since(self, conn: sa.Connection, head: Job) -> dt.datetime:
-        """When ``head`` became its queue's head: when the job before it ended, or when
-        it was scheduled, whichever is later (the same estimate as ``queue_statuses``)."""
+    def _blocked_since(self, conn: sa.Connection, heads: list[Job]) -> dict[int, dt.datetime]:
+        """When each of these heads became its queue's head: when the job before it
+        ended, or when it was scheduled, whichever is later (the estimate of
+        ``queue_statuses``). One statement: a correlated subquery per head, each a
+        backward step on the (scope, queue, sequence) index."""
+        if not heads:
+            return {}
+        head = JOBS.alias("head")
         ended = sa.func.coalesce(JOBS.c.done_at, JOBS.c.aborted_at, JOBS.c.attempted_at)
-        previous = conn.execute(
+        previous = (
             sa.select(ended)
             .where(
-                JOBS.c.scope == self.scope,
-                JOBS.c.queue == head.queue,
-                JOBS.c.sequence < head.sequence,
+                JOBS.c.scope == head.c.scope,
+                JOBS.c.queue == head.c.queue,
+                JOBS.c.sequence < head.c.sequence,
                 JOBS.c.status.not_in(OPEN_STATUSES),
             )
             .order_by(JOBS.c.sequence.desc())
             .limit(1)
-        ).scalar()
-        if previous is None:
-            return head.scheduled_at
-        return max(head.scheduled_at, _aware(previous))
+            .correlate(head)
+            .scalar_subquery()
+        )
+        rows = conn.execute(
+            sa.select(head.c.id, previous.label("previous")).where(head.c.id.in_([job.id for job in heads]))
+        ).all()
+        ended_before = {int(row.id): row.previous for row in rows}
+        out = {}
+        for job in heads:
+            before = ended_before.get(job.id)
+            out[job.id] = job.scheduled_at if before is None else max(job.scheduled_at, _aware(before))
+        return out
 
 
 def _aware(value: object) -> dt.datetime:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from queuetopia_celery import Job, Queuetopia
+from queuetopia_celery import Job, JobState, Queuetopia
 from queuetopia_celery.errors import ConfigurationError
 from queuetopia_celery.web import BasicAuth, TokenAuth, queuetopia_web
 from queuetopia_celery.web.reads import Reads
@@ -108,7 +108,9 @@ def test_the_overview_shows_a_blocked_queue_first_with_its_error_and_counts(web_
     assert (view.queues_open, view.queues_failing, view.queues_paused) == (3, 1, 0)
     assert view.oldest_due is not None and view.oldest_due.queue in ("a-calm-queue", "z-blocked")
     assert [row.queue for row in view.rows] == ["z-blocked", "a-calm-queue", "a-later-queue"]
-    assert view.rows[0].blocked and view.rows[0].blocked_since is not None
+    assert view.rows[0].blocked
+    # The same estimate as the facade's (and the CLI's status).
+    assert view.rows[0].blocked_since == web_qt.queue_statuses(queue="z-blocked")[0].blocked_since
 
 
 def test_a_job_whose_params_and_error_hold_a_script_shows_them_as_text(web_qt: Queuetopia) -> None:
@@ -259,3 +261,64 @@ def test_bad_settings_are_refused() -> None:
     with pytest.raises(ConfigurationError):
         TokenAuth("short")
     assert "s3cret" not in repr(BasicAuth(*AUTH))
+
+
+def test_the_pages_and_a_retry_work_on_sqlite_too(tmp_path: Any) -> None:
+    from celery import Celery
+
+    qt = Queuetopia(
+        "web",
+        app=Celery("web-sqlite", broker="memory://", set_as_current=False),
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        disabled=True,
+    )
+    qt.migrate()
+
+    @qt.performer("boom")
+    def boom(job: Job) -> None:
+        raise RuntimeError(SCRIPT)
+
+    @qt.performer("ok")
+    def ok(job: Job) -> None:
+        return None
+
+    try:
+        head = blocked_queue(qt)
+        web = client(qt, auth=BasicAuth(*AUTH))
+        overview = web.get("/", auth=AUTH)
+        assert overview.status_code == 200 and "accounts/42" in overview.text and SCRIPT not in overview.text
+        view = Reads(qt.engine, qt.scope).overview(page=1, page_size=50)
+        assert view.counts[JobState.HELD] == 1 and view.queues_failing == 1
+        assert web.get("/queue", params={"name": "accounts/42"}, auth=AUTH).status_code == 200
+        assert web.get(f"/job/{head.id}", auth=AUTH).status_code == 200
+        confirm = web.get("/confirm/retry", params={"job": head.id}, auth=AUTH)
+        assert web.post("/do/retry", data=csrf_form(confirm.text), auth=AUTH).status_code == 200
+        assert qt.get_job(head.id).state is JobState.RETRYING  # type: ignore[union-attr]
+    finally:
+        qt.engine.dispose()
+
+
+def test_the_web_command_refuses_two_kinds_of_credentials() -> None:
+    from click.testing import CliRunner
+
+    from queuetopia_celery.cli import cli
+
+    result = CliRunner().invoke(
+        cli,
+        [
+            "--database-url",
+            "sqlite:///nowhere.db",
+            "--scope",
+            "s",
+            "web",
+            "--token",
+            TOKEN,
+            "--username",
+            "u",
+        ],
+    )
+    assert result.exit_code == 2 and "either --username/--password or --token" in result.output
+    result = CliRunner().invoke(
+        cli, ["--database-url", "sqlite:///x.db", "--scope", "s", "web", "--username", "u"]
+    )
+    assert result.exit_code == 2 and "go together" in result.output
