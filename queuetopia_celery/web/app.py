@@ -245,7 +245,7 @@ class WebView:
     async def act(self, request: Request) -> Response:
         try:
             await self._check_act(request)
-            if cross_site(request.headers, request.headers.get("host", "")):
+            if cross_site(request.headers):
                 raise Refused(403, "cross-site request refused")
             form = await request.form()
             fields = {key: value for key, value in form.items() if isinstance(value, str)}

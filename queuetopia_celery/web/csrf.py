@@ -53,11 +53,20 @@ class Csrf:
         )
 
 
-def cross_site(headers: Mapping[str, str], host: str) -> bool:
-    """Whether the browser says this request comes from another site."""
-    if headers.get("sec-fetch-site", "") == "cross-site":
-        return True
+def cross_site(headers: Mapping[str, str]) -> bool:
+    """Whether the browser says this request comes from another site: its
+    ``Sec-Fetch-Site`` (which a proxy leaves alone) or, from a browser too old to send
+    that, an ``Origin`` naming a host other than the request's (``Host`` or, behind a
+    proxy, ``X-Forwarded-Host``)."""
+    fetch_site = headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site == "cross-site"
     origin = headers.get("origin")
-    if origin and origin != "null":
-        return origin.split("://", 1)[-1].rstrip("/") != host
-    return origin == "null"
+    if origin is None:
+        return False
+    if origin == "null":
+        return True
+    hosts = {headers.get("host", "")} | {
+        host.strip() for host in headers.get("x-forwarded-host", "").split(",") if host.strip()
+    }
+    return origin.split("://", 1)[-1].rstrip("/") not in hosts
