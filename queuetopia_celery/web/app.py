@@ -359,7 +359,7 @@ def _perform(qt: Queuetopia, op: str, target: dict[str, str]) -> Outcome:
     """Do the action through the facade and say what was done."""
     if op == "retry":
         job = qt.retry_job(int(target["job"]), force="force" in target)
-        return Outcome(f"Job {job.id} of queue {job.queue} is due now; its queue was woken.", job.queue)
+        return Outcome(f"Job {job.id} of queue {job.queue} is due now; {_woken(qt)}", job.queue)
     if op == "abort":
         job = qt.abort_job(int(target["job"]), target.get("reason", ""))
         return Outcome(f"Job {job.id} of queue {job.queue} was aborted; its queue moves on.", job.queue)
@@ -370,7 +370,7 @@ def _perform(qt: Queuetopia, op: str, target: dict[str, str]) -> Outcome:
         return Outcome(f"Queue {queue} {said}", queue)
     if op == "resume":
         changed = qt.resume_queue(target["queue"])
-        said = "was resumed and woken." if changed else "was not paused: nothing changed."
+        said = f"was resumed; {_woken(qt)}" if changed else "was not paused: nothing changed."
         return Outcome(f"Queue {queue} {said}", queue)
     result = _bulk(qt, op, target, False)
     verb = "retried" if op == "retry-jobs" else "aborted"
@@ -378,6 +378,12 @@ def _perform(qt: Queuetopia, op: str, target: dict[str, str]) -> Outcome:
     jobs = f"{result.count} job{'s' if result.count != 1 else ''}"
     queues = f"{len(result.queues)} queue{'s' if len(result.queues) != 1 else ''}"
     return Outcome(f"{jobs} {verb} in {queues}" + (f"; skipped: {skipped}" if skipped else "") + ".", queue)
+
+
+def _woken(qt: Queuetopia) -> str:
+    if qt.disabled:
+        return "this Queuetopia wakes no worker (disabled): the next scan starts the queue."
+    return "its queue was woken."
 
 
 def _status_of(exc: QueuetopiaError) -> int:

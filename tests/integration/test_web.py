@@ -237,7 +237,7 @@ def test_a_token_or_the_host_apps_own_check_authorizes_actions(web_qt: Queuetopi
     )
     assert 'action="/ops/queues/do/resume"' in confirm.text
     resumed = hosted.post("/ops/queues/do/resume", data=csrf_form(confirm.text), headers={"x-user": "admin"})
-    assert resumed.status_code == 200 and "was resumed and woken" in resumed.text
+    assert resumed.status_code == 200 and "was resumed; its queue was woken" in resumed.text
 
 
 def test_bulk_actions_show_a_dry_run_count_then_report_what_they_did(web_qt: Queuetopia) -> None:
@@ -292,7 +292,8 @@ def test_the_pages_and_a_retry_work_on_sqlite_too(tmp_path: Any) -> None:
         assert web.get("/queue", params={"name": "accounts/42"}, auth=AUTH).status_code == 200
         assert web.get(f"/job/{head.id}", auth=AUTH).status_code == 200
         confirm = web.get("/confirm/retry", params={"job": head.id}, auth=AUTH)
-        assert web.post("/do/retry", data=csrf_form(confirm.text), auth=AUTH).status_code == 200
+        done = web.post("/do/retry", data=csrf_form(confirm.text), auth=AUTH)
+        assert done.status_code == 200 and "wakes no worker (disabled): the next scan starts" in done.text
         assert qt.get_job(head.id).state is JobState.RETRYING  # type: ignore[union-attr]
     finally:
         qt.engine.dispose()
@@ -322,3 +323,19 @@ def test_the_web_command_refuses_two_kinds_of_credentials() -> None:
         cli, ["--database-url", "sqlite:///x.db", "--scope", "s", "web", "--username", "u"]
     )
     assert result.exit_code == 2 and "go together" in result.output
+
+
+def test_a_running_job_shows_its_worker_and_lease(web_qt: Queuetopia) -> None:
+    job = web_qt.create_job("running-queue", "ok", {})
+    # What a worker does when it starts the job (a lease taken, the attempt begun).
+    store = web_qt.backend
+    store.release_unstarted("running-queue")
+    (lease,) = store.kick(["running-queue"], grace=20, locked_by="celery@host-9/4242")
+    assert store.start("running-queue", job.id, lease.token, worker="celery@host-9/4242", lease=60)
+    web = client(web_qt)
+    overview = web.get("/").text
+    assert '<span class="badge running">running</span>' in overview
+    queue_page = web.get("/queue", params={"name": "running-queue"}).text
+    assert "running since" in queue_page and "celery@host-9/4242" in queue_page
+    job_page = web.get(f"/job/{job.id}").text
+    assert "held by celery@host-9/4242" in job_page and 'id="job-state">running<' in job_page
