@@ -13,6 +13,7 @@ package does not import Starlette: :func:`queuetopia_web` does.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def queuetopia_web(
-    qt: Queuetopia,
+    qt: Queuetopia | Sequence[Queuetopia],
     *,
     auth: Authorize | None = None,
     public_reads: bool = False,
@@ -35,7 +36,9 @@ def queuetopia_web(
     secret_key: str | bytes | None = None,
     title: str = "queuetopia",
 ) -> Starlette:
-    """The web view of ``qt``'s scope, as an ASGI app (Starlette).
+    """The web view of ``qt``'s scope, as an ASGI app (Starlette). Given several
+    Queuetopias (one per scope), an index of the scopes at ``/`` and each one's view
+    under ``/scope/<scope>/``.
 
     ``auth`` decides who may act (retry, abort, pause, resume, bulk): a
     :class:`BasicAuth`, a :class:`TokenAuth`, or your app's own check, a callable
@@ -50,7 +53,7 @@ def queuetopia_web(
     settings.
     """
     try:
-        from .app import Settings, build
+        from .app import Settings, build, build_index
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ConfigurationError(
             'the web view needs the "web" extra: pip install "queuetopia-celery[web]"'
@@ -72,6 +75,8 @@ def queuetopia_web(
         secret_key=key or os.urandom(32),
         title=title,
     )
+    if isinstance(qt, Sequence):
+        return build_index(list(qt), settings)
     return build(qt, settings)
 
 

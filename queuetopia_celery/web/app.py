@@ -12,19 +12,27 @@ import dataclasses
 import datetime as dt
 import inspect
 import json
+import re
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.templating import Jinja2Templates
 
-from ..errors import InvalidJobError, JobNotFoundError, QueueNotFoundError, QueuetopiaError
+from ..errors import (
+    ConfigurationError,
+    InvalidJobError,
+    JobNotFoundError,
+    QueueNotFoundError,
+    QueuetopiaError,
+)
 from ..jobs import BulkResult, Job, JobState, first_line, utcnow, validate_name
 from .auth import Authorize, BasicAuth, TokenAuth
 from .csrf import COOKIE, FIELD, Csrf, cross_site
@@ -50,6 +58,8 @@ class Settings:
     refresh: int = 10
     secret_key: bytes = dataclasses.field(default=b"", repr=False)
     title: str = "queuetopia"
+    #: Mounted under the index of several scopes (``/scope/<name>``): link back to it.
+    under_index: bool = False
 
 
 class Refused(Exception):
@@ -111,14 +121,17 @@ class WebView:
             raise self._refuse_unauthorized()
 
     def _render(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
-        context.update(
-            request=request,
-            title=self.settings.title,
-            scope=self.qt.scope,
-            can_act=not self.read_only,
-            read_only=self.read_only,
-            link=lambda route, /, **query: _link(request, route, **query),
-        )
+        root = request.scope.get("root_path", "")
+        context = {
+            "request": request,
+            "title": self.settings.title,
+            "scope": self.qt.scope,
+            "can_act": not self.read_only,
+            "read_only": self.read_only,
+            "link": lambda route, /, **query: _link(request, route, **query),
+            "index": root.rsplit("/scope/", 1)[0] + "/" if self.settings.under_index else None,
+            **context,
+        }
         response = self.templates.TemplateResponse(request, template, context, status_code=status)
         _secure(response)
         return response
@@ -463,4 +476,51 @@ def build(qt: Queuetopia, settings: Settings) -> Starlette:
     return app
 
 
-__all__ = ["Settings", "ago", "build"]
+class ScopesIndex:
+    """The index of several scopes: each one's queues, blocked queues and open jobs."""
+
+    def __init__(self, views: list[WebView]) -> None:
+        self.views = views
+
+    async def index(self, request: Request) -> Response:
+        first = self.views[0]
+        try:
+            await first._check_read(request)
+        except Refused as refused:
+            return first._refused_page(request, refused)
+        rows = []
+        for view in self.views:
+            summary = await run_in_threadpool(view.reads.overview, page=1, page_size=1)
+            rows.append((view.qt.scope, summary))
+        root = request.scope.get("root_path", "")
+        return first._render(
+            request,
+            "scopes.html",
+            rows=rows,
+            scope="all scopes",
+            index=None,
+            scope_url=lambda scope: f"{root}/scope/{quote(scope, safe='')}/",
+            refresh=first.settings.refresh,
+        )
+
+
+def build_index(qts: Sequence[Queuetopia], settings: Settings) -> Starlette:
+    """One view per Queuetopia under ``/scope/<scope>/``, and their index at ``/``."""
+    scopes = [qt.scope for qt in qts]
+    if not qts or len(set(scopes)) != len(scopes):
+        raise ConfigurationError("give one or more Queuetopias of different scopes")
+    if any(not _PLAIN_SCOPE.fullmatch(scope) for scope in scopes):
+        raise ConfigurationError(
+            "with several scopes, each scope name must be letters, digits, '.', '_' or '-'"
+        )
+    nested = dataclasses.replace(settings, under_index=True)
+    apps = [build(qt, nested) for qt in qts]
+    index = ScopesIndex([app.state.queuetopia_view for app in apps])
+    routes: list[BaseRoute] = [Route("/", index.index, name="scopes")]
+    routes += [Mount(f"/scope/{qt.scope}", app=app) for qt, app in zip(qts, apps, strict=True)]
+    return Starlette(routes=routes)
+
+
+_PLAIN_SCOPE = re.compile(r"[A-Za-z0-9._-]+")
+
+__all__ = ["Settings", "ago", "build", "build_index"]

@@ -339,3 +339,23 @@ def test_a_running_job_shows_its_worker_and_lease(web_qt: Queuetopia) -> None:
     assert "running since" in queue_page and "celery@host-9/4242" in queue_page
     job_page = web.get(f"/job/{job.id}").text
     assert "held by celery@host-9/4242" in job_page and 'id="job-state">running<' in job_page
+
+
+def test_several_scopes_get_an_index_and_a_view_each(
+    web_qt: Queuetopia, make_qt: Callable[..., Queuetopia], scope: str
+) -> None:
+    other = make_qt(f"{scope}-mail", with_performers=False)
+    other.create_job("inbox", "send", {})
+    blocked_queue(web_qt)
+    web = TestClient(queuetopia_web([web_qt, other], auth=BasicAuth(*AUTH)))
+    assert web.get("/").status_code == 401
+    index = web.get("/", auth=AUTH).text
+    assert f'href="/scope/{web_qt.scope}/"' in index and f'href="/scope/{other.scope}/"' in index
+    assert '<span class="badge blocked">1</span>' in index
+    mail = web.get(f"/scope/{other.scope}/", auth=AUTH).text
+    assert "inbox" in mail and "accounts/42" not in mail and 'href="/"' in mail
+    confirm = web.get(f"/scope/{other.scope}/confirm/pause", params={"queue": "inbox"}, auth=AUTH)
+    done = web.post(f"/scope/{other.scope}/do/pause", data=csrf_form(confirm.text), auth=AUTH)
+    assert "Queue inbox is paused" in done.text
+    with pytest.raises(ConfigurationError):
+        queuetopia_web([web_qt, web_qt])
