@@ -188,7 +188,7 @@ class WebView:
         except Refused as refused:
             return self._refused_page(request, refused)
         job_id: int = request.path_params["job_id"]
-        job = await run_in_threadpool(self.qt.get_job, job_id)
+        job = await run_in_threadpool(self.qt.get_job, job_id) if 0 < job_id < 2**63 else None
         if job is None:
             return self._render(
                 request,

@@ -122,6 +122,7 @@ def test_a_job_whose_params_and_error_hold_a_script_shows_them_as_text(web_qt: Q
     assert "second line of the error" in hidden.text  # the full error
     assert 'id="params-hidden"' in hidden.text and "email" not in hidden.text
 
+    assert client(web_qt).get(f"/job/{2**70}").status_code == 404
     shown = client(web_qt, show_params=True).get(f"/job/{head.id}")
     assert SCRIPT not in shown.text
     assert "&#34;email&#34;: &#34;&lt;script&gt;" in shown.text
