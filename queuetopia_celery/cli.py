@@ -33,6 +33,7 @@ from .app import BULK_RETRY_STATES, Queuetopia, make_engine
 from .errors import InvalidJobError, JobNotFoundError, QueuetopiaError
 from .explain import QueueExplanation
 from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
+from .web.command import web as web_command
 
 #: Passwords this process knows of (database and broker URLs): never printed.
 _SECRETS: list[str] = []
@@ -813,6 +814,9 @@ def _offline_url(url: str) -> str:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
+
+
+cli.add_command(web_command)
 
 
 def main(argv: Any = None) -> None:
