@@ -29,10 +29,11 @@ import click
 import sqlalchemy as sa
 
 from . import migrate as _migrate
-from .app import BULK_RETRY_STATES, Queuetopia, make_engine
+from .app import Queuetopia, make_engine
 from .errors import InvalidJobError, JobNotFoundError, QueuetopiaError
 from .explain import QueueExplanation
 from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
+from .operations import BULK_RETRY_STATES
 
 #: Passwords this process knows of (database and broker URLs): never printed.
 _SECRETS: list[str] = []
