@@ -30,6 +30,7 @@ from .jobs import (
     NewJob,
     Page,
     QueueStatus,
+    job_arguments,
     new_job,
     validate_duration,
     validate_name,
@@ -264,7 +265,37 @@ class Queuetopia:
         instead. The database enforces it (a partial unique index), so concurrent
         producers create one job between them.
         """
-        spec = new_job(
+        spec = self.job_spec(
+            queue,
+            action,
+            params,
+            scheduled_at=scheduled_at,
+            timeout=timeout,
+            max_backoff=max_backoff,
+            max_attempts=max_attempts,
+            on_exhausted=on_exhausted,
+            unique_key=unique_key,
+        )
+        return self.create_jobs([spec], connection=connection)[0]
+
+    def job_spec(
+        self,
+        queue: str,
+        action: str,
+        params: Any = None,
+        *,
+        scheduled_at: dt.datetime | None = None,
+        timeout: float | dt.timedelta = DEFAULT_TIMEOUT,
+        max_backoff: float | dt.timedelta = DEFAULT_MAX_BACKOFF,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        on_exhausted: str | None = None,
+        unique_key: str | None = None,
+    ) -> NewJob:
+        """The job :meth:`create_job` would create with these arguments, validated and
+        with this Queuetopia's defaults, not written: for doors that write jobs their
+        own way (:class:`~queuetopia_celery.aio.AsyncQueuetopia`) and then call
+        :meth:`wake_after_commit`. Raises :class:`~queuetopia_celery.InvalidJobError`."""
+        return new_job(
             queue,
             action,
             {} if params is None else params,
@@ -275,7 +306,23 @@ class Queuetopia:
             on_exhausted=self.on_exhausted if on_exhausted is None else on_exhausted,
             unique_key=unique_key,
         )
-        return self.create_jobs([spec], connection=connection)[0]
+
+    def build_specs(self, jobs: Iterable[NewJob | dict[str, Any]]) -> list[NewJob]:
+        """The items of :meth:`create_jobs` (NewJobs, or dicts of :meth:`create_job`'s
+        arguments) as validated NewJobs, not written: raises
+        :class:`~queuetopia_celery.InvalidJobError` on the first bad one, and
+        :class:`~queuetopia_celery.UnknownActionError` for an action no performer
+        handles, when this Queuetopia knows its performers (some function performers
+        and no class performer; not with ``check_actions=False``): such a job would
+        block its queue for all its attempts."""
+        specs = [item if isinstance(item, NewJob) else self.job_spec(**job_arguments(item)) for item in jobs]
+        known = self.registry.actions
+        if self.check_actions and known and self.registry.default is None:
+            handled = set(known)
+            for spec in specs:
+                if spec.action not in handled:
+                    raise UnknownActionError(self.scope, spec.action, known)
+        return specs
 
     def create_jobs(
         self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None
@@ -286,10 +333,9 @@ class Queuetopia:
         ``create_job``'s arguments (``queue``, ``action``, ``params``, options). If one
         item is invalid, nothing is written.
         """
-        specs = [item if isinstance(item, NewJob) else _spec(item, self.on_exhausted) for item in jobs]
+        specs = self.build_specs(jobs)
         if not specs:
             return []
-        self._check_actions(specs)
         queues = list(dict.fromkeys(spec.queue for spec in specs))
         if connection is None:
             # One connection for the insert and the kick: one pool checkout. The insert
@@ -309,18 +355,6 @@ class Queuetopia:
                 connection, f"queuetopia_kicks:{self.scope}", queues, self.wake_after_commit
             )
         return created
-
-    def _check_actions(self, specs: Sequence[NewJob]) -> None:
-        """Refuse an action no performer handles, when this Queuetopia knows its
-        performers (some function performers and no class performer; not with
-        ``check_actions=False``): such a job would block its queue for all its attempts."""
-        known = self.registry.actions
-        if not self.check_actions or not known or self.registry.default is not None:
-            return
-        handled = set(known)
-        for spec in specs:
-            if spec.action not in handled:
-                raise UnknownActionError(self.scope, spec.action, known)
 
     def wake_after_commit(self, queues: Iterable[str], committed: bool = True) -> None:
         """Wake ``queues`` once jobs created in them (or made due) are committed: for a
@@ -519,37 +553,3 @@ class Queuetopia:
         """Delete done jobs that finished more than ``older_than`` ago (default
         ``job_retention``). Exhausted and aborted jobs are kept. Returns the count."""
         return self.operator.purge_jobs(older_than=older_than)
-
-
-def _spec(item: dict[str, Any], on_exhausted: str = ON_EXHAUSTED_SKIP) -> NewJob:
-    if not isinstance(item, dict):
-        raise InvalidJobError("jobs", f"each job must be a dict or NewJob, got {type(item).__name__}")
-    known = {
-        "queue",
-        "action",
-        "params",
-        "scheduled_at",
-        "timeout",
-        "max_backoff",
-        "max_attempts",
-        "on_exhausted",
-        "unique_key",
-    }
-    unknown = set(item) - known
-    if unknown:
-        raise InvalidJobError("jobs", f"unknown keys {sorted(unknown)}")
-    missing = {"queue", "action"} - set(item)
-    if missing:
-        raise InvalidJobError("jobs", f"missing keys {sorted(missing)}")
-    params = item.get("params")
-    return new_job(
-        item["queue"],
-        item["action"],
-        {} if params is None else params,
-        scheduled_at=item.get("scheduled_at"),
-        timeout=item.get("timeout", DEFAULT_TIMEOUT),
-        max_backoff=item.get("max_backoff", DEFAULT_MAX_BACKOFF),
-        max_attempts=item.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
-        on_exhausted=on_exhausted if item.get("on_exhausted") is None else item["on_exhausted"],
-        unique_key=item.get("unique_key"),
-    )

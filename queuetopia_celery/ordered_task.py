@@ -236,6 +236,14 @@ class _QueueKeyOf:
             ) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class JobCall:
+    """The job one call of an ordered task creates: its queue and its params."""
+
+    queue: str
+    params: dict[str, Any]
+
+
 class _OrderedTaskBase(Generic[P, R]):
     """What :class:`OrderedTask` and :class:`BoundOrderedTask` share: Celery's calling
     API, creating jobs; and the performer the worker runs."""
@@ -347,27 +355,37 @@ class _OrderedTaskBase(Generic[P, R]):
         connection: Executor | None = None,
         options: JobOptions | None = None,
     ) -> Job:
+        call = self.job_call(args, kwargs, queue=queue)
+        job_options = (options or JobOptions()).over(self.options)
+        return self.qt.create_job(
+            call.queue,
+            self.name,
+            call.params,
+            scheduled_at=scheduled_at,
+            connection=connection,
+            **job_options.create_kwargs(),
+        )
+
+    def job_call(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, queue: str | None = None
+    ) -> JobCall:
+        """The queue and the params of the job for a call with these arguments
+        (``queue``, when given, instead of the task's key). Raises :class:`TypeError`
+        when the arguments do not fit the function, as calling it would."""
         try:
             call = self.call_signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.name}(): {exc}") from None
         params = {
-            name: list(value) if self.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
+            name: list(value)
+            if self.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
             else value
             for name, value in call.arguments.items()
         }
         if queue is None:
             call.apply_defaults()
             queue = self.queue_key(call.arguments)
-        job_options = (options or JobOptions()).over(self.options)
-        return self.qt.create_job(
-            queue,
-            self.name,
-            params,
-            scheduled_at=scheduled_at,
-            connection=connection,
-            **job_options.create_kwargs(),
-        )
+        return JobCall(queue=queue, params=params)
 
     # ------------------------------------------------------------------ performing
 
@@ -555,6 +573,7 @@ def wait_for_job(qt: Queuetopia, job: Job | int, *, timeout: float = 60.0) -> Jo
 __all__ = [
     "UNSUPPORTED",
     "BoundOrderedTask",
+    "JobCall",
     "JobOptions",
     "OrderedTask",
     "QueueKey",
