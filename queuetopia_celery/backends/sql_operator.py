@@ -23,7 +23,7 @@ from ..jobs import (
     Job,
     JobState,
 )
-from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES
+from .sql_core import JOB_COLUMNS, JOBS, LEASES, MESSAGES, QUEUES
 from .sql_reads import SqlReads
 
 
@@ -124,8 +124,9 @@ class SqlOperator(SqlReads):
 
     def purge(self, older_than: float, *, batch: int = 5000) -> int:
         """Delete done jobs of this scope that finished more than ``older_than``
-        seconds ago, in batches (one transaction each). Exhausted and aborted jobs are
-        kept. Returns how many were deleted."""
+        seconds ago, in batches (one transaction each), with the rows of the create
+        messages that made them. Exhausted and aborted jobs are kept. Returns how many
+        jobs were deleted."""
         total = 0
         while True:
             with self._transaction() as conn:
@@ -140,6 +141,12 @@ class SqlOperator(SqlReads):
                 )
                 ids = list(conn.execute(old).scalars())
                 if ids:
+                    # A create message's row goes with its (first) job. The foreign key
+                    # cascades on PostgreSQL; SQLite enforces foreign keys only where
+                    # PRAGMA foreign_keys is on, so the rows are deleted here for all.
+                    conn.execute(
+                        sa.delete(MESSAGES).where(MESSAGES.c.scope == self.scope, MESSAGES.c.job_id.in_(ids))
+                    )
                     conn.execute(sa.delete(JOBS).where(JOBS.c.id.in_(ids)))
             total += len(ids)
             if len(ids) < batch:
