@@ -68,6 +68,16 @@ class Inserted:
 
 
 @dataclasses.dataclass(frozen=True)
+class MessageJobs:
+    """What :meth:`Backend.create_jobs_once` did for one message."""
+
+    #: The ids of the message's jobs, in the message's order.
+    job_ids: list[int]
+    #: False when the message was seen before: nothing was created now.
+    created: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Burst:
     """What :meth:`Backend.finish_and_start` needs to begin the next job in the same
     Celery task: who runs it, whether the burst budget allows another job, and the
@@ -182,6 +192,10 @@ class Backend(Protocol):
         (PostgreSQL: COPY). Without ``connection`` and with a ``grace``, the leases of
         new and idle queues are taken in the same transaction, as by
         :meth:`create_jobs_taking_leases`."""
+
+    def create_jobs_once(self, message_id: str, specs: Sequence[NewJob]) -> MessageJobs:
+        """:meth:`create_jobs` in its own transaction, once per ``message_id`` of the
+        scope (a ``create`` message's Celery task id), recorded in that transaction."""
 
     def kick(
         self, queues: Sequence[str], *, grace: float, limit: int = 1000, locked_by: str | None = None

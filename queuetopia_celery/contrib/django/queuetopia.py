@@ -199,5 +199,5 @@ class DjangoQueuetopia(Queuetopia):
                 {item.queue if isinstance(item, NewJob) else str(item["queue"]) for item in items}
             )
             # Runs at once when no atomic block is open (the jobs are committed).
-            transaction.on_commit(functools.partial(self._kick, queues, committed=True), using=self.using)
+            transaction.on_commit(functools.partial(self.wake_after_commit, queues), using=self.using)
         return created
