@@ -50,7 +50,6 @@ def main() -> None:
         def create_job(n: int) -> None:
             for _ in range(n):
                 qt.create_job(uuid.uuid4().hex, "noop")
-            qt.after_commit.flush()
 
         def insert_only(n: int) -> None:
             for _ in range(n):
@@ -75,7 +74,6 @@ def main() -> None:
                 names = [f"{prefix}-{i % 100}" for i in range(1000)]
                 for _ in range(0, n * 10, 1000):
                     qt.create_jobs([new_job(name, "noop", {}) for name in names], returning=returning)  # type: ignore[call-overload]
-                qt.after_commit.flush()
 
             return run
 

@@ -41,7 +41,7 @@ from .operations import Operator
 from .ordered_task import TaskDecorator, wait_for_job
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
 from .tasks import CeleryTasks, publish
-from .wakeup import AfterCommit, WakeUp
+from .wakeup import WakeUp
 from .worker import Runner
 
 logger = logging.getLogger(__name__)
@@ -186,9 +186,6 @@ class Queuetopia:
             max_concurrent=self.max_concurrent_queues,
             send=self.send,
         )
-        #: Publishes the perform messages of jobs created in their own transaction from
-        #: a background thread, off the caller's path (see :class:`AfterCommit`).
-        self.after_commit = AfterCommit(self._send_committed, name=f"queuetopia-{self.scope}-wake-ups")
         self.celery_tasks = CeleryTasks(self)
         self.perform_task = self.celery_tasks.perform
         self.scan_task = self.celery_tasks.scan
@@ -396,41 +393,16 @@ class Queuetopia:
     def _wake_created(
         self, queues: Sequence[str], taken: Sequence[Lease], connection: Executor | None
     ) -> None:
-        """Wake the queues of jobs just created. In their own transaction (committed):
-        take the leases the insert could not, and leave the messages of all of them to
-        the background sender, off the caller's path (the scan is the safety net). In
-        the caller's: once it commits."""
+        """Wake the queues of jobs just created: in their own transaction (committed),
+        send the leases taken and kick the other queues now; in the caller's, once it
+        commits."""
         if self.disabled:
             return
-        if connection is not None:
+        if connection is None:
+            self._kick(queues, committed=True, taken=taken)
+        else:
             self.backend.on_commit(
                 connection, f"queuetopia_kicks:{self.scope}", queues, self.wake_after_commit
-            )
-            return
-        held = {lease.queue for lease in taken}
-        rest = [queue for queue in queues if queue not in held]
-        try:
-            leases = [*taken, *self.wakeup.take(rest)] if rest else list(taken)
-        except Exception:
-            self.after_commit.submit(taken)
-            # The jobs are committed; the next scan will start them.
-            logger.exception(
-                "could not wake queues %s; the next scan will", rest, extra={"scope": self.scope}
-            )
-            return
-        self.after_commit.submit(leases)
-
-    def _send_committed(self, leases: Sequence[Lease]) -> None:
-        """Publish the messages of leases taken for committed jobs (the background
-        sender's work); a failure is logged: the leases were given back by
-        :meth:`send`, and the next scan sends them."""
-        try:
-            self.send(leases)
-        except Exception:
-            logger.exception(
-                "could not wake queues %s; the next scan will",
-                sorted({lease.queue for lease in leases}),
-                extra={"scope": self.scope},
             )
 
     def wake_after_commit(self, queues: Iterable[str], committed: bool = True) -> None:

@@ -6,18 +6,10 @@ Nothing here imports Celery."""
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import logging
-import os
-import threading
-import time
-import weakref
 from collections.abc import Callable, Sequence
 
 from .backends.base import Backend, Lease
-
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -63,10 +55,6 @@ class WakeUp:
             if len(taken) < self.scan_limit:
                 return total
 
-    def take(self, queues: Sequence[str]) -> list[Lease]:
-        """:meth:`kick` without sending: the leases taken, for the caller to send."""
-        return self._take(queues)
-
     def _take(self, queues: Sequence[str] | None, *, limit: int = 1000) -> list[Lease]:
         backend = self.backend
         if self.max_concurrent is not None:
@@ -80,98 +68,3 @@ class WakeUp:
     def _sent(self, leases: Sequence[Lease]) -> int:
         self.send(leases)
         return len(leases)
-
-
-#: How long the interpreter's exit waits for wake-ups still to be sent.
-EXIT_FLUSH_SECONDS = 5.0
-
-
-class AfterCommit:
-    """Publishes the perform messages of leases taken for committed jobs from a
-    background thread, off the producer's path: ``create_job`` returns once its insert
-    (and, for a queue the insert could not decide, the kick) has committed and the
-    leases are taken; their messages go out from here, merged with the ones pending
-    meanwhile into one call of ``publish(leases)``.
-
-    Nothing is lost when this thread never gets to them (the process killed right
-    after the commit, the broker down): each lease is unstarted, and the scan re-sends
-    its message once ``resend_after`` has passed, as for any lost message (a lease
-    whose publish failed is given back by ``publish`` for the next scan). The database
-    holds the same rows when ``create_job`` returns as with an inline publish; only the
-    message is later. ``publish`` catches and logs its own errors.
-
-    The thread is started at the first :meth:`submit` (a forked child starts its own;
-    the parent's pending messages stay the parent's), and the interpreter's exit waits
-    up to :data:`EXIT_FLUSH_SECONDS` for what is pending."""
-
-    def __init__(
-        self, publish: Callable[[Sequence[Lease]], None], *, name: str = "queuetopia-wake-ups"
-    ) -> None:
-        self.publish = publish
-        self.name = name
-        self._start()
-        _SENDERS.add(self)
-
-    def _start(self) -> None:
-        """Fresh state for this process (never the lock a forked parent's thread held)."""
-        self._cond = threading.Condition(threading.Lock())
-        self._leases: list[Lease] = []
-        #: Leases submitted and not yet published (or failed and logged).
-        self._unsent = 0
-        self._thread: threading.Thread | None = None
-
-    def submit(self, leases: Sequence[Lease]) -> None:
-        """Publish the perform messages of ``leases`` soon."""
-        if not leases:
-            return
-        with self._cond:
-            self._leases.extend(leases)
-            self._unsent += len(leases)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until every lease submitted so far has been published (or failed and
-        been logged). Returns False if ``timeout`` seconds passed first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._unsent == 0, timeout)
-
-    def _run(self) -> None:
-        cond = self._cond
-        while True:
-            with cond:
-                cond.wait_for(lambda: bool(self._leases))
-                leases, self._leases = self._leases, []
-            try:
-                self.publish(leases)
-            except BaseException:  # never let the thread die: the scan is the safety net
-                logger.exception(
-                    "could not send the perform messages of queues %s; the next scan will",
-                    sorted({lease.queue for lease in leases}),
-                )
-            with cond:
-                self._unsent -= len(leases)
-                cond.notify_all()
-
-
-#: The senders of this process: flushed when the interpreter exits, started afresh
-#: in a forked child (which has no thread and must not wait on a lock that one of the
-#: parent's threads held at the fork).
-_SENDERS: weakref.WeakSet[AfterCommit] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    deadline = time.monotonic() + EXIT_FLUSH_SECONDS
-    for sender in list(_SENDERS):
-        sender.flush(max(deadline - time.monotonic(), 0.0))
-
-
-def _reset_in_child() -> None:
-    for sender in list(_SENDERS):
-        sender._start()
-
-
-os.register_at_fork(after_in_child=_reset_in_child)

@@ -139,8 +139,6 @@ def make_qt(database_url: str, celery_queue: str, scope: str) -> Iterator[Callab
 
     yield make
     for qt in built:
-        # Wake-ups still being sent hold a pooled connection: let them end first.
-        qt.after_commit.flush(10)
         qt.engine.dispose()
 
 
