@@ -25,7 +25,9 @@ pytestmark = pytest.mark.acceptance
 
 
 @pytest.fixture
-def ordered(database_url: str, scope: str, celery_queue: str) -> Iterator[tuple[Queuetopia, dict[str, Any]]]:
+def ordered(
+    database_url: str, scope: str, celery_queue: str
+) -> Iterator[tuple[Queuetopia, dict[str, Any]]]:
     """The producer side: the same module as the workers' app, in this process."""
     _, qt, tasks = orderedapp.build(
         scope, database_url=database_url, broker_url=REDIS_URL, celery_queue=celery_queue

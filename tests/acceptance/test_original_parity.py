@@ -29,8 +29,7 @@ ATTEMPT_KINDS = ("started", "succeeded", "failed")
 
 def finished(qt: Queuetopia, *jobs: Job) -> bool:
     return all(
-        qt.get_job(job.id).state in (JobState.DONE, JobState.EXHAUSTED)
-        for job in jobs  # type: ignore[union-attr]
+        qt.get_job(job.id).state in (JobState.DONE, JobState.EXHAUSTED) for job in jobs  # type: ignore[union-attr]
     )
 
 

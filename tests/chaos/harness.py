@@ -67,8 +67,6 @@ def outage_may_repeat(settings: str) -> bool:
     worker that could not reach the database to write its outcome (the one repeat a
     lease allows). With the defaults, it may not."""
     return CONNECTION_LOSS_MAY_REPEAT or settings == "fast"
-
-
 #: Job timeout used by the workload (keeps the running lease, hence recovery, short).
 JOB_TIMEOUT = 3.0
 
