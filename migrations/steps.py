@@ -203,3 +203,17 @@ def v6_upgrade() -> None:
 def v6_downgrade() -> None:
     op.drop_index("ix_queuetopia_messages_job", table_name="queuetopia_messages")
     op.drop_table("queuetopia_messages")
+
+
+def v7_upgrade() -> None:
+    """``trace_context`` on jobs: the propagation fields (W3C ``traceparent``,
+    ``tracestate``, baggage: whatever the configured OpenTelemetry propagator writes) of
+    the code that created the job, as JSON, so that its attempts continue that trace
+    even when the scan dispatches them much later. NULL when no trace was active.
+    Added without rewriting the table (a nullable column without default)."""
+    op.add_column("queuetopia_jobs", sa.Column("trace_context", sa.JSON(none_as_null=True), nullable=True))
+
+
+def v7_downgrade() -> None:
+    with op.batch_alter_table("queuetopia_jobs") as batch:
+        batch.drop_column("trace_context")

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
+from . import tracing
 from .backends import Backend, Burst, Executor, Lease, configure_sqlite, open_backend, ping_when_idle
 from .celery_defaults import apply_celery_defaults
 from .create_task import register_create_task
@@ -274,6 +275,7 @@ class Queuetopia:
         )
         return self.create_jobs([spec], connection=connection)[0]
 
+    @tracing.traced_create
     def create_jobs(
         self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None
     ) -> list[Job]:
@@ -287,6 +289,7 @@ class Queuetopia:
         if not specs:
             return []
         self._check_actions(specs)
+        specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
         queues = list(dict.fromkeys(spec.queue for spec in specs))
         if connection is None:
             # One connection for the insert and the kick: one pool checkout. The insert

@@ -33,6 +33,7 @@ from .app import BULK_RETRY_STATES, Queuetopia, make_engine
 from .errors import InvalidJobError, JobNotFoundError, QueuetopiaError
 from .explain import QueueExplanation
 from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
+from .metrics_cli import metrics as metrics_command
 
 #: Passwords this process knows of (database and broker URLs): never printed.
 _SECRETS: list[str] = []
@@ -806,6 +807,9 @@ def health(app_spec: str, timeout: float, host: str | None, workers: tuple[str, 
     if not found.ok:
         _fail(found.message)
     click.echo(f"ok: {found.message}")
+
+
+cli.add_command(metrics_command)
 
 
 def _offline_url(url: str) -> str:

@@ -108,6 +108,8 @@ jobs = Table(
     Column("create_key", String(32), nullable=True),
     # Version 5: a unique job's key (at most one open job per key in the scope).
     Column("unique_key", String(255), nullable=True),
+    # Version 7: the creating code's trace context (OpenTelemetry propagation fields), or NULL.
+    Column("trace_context", JSON(none_as_null=True), nullable=True),
     UniqueConstraint("scope", "queue", "sequence", name="uq_queuetopia_jobs_scope_queue_sequence"),
 )
 

@@ -31,11 +31,13 @@ from ..jobs import (
 )
 from .connection import Executor
 from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES
+from .sql_metrics import SqlMetrics
 from .sql_recovery import SqlRecovery
 
 
-class SqlOperator(SqlRecovery):
-    """:class:`SqlRecovery` with the operator's operations."""
+class SqlOperator(SqlMetrics, SqlRecovery):
+    """:class:`SqlRecovery` with the operator's operations (and the gauges' reads of
+    :class:`SqlMetrics`)."""
 
     # ------------------------------------------------------------------ reading jobs
 
