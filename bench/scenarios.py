@@ -575,3 +575,10 @@ def floor(env: Env, cfg: Config) -> dict[str, Any]:
 
 
 SCENARIOS["floor"] = floor
+
+
+# ---------------------------------------------------------------- the Prometheus scrape (issue 15)
+
+from .scrape import scrape  # noqa: E402
+
+SCENARIOS["scrape"] = scrape

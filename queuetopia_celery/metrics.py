@@ -254,7 +254,8 @@ def serve(
     queuetopias: Sequence[Any], *, port: int = DEFAULT_PORT, host: str = "0.0.0.0", top_queues: int = 0
 ) -> tuple[Any, threading.Thread]:
     """Serve the metrics on ``http://host:port/`` (any path) from a daemon thread;
-    returns the server (``server.shutdown()`` stops it) and the thread."""
+    returns the server (``server.shutdown()`` stops it, ``server.server_close()``
+    closes its socket) and the thread."""
     registry = make_registry(*queuetopias, top_queues=top_queues)
     server, thread = _start_http_server(port, host, registry=registry)
     return server, thread

@@ -73,3 +73,4 @@ def metrics(obj: Any, port: int, host: str, top_queues: int, once: bool) -> None
         pass
     finally:
         server.shutdown()
+        server.server_close()

@@ -47,8 +47,8 @@ class SqlMetrics(SqlCore):
         and the ``top_queues`` longest blocked ones."""
         with self._transaction() as conn:
             now = self._clock(conn).astimezone(UTC)
-            states, queues_open, oldest_due = self._open_jobs(conn)
-            blocked = self._blocked_queues(conn, now)
+            states, queues_open, first_due, failing = self._open_jobs(conn)
+            blocked = self._blocked_queues(conn, now) if failing else []
             paused = conn.execute(
                 sa.select(func.count())
                 .select_from(QUEUES)
@@ -64,38 +64,54 @@ class SqlMetrics(SqlCore):
             queues_open=queues_open,
             queues_blocked=len(blocked),
             queues_paused=int(paused),
-            oldest_due_age=0.0 if oldest_due is None else max((now - oldest_due).total_seconds(), 0.0),
+            oldest_due_age=0.0 if first_due is None else max((now - first_due).total_seconds(), 0.0),
             longest_blocked=ages[0][0] if ages else 0.0,
             top_open=top_open,
             top_blocked=[(queue, age) for age, queue in ages[:top_queues]] if top_queues > 0 else [],
         )
 
-    def _open_jobs(self, conn: Connection) -> tuple[dict[str, int], int, dt.datetime | None]:
-        """Open jobs by state, queues with open jobs, and the earliest due time of a
-        pending job that is due (not held): one pass over the open jobs."""
-        now = self._now()
-        pending = JOBS.c.status == STATUS_PENDING
-        held = sa.and_(pending, JOBS.c.next_attempt_at >= HELD_UNTIL)
-        not_held = sa.or_(JOBS.c.next_attempt_at.is_(None), JOBS.c.next_attempt_at < HELD_UNTIL)
+    def _open_jobs(self, conn: Connection) -> tuple[dict[str, int], int, dt.datetime | None, int]:
+        """Open jobs by state, the earliest due time of a pending job (that job is due
+        if it has passed), and how many open jobs have an error (none: no queue is
+        blocked), in one pass over the open jobs; then the queues with open jobs.
+
+        Few expressions per row, the other states found by subtraction: a job not yet
+        attempted is pending (scheduled or available); one attempted is running, held
+        (never due: ``next_attempt_at`` is :data:`HELD_UNTIL`) or else retrying."""
+        open_jobs = sa.and_(JOBS.c.scope == self.scope, JOBS.c.status.in_(OPEN_STATUSES))
+        fresh = JOBS.c.attempts == 0
         due = func.coalesce(JOBS.c.next_attempt_at, JOBS.c.scheduled_at, type_=schema.UTCDateTime())
-        row = conn.execute(
-            sa.select(
-                _count(JOBS.c.status == STATUS_RUNNING).label(JobState.RUNNING.value),
-                _count(held).label(JobState.HELD.value),
-                _count(sa.and_(pending, JOBS.c.attempts > 0, not_held)).label(JobState.RETRYING.value),
-                _count(sa.and_(pending, JOBS.c.attempts == 0, JOBS.c.scheduled_at > now)).label(
-                    JobState.SCHEDULED.value
-                ),
-                _count(sa.and_(pending, JOBS.c.attempts == 0, JOBS.c.scheduled_at <= now)).label(
-                    JobState.AVAILABLE.value
-                ),
-                func.count(sa.distinct(JOBS.c.queue)).label("queues"),
-                func.min(sa.case((sa.and_(pending, due <= now), due), else_=None)).label("oldest_due"),
-            ).where(JOBS.c.scope == self.scope, JOBS.c.status.in_(OPEN_STATUSES))
-        ).one()
-        mapping = row._mapping
-        states = {state.value: int(mapping[state.value]) for state in OPEN_STATES}
-        return states, int(mapping["queues"]), _utc(mapping["oldest_due"])
+        row = (
+            conn.execute(
+                sa.select(
+                    func.count().label("total"),
+                    _count(JOBS.c.status == STATUS_RUNNING).label("running"),
+                    _count(JOBS.c.next_attempt_at >= HELD_UNTIL).label("held"),
+                    _count(fresh).label("fresh"),
+                    _count(sa.and_(fresh, JOBS.c.scheduled_at > self._now())).label("scheduled"),
+                    _count(JOBS.c.error.is_not(None)).label("failing"),
+                    func.min(sa.case((JOBS.c.status == STATUS_PENDING, due), else_=None)).label("first_due"),
+                ).where(open_jobs)
+            )
+            .one()
+            ._mapping
+        )
+        total, running, held = int(row["total"]), int(row["running"]), int(row["held"])
+        fresh_n, scheduled = int(row["fresh"]), int(row["scheduled"])
+        states = {
+            JobState.AVAILABLE.value: fresh_n - scheduled,
+            JobState.SCHEDULED.value: scheduled,
+            JobState.RUNNING.value: running,
+            JobState.RETRYING.value: total - fresh_n - running - held,
+            JobState.HELD.value: held,
+        }
+        # Counted apart: COUNT(DISTINCT) in the pass above sorts every open job.
+        queues = conn.execute(
+            sa.select(func.count()).select_from(
+                sa.select(JOBS.c.queue).where(open_jobs).group_by(JOBS.c.queue).subquery()
+            )
+        ).scalar_one()
+        return states, int(queues), _utc(row["first_due"]), int(row["failing"])
 
     def _blocked_queues(self, conn: Connection, now: dt.datetime) -> list[tuple[str, dt.datetime]]:
         """Each blocked queue (its head has failed: retrying or held) and since when:
