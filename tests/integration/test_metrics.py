@@ -84,7 +84,12 @@ def test_the_gauges_say_how_many_jobs_are_in_each_state_and_which_queues_are_stu
     other.create_job("elsewhere", "ok")  # another scope: not counted
     empty = qt.backend.scope_gauges()
     assert empty.open_jobs == dict.fromkeys(["available", "scheduled", "running", "retrying", "held"], 0)
-    assert (empty.queues_open, empty.queues_blocked, empty.oldest_due_age, empty.longest_blocked) == (0, 0, 0, 0)
+    assert (empty.queues_open, empty.queues_blocked, empty.oldest_due_age, empty.longest_blocked) == (
+        0,
+        0,
+        0,
+        0,
+    )
     began = dt.datetime.now(UTC)
     seeded(qt)
     gauges = qt.backend.scope_gauges()
@@ -123,7 +128,7 @@ def test_a_real_http_scrape_serves_every_gauge_of_every_scope(make_qt):
     qt, other = make_qt(), make_qt(f"other-{uuid.uuid4().hex[:6]}")
     seeded(qt)
     other.create_job("q", "ok")
-    server, thread = metrics.serve([qt, other], port=0, host="127.0.0.1")
+    server, _ = metrics.serve([qt, other], port=0, host="127.0.0.1")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as response:
             assert response.status == 200
