@@ -55,15 +55,15 @@ def metrics(obj: Any, port: int, host: str, top_queues: int, once: bool) -> None
         if collector.errors.get(qt.scope):
             _fail(str(collector.errors[qt.scope]))
         return
+    try:
+        server, thread = _metrics.serve([qt], port=port, host=host, top_queues=top_queues)
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     if not _metrics.multiprocess_dir():
         logger.warning(
             "PROMETHEUS_MULTIPROC_DIR is not set: serving the database gauges only "
             "(the workers' attempt counters need it, in the workers and here)"
         )
-    try:
-        server, thread = _metrics.serve([qt], port=port, host=host, top_queues=top_queues)
-    except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     click.echo(f"serving the metrics of scope {qt.scope!r} on http://{host}:{server.server_port}/metrics")
     stop = threading.Event()
     try:
