@@ -30,7 +30,7 @@ def _queuetopias() -> list[Any]:
     return [built for _, built in sorted(load_queuetopias().items())]
 
 
-@require_GET  # type: ignore[misc]
+@require_GET  # type: ignore[untyped-decorator]
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """The metrics, in the format the scraper asks for (Prometheus text or OpenMetrics)."""
     top = int(setting("METRICS_TOP_QUEUES", 0) or 0)
