@@ -48,6 +48,9 @@ class _Metrics:
 
 _metrics: _Metrics | None = None
 _lock = threading.Lock()
+#: The labelled series of each (scope, action, outcome), looked up once (few: the
+#: labels are bounded by the code).
+_series: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
 
 
 def enabled() -> bool:
@@ -87,11 +90,19 @@ def record(
     scope: str, action: str, outcome: str, *, duration: float | None = None, wait: float | None = None
 ) -> None:
     """Count one attempt that ended with ``outcome``; observe its duration and wait."""
-    metrics = _instruments()
-    if metrics is None:  # pragma: no cover - without the metrics extra
-        return
-    metrics.attempts.labels(scope, action, outcome).inc()
+    series = _series.get((scope, action, outcome))
+    if series is None:
+        metrics = _instruments()
+        if metrics is None:  # pragma: no cover - without the metrics extra
+            return
+        series = _series[(scope, action, outcome)] = (
+            metrics.attempts.labels(scope, action, outcome),
+            metrics.duration.labels(scope, action),
+            metrics.wait.labels(scope, action),
+        )
+    attempts, durations, waits = series
+    attempts.inc()
     if duration is not None:
-        metrics.duration.labels(scope, action).observe(duration)
+        durations.observe(duration)
     if wait is not None:
-        metrics.wait.labels(scope, action).observe(wait)
+        waits.observe(wait)

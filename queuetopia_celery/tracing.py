@@ -64,8 +64,22 @@ def enabled() -> bool:
     return trace is not None
 
 
+_TRACER: Any = None
+
+
 def _tracer() -> Any:
-    return trace.get_tracer(TRACER_NAME)
+    """Our tracer (a proxy until the application sets its provider, then the real one)."""
+    global _TRACER
+    if _TRACER is None:
+        _TRACER = trace.get_tracer(TRACER_NAME)
+    return _TRACER
+
+
+def _configured() -> bool:
+    """Whether the application has set a tracer provider (an SDK): without one no span
+    is ever recorded, and an attempt skips the work of making them."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 
 
 def _ns(when: dt.datetime) -> int:
@@ -95,6 +109,8 @@ def traced_create(
         return create
 
     def traced(self: S, /, *args: P.args, **kwargs: P.kwargs) -> list[Job]:
+        if not _configured():
+            return create(self, *args, **kwargs)
         with _tracer().start_as_current_span(
             "queuetopia.create",
             kind=trace.SpanKind.PRODUCER,
@@ -174,7 +190,7 @@ def _parent(job: Job) -> Any:
 def start_attempt(scope: str, job: Job) -> AttemptSpan:
     """Start the span of ``job``'s attempt (just begun) and make it current; record the
     wait before it. Call :meth:`AttemptSpan.end` when the attempt ends."""
-    if trace is None:  # pragma: no cover - without the tracing extra
+    if trace is None or not _configured():
         return AttemptSpan()
     tracer = _tracer()
     parent = _parent(job)
@@ -200,7 +216,7 @@ def start_attempt(scope: str, job: Job) -> AttemptSpan:
 
 def lost_attempt(scope: str, job: Job) -> None:
     """Record the span of an attempt whose worker died, from its start until now."""
-    if trace is None:  # pragma: no cover - without the tracing extra
+    if trace is None or not _configured():
         return
     start = job.attempted_at
     span = _tracer().start_span(
