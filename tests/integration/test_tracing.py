@@ -21,7 +21,20 @@ from prometheus_client import REGISTRY
 from queuetopia_celery import Job, Queuetopia
 from queuetopia_celery.backends.base import LostAttempt
 
-_EXPORTER = InMemorySpanExporter()
+
+class Capture(InMemorySpanExporter):
+    """Keeps spans only while a test asks for them (the provider outlives the tests that
+    set it: spans of later tests are dropped, not piled up in memory)."""
+
+    capturing = False
+
+    def export(self, spans: Any) -> Any:
+        if not self.capturing:
+            return super().export([])
+        return super().export(spans)
+
+
+_EXPORTER = Capture()
 
 
 def install_exporter(exporter: Any) -> None:
@@ -37,15 +50,17 @@ def install_exporter(exporter: Any) -> None:
 
 
 @pytest.fixture(scope="session")
-def spans_exporter() -> InMemorySpanExporter:
+def spans_exporter() -> Capture:
     install_exporter(_EXPORTER)
     return _EXPORTER
 
 
 @pytest.fixture
-def spans(spans_exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+def spans(spans_exporter: Capture) -> Iterator[Capture]:
     spans_exporter.clear()
+    spans_exporter.capturing = True
     yield spans_exporter
+    spans_exporter.capturing = False
     spans_exporter.clear()
 
 
