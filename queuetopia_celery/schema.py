@@ -143,6 +143,17 @@ Index(
     postgresql_where=text(UNIQUE_OPEN),
     sqlite_where=text(UNIQUE_OPEN),
 )
+#: The predicate of the failing-jobs index (version 7): open jobs with an error, the
+#: candidates for a blocked queue's head (few; read by the metrics and blocked_queues).
+FAILING_OPEN = "error IS NOT NULL AND status IN ('pending', 'running')"
+
+Index(
+    "ix_queuetopia_jobs_failing",
+    jobs.c.scope,
+    jobs.c.queue,
+    postgresql_where=text(FAILING_OPEN),
+    sqlite_where=text(FAILING_OPEN),
+)
 Index(
     "ix_queuetopia_jobs_done",
     jobs.c.scope,
