@@ -579,6 +579,7 @@ SCENARIOS["floor"] = floor
 
 # ---------------------------------------------------------------- the Prometheus scrape (issue 15)
 
-from .scrape import scrape  # noqa: E402
+from .scrape import instruments, scrape  # noqa: E402
 
 SCENARIOS["scrape"] = scrape
+SCENARIOS["instruments"] = instruments

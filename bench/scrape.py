@@ -134,3 +134,52 @@ def scrape(env: Env, cfg: dict[str, Any]) -> dict[str, Any]:
             conn.execute(sa.text("DELETE FROM queuetopia_jobs WHERE scope = :s"), {"s": scope})
             conn.execute(sa.text("DELETE FROM queuetopia_queues WHERE scope = :s"), {"s": scope})
     return out
+
+
+def instruments(env: Env, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the worker's instruments (observe.Attempt: the attempt span and counters)
+    add to each attempt, in this process, next to one ``SELECT 1`` round trip (a job
+    costs at least one): without a tracer provider, and with one recording (no
+    exporter). Counters go to the default registry (a multiprocess directory would add
+    a file write)."""
+    import datetime as dt
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from queuetopia_celery import observe
+    from queuetopia_celery.backends.base import Outcome
+    from queuetopia_celery.jobs import Job
+
+    now = dt.datetime.now(dt.timezone.utc)
+    job = Job(
+        id=1, scope="bench", queue="q", action="noop", params={}, result=None, sequence=1, timeout=60.0,
+        max_backoff=1.0, max_attempts=20, scheduled_at=now, attempts=1, attempted_at=now,
+        attempted_by="bench/1", next_attempt_at=None, done_at=None, error=None, inserted_at=now,
+        status="running",
+    )  # fmt: skip
+    ok = Outcome(True)
+    n = int(cfg.get("instrument_attempts", 20_000))
+
+    def per_attempt() -> float:
+        for _ in range(1000):
+            with observe.Attempt("bench", job) as attempt:
+                attempt.ended(ok)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with observe.Attempt("bench", job) as attempt:
+                attempt.ended(ok)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    with env.engine.connect() as conn:
+        select_one = _timed(lambda: conn.execute(sa.text("SELECT 1")).scalar_one(), 2000)
+    out: dict[str, Any] = {"select_1_us": select_one["median"] * 1000}
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        out["no_tracer_provider_us"] = per_attempt()
+        trace.set_tracer_provider(TracerProvider())
+    out["recording_tracer_us"] = per_attempt()
+    for key in ("no_tracer_provider_us", "recording_tracer_us"):
+        if key in out:
+            out[f"{key}_x_select_1"] = round(out[key] / out["select_1_us"], 3)
+            log(f"  {key}: {out[key]:.1f} us per attempt (x{out[f'{key}_x_select_1']} a SELECT 1)")
+    return out
