@@ -34,6 +34,7 @@ from .errors import InvalidJobError, JobNotFoundError, QueuetopiaError
 from .explain import QueueExplanation
 from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
 from .metrics_cli import metrics as metrics_command
+from .web.command import web as web_command
 
 #: Passwords this process knows of (database and broker URLs): never printed.
 _SECRETS: list[str] = []
@@ -817,6 +818,9 @@ def _offline_url(url: str) -> str:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
+
+
+cli.add_command(web_command)
 
 
 def main(argv: Any = None) -> None:

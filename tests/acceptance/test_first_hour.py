@@ -90,6 +90,9 @@ COVERED: dict[str, str] = {
     "queuetopia-celery -A myapp:mail metrics --port 9808 --top-queues 10": (
         "test_prefork_children_counts_add_up_to_the_attempts_the_database_recorded"
     ),
+    "QUEUETOPIA_WEB_PASSWORD=change-me queuetopia-celery -A myapp:mail web --port 8080 --username ops": (
+        "tests/acceptance/test_web_browser.py (with its own app and a free port; without the credentials too)"
+    ),
     # With Django: tests/acceptance/test_examples_django_fastapi.py runs them as written.
     "createdb -h 127.0.0.1 -U postgres djangoshop": "test_with_django_as_the_readme_says",
     "cd examples/djangoshop": "test_with_django_as_the_readme_says",
