@@ -1,17 +1,17 @@
 """The Prometheus gauges read from the database, on every backend: what each one says
 about a scope with jobs in every state, the per-queue series, and their exposition
-(collector, a real HTTP scrape of :func:`metrics.serve`, an ASGI app in FastAPI)."""
+(collector, real HTTP scrapes of :func:`metrics.serve` and of the ASGI app mounted in
+FastAPI under uvicorn)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
+import socket
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
 from celery import Celery
 from prometheus_client import generate_latest
@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from queuetopia_celery import Job, Queuetopia, metrics
 from queuetopia_celery.backends import open_backend
+from tests.conftest import wait_for
 
 UTC = dt.timezone.utc
 
@@ -160,22 +161,30 @@ def test_a_scope_whose_database_cannot_be_read_reports_database_up_0(make_qt, tm
     missing.engine.dispose()
 
 
-def test_the_metrics_mount_in_an_asgi_app(make_qt):
+def test_the_metrics_mount_in_an_asgi_app_served_by_uvicorn(make_qt):
+    import threading
+
+    import uvicorn
     from fastapi import FastAPI
 
     qt = make_qt()
     seeded(qt)
     app = FastAPI()
     app.mount("/metrics", metrics.make_asgi_app(qt, top_queues=1))
-
-    async def scrape() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            return await client.get("/metrics/")
-
-    response = asyncio.run(scrape())
-    assert response.status_code == 200
-    found = samples(response.text)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=20, message="uvicorn to start")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics/", timeout=10) as response:
+            assert response.status == 200
+            found = samples(response.read().decode())
+    finally:
+        server.should_exit = True
+        thread.join(10)
     assert value(found, "queuetopia_open_jobs", scope=qt.scope, state="held") == 1
     assert value(found, "queuetopia_queue_open_jobs", scope=qt.scope, queue="busy") == 3
 
