@@ -195,3 +195,13 @@ def test_a_lost_attempt_is_a_span_and_a_count(qt, spans):
     assert lost.attributes["queuetopia.outcome"] == "lost"
     assert lost.context.trace_id == root.get_span_context().trace_id
     assert attempts_counted(qt.scope, "flaky", "lost") == 1
+
+
+def test_jobs_created_from_a_create_message_carry_the_trace_current_in_the_worker(qt, spans):
+    from queuetopia_celery.create_task import create_from_message
+
+    with trace.get_tracer("test").start_as_current_span("celery task run") as run:
+        (job_id,) = [create_from_message(qt, f"m-{uuid.uuid4().hex[:6]}", {"queue": "q", "action": "flaky"})]
+    stored = qt.get_job(int(job_id))  # type: ignore[arg-type]
+    assert stored is not None and stored.trace_context is not None
+    assert f"{run.get_span_context().trace_id:032x}" in stored.trace_context["traceparent"]
