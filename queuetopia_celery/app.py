@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
+from . import tracing
 from .backends import Backend, Executor, Lease, configure_sqlite, open_backend, ping_when_idle
 from .celery_defaults import apply_celery_defaults
 from .create_task import register_create_task
@@ -324,6 +325,7 @@ class Queuetopia:
                     raise UnknownActionError(self.scope, spec.action, known)
         return specs
 
+    @tracing.traced_create
     def create_jobs(
         self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None
     ) -> list[Job]:
@@ -336,6 +338,7 @@ class Queuetopia:
         specs = self.build_specs(jobs)
         if not specs:
             return []
+        specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
         queues = list(dict.fromkeys(spec.queue for spec in specs))
         if connection is None:
             # One connection for the insert and the kick: one pool checkout. The insert
