@@ -129,8 +129,10 @@ class Meter:
                WHERE d.datname = %s AND s.query NOT LIKE '%%bench-probe%%'""",
             (self.database,),
         ).fetchall()
+        (wal,) = self.admin.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()  # type: ignore[misc]
         return {
             "cpu": tree_cpu(self.cluster.postmaster()) - sum(cpu(pid) for pid in self.own),
+            "wal": float(wal),
             "calls": {row[0]: (int(row[1]), row[2]) for row in rows},
             "wall": time.perf_counter(),
         }
@@ -158,6 +160,7 @@ def per_job(before: dict[str, Any], after: dict[str, Any], jobs: int) -> dict[st
         "db_cpu_ms_per_job": (after["cpu"] - before["cpu"]) * 1000 / jobs,
         "db_cpu_cores": (after["cpu"] - before["cpu"]) / seconds,
         "statements_per_job": sum(calls.values()) / jobs,
+        "wal_bytes_per_job": (after["wal"] - before["wal"]) / jobs,
         "begin_commit_per_job": control / jobs,
         "top_statements": sorted(((n / jobs, text) for text, n in calls.items()), reverse=True)[:8],
     }
@@ -215,6 +218,12 @@ def point(
         after = meter.snapshot()
         run = per_job(before, after, jobs)
         run["worker_cpu_ms_per_job"] = (tree_cpu(worker.pid) - worker0) * 1000 / jobs
+        # Server connections the workers (and this driver) hold now, the meter's aside.
+        (held,) = meter.admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> %s",
+            (meter.database, meter.probe.info.backend_pid),
+        ).fetchone()  # type: ignore[misc]
+        run["server_connections"] = int(held)
         return {"workers": workers, "jobs": jobs, "create": create, "run": run, "load": load()}
     finally:
         if worker is not None:
@@ -234,17 +243,20 @@ def vacuum(cluster: Cluster, database: str) -> None:
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| setup | W | jobs/s (run) | DB CPU ms/job: create + run | DB cores busy (run) | statements/job:"
-        " create + run | of which BEGIN/COMMIT | worker CPU ms/job | producer CPU ms/job |"
+        " create + run | of which BEGIN/COMMIT | WAL bytes/job: create + run | worker CPU ms/job |"
+        " producer CPU ms/job | server connections |"
     )
-    out = [head, "|" + "---|" * 9]
+    out = [head, "|" + "---|" * 11]
     for r in rows:
         c, u = r["create"], r["run"]
         out.append(
             f"| {r['setup']} | {r['workers']} | {u['jobs_per_s']:,.0f} | {c['db_cpu_ms_per_job']:.2f} +"
             f" {u['db_cpu_ms_per_job']:.2f} | {u['db_cpu_cores']:.2f} | {c['statements_per_job']:.2f} +"
             f" {u['statements_per_job']:.2f} | {c['begin_commit_per_job']:.2f} +"
-            f" {u['begin_commit_per_job']:.2f} |"
+            f" {u['begin_commit_per_job']:.2f} | {c['wal_bytes_per_job']:,.0f} +"
+            f" {u['wal_bytes_per_job']:,.0f} |"
             f" {u['worker_cpu_ms_per_job']:.2f} | {c['producer_cpu_ms_per_job']:.2f} |"
+            f" {u['server_connections']} |"
         )
     return "\n".join(out)
 
