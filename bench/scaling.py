@@ -123,16 +123,20 @@ class Meter:
         self.own = [self.admin.info.backend_pid, self.probe.info.backend_pid]
 
     def snapshot(self) -> dict[str, Any]:
+        # One row per statement (pg_stat_statements may keep several entries of one
+        # queryid: per user, top level or not).
         rows = self.admin.execute(
-            """SELECT s.queryid, s.calls, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 90)
+            """SELECT s.queryid, sum(s.calls), left(regexp_replace(min(s.query), '\\s+', ' ', 'g'), 90)
                FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
-               WHERE d.datname = %s AND s.query NOT LIKE '%%bench-probe%%'""",
+               WHERE d.datname = %s AND s.query NOT LIKE '%%bench-probe%%' GROUP BY s.queryid""",
             (self.database,),
         ).fetchall()
+        (evicted,) = self.admin.execute("SELECT dealloc FROM pg_stat_statements_info").fetchone()  # type: ignore[misc]
         (wal,) = self.admin.execute("SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn").fetchone()  # type: ignore[misc]
         return {
             "cpu": tree_cpu(self.cluster.postmaster()) - sum(cpu(pid) for pid in self.own),
             "wal": float(wal),
+            "evicted": int(evicted),
             "calls": {row[0]: (int(row[1]), row[2]) for row in rows},
             "wall": time.perf_counter(),
         }
@@ -160,6 +164,8 @@ def per_job(before: dict[str, Any], after: dict[str, Any], jobs: int) -> dict[st
         "db_cpu_ms_per_job": (after["cpu"] - before["cpu"]) * 1000 / jobs,
         "db_cpu_cores": (after["cpu"] - before["cpu"]) / seconds,
         "statements_per_job": sum(calls.values()) / jobs,
+        # Statement entries pg_stat_statements evicted meanwhile (their calls are lost).
+        "evicted": after["evicted"] - before["evicted"],
         "wal_bytes_per_job": (after["wal"] - before["wal"]) / jobs,
         "begin_commit_per_job": control / jobs,
         "top_statements": sorted(((n / jobs, text) for text, n in calls.items()), reverse=True)[:8],
