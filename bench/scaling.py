@@ -15,9 +15,10 @@ on). For each number of worker processes W (one ``celery worker -P prefork -c W`
 For each phase: the CPU time of the whole cluster (the postmaster with its reaped
 children, plus every live child: backends, WAL writer, checkpointer, autovacuum), the
 statements the server ran (``pg_stat_statements`` calls, BEGIN/COMMIT included), the
-transactions (``pg_stat_database``) and the worker's CPU, each per job; the measuring
-connections are subtracted. Optional extra rows: with ``prepare_threshold=none`` direct,
-and through a PgBouncer in transaction mode (``--pgbouncer``).
+WAL written, the worker's and the producer's CPU, each per job, and the server
+connections held; the measuring connections are subtracted. Optional extra rows: with
+``prepare_threshold=none`` direct, and through a PgBouncer in transaction mode
+(``--pgbouncer``, tests/pgbouncer.py). A small unreported round runs first (cold caches).
 
 Results: printed as a markdown table and written to
 ``bench/results/<time>-scaling.json``. Redis: ``BENCH_REDIS_URL`` (db 5).
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
                         w,
                     )
                 )
+        # A small round first, not reported: the new tables' first pages, the catalog
+        # caches and autovacuum's first ANALYZE would otherwise fall on the first row.
+        point(cluster, meter, cluster.url("qt_scaling"), 2, queues=50, per_queue=4, tmp=tmp)
         for setup, url, workers in setups:
             bouncer0 = bouncer.cpu_seconds() if bouncer is not None else 0.0
             row = point(
