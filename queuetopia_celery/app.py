@@ -71,7 +71,7 @@ def make_engine(database_url: str, **options: Any) -> Engine:
     that time is handed out without a round trip. ``pool_pre_ping=True`` pings every
     time instead.
 
-    Behind PgBouncer in transaction pooling mode (before 1.21, or without its
+    Behind PgBouncer in transaction pooling mode (before 1.22, or without its
     ``max_prepared_statements``), add ``?prepare_threshold=none`` to a PostgreSQL URL:
     psycopg then never prepares statements on the server (see docs/scaling.md).
     """

@@ -3,7 +3,7 @@
 The library keeps no session state between transactions: its advisory locks are all
 transaction-level (``pg_advisory_xact_lock``), it sets no session parameters, makes no
 temporary tables and does not LISTEN. One thing does not survive transaction pooling on
-PgBouncer before 1.21 (Debian 12 ships 1.18), or on a newer one without
+PgBouncer before 1.22 (Debian 12 ships 1.18), or on a newer one without
 ``max_prepared_statements``: psycopg 3 prepares a statement on the server once it has
 run ``prepare_threshold`` times (5) on a connection, and the next transaction may run on
 another server connection, where that statement does not exist, or where another

@@ -33,7 +33,7 @@ from tests.pgbouncer import PgBouncer
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
 
-#: What a user behind PgBouncer < 1.21 in transaction mode adds to the database URL.
+#: What a user behind PgBouncer < 1.22 in transaction mode adds to the database URL.
 NO_PREPARE = "?prepare_threshold=none"
 #: The pool the workers and producers share: two server connections.
 POOL = 2

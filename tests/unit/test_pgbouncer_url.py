@@ -39,3 +39,19 @@ def test_a_bad_value_is_a_clear_error_without_the_password(value: str) -> None:
     with pytest.raises(ConfigurationError, match="prepare_threshold") as info:
         make_engine(f"postgresql://u:secret@h/db?prepare_threshold={value}")
     assert "secret" not in str(info.value)
+
+
+def test_django_options_prepare_threshold_reaches_the_workers_url() -> None:
+    """Django passes OPTIONS to its own psycopg connections; the workers' engine is built
+    from the same settings and must not prepare either."""
+    from django.db import connections
+
+    from queuetopia_celery.contrib.django.queuetopia import database_url
+
+    options = connections["default"].settings_dict.setdefault("OPTIONS", {})
+    options["prepare_threshold"] = None
+    try:
+        url = sa.engine.make_url(database_url("default"))
+    finally:
+        del options["prepare_threshold"]
+    assert driver_options(url)[1] == {"prepare_threshold": None}
