@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 from sqlalchemy.engine import URL
 
 from ..errors import ConfigurationError
@@ -45,3 +46,15 @@ def driver_options(url: URL) -> tuple[URL, dict[str, Any]]:
             f"for PgBouncer in transaction mode); got {text[:20]!r}"
         )
     return url.difference_update_query([PREPARE_THRESHOLD]), {PREPARE_THRESHOLD: threshold}
+
+
+def prepared_statement_hint(exc: BaseException) -> str:
+    """A hint to append to the message of a driver error that says a prepared
+    statement is missing or already exists: what a transaction-mode pooler causes."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, (psycopg.errors.DuplicatePreparedStatement, psycopg.errors.InvalidSqlStatementName)):
+        return (
+            " (behind PgBouncer in transaction pooling mode? add ?prepare_threshold=none to the "
+            "database URL, or set max_prepared_statements on PgBouncer 1.22+: see docs/scaling.md)"
+        )
+    return ""

@@ -131,9 +131,10 @@ def test_clients_sharing_one_server_connection_need_prepare_threshold_none(
     first, second = producer(plain), producer(plain)
     for i in range(6):
         first.create_job("first", "work", {"echo": i})
-    with pytest.raises(DatabaseError, match="prepared statement"):
+    with pytest.raises(DatabaseError, match="prepared statement") as info:
         for i in range(6):
             second.create_job("second", "work", {"echo": i})
+    assert "add ?prepare_threshold=none to the database URL" in str(info.value)
 
     fixed = bouncer.url("qt_one", NO_PREPARE)
     first, second = producer(fixed), producer(fixed)
