@@ -362,6 +362,36 @@ def new_job(
     )
 
 
+#: The arguments of ``create_job`` an item of ``create_jobs`` may give as a dict.
+JOB_ARGUMENTS = frozenset(
+    {
+        "queue",
+        "action",
+        "params",
+        "scheduled_at",
+        "timeout",
+        "max_backoff",
+        "max_attempts",
+        "on_exhausted",
+        "unique_key",
+    }
+)
+
+
+def job_arguments(item: object) -> dict[str, Any]:
+    """``item`` if it is a dict of ``create_job``'s arguments (``queue`` and ``action``
+    at least, nothing unknown); else :class:`InvalidJobError`."""
+    if not isinstance(item, dict):
+        raise InvalidJobError("jobs", f"each job must be a dict or NewJob, got {type(item).__name__}")
+    unknown = set(item) - JOB_ARGUMENTS
+    if unknown:
+        raise InvalidJobError("jobs", f"unknown keys {sorted(unknown)}")
+    missing = {"queue", "action"} - set(item)
+    if missing:
+        raise InvalidJobError("jobs", f"missing keys {sorted(missing)}")
+    return item
+
+
 # --------------------------------------------------------------------------- operator views
 
 

@@ -57,6 +57,16 @@ class Lease:
 
 
 @dataclasses.dataclass(frozen=True)
+class MessageJobs:
+    """What :meth:`Backend.create_jobs_once` did for one message."""
+
+    #: The ids of the message's jobs, in the message's order.
+    job_ids: list[int]
+    #: False when the message was seen before: nothing was created now.
+    created: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Burst:
     """What :meth:`Backend.finish_and_start` needs to begin the next job in the same
     Celery task: who runs it, whether the burst budget allows another job, and the
@@ -163,6 +173,10 @@ class Backend(Protocol):
     ) -> tuple[list[Job], list[Lease]]:
         """Insert jobs in their own transaction and take, where the backend can in the
         same statement, the leases of their queues: send those."""
+
+    def create_jobs_once(self, message_id: str, specs: Sequence[NewJob]) -> MessageJobs:
+        """:meth:`create_jobs` in its own transaction, once per ``message_id`` of the
+        scope (a ``create`` message's Celery task id), recorded in that transaction."""
 
     def kick(
         self, queues: Sequence[str], *, grace: float, limit: int = 1000, locked_by: str | None = None
