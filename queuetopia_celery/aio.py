@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from . import tracing
 from .app import Queuetopia
 from .errors import ConfigurationError
 from .jobs import (
@@ -89,6 +90,7 @@ class AsyncQueuetopia:
         if not isinstance(connection, (AsyncConnection, AsyncSession)):
             raise TypeError("connection= must be a SQLAlchemy AsyncConnection or AsyncSession")
         queues = sorted({spec.queue for spec in specs})
+        specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
 
         def create(sync: Any) -> list[Job]:
             created = qt.backend.create_jobs(specs, connection=sync)

@@ -13,7 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
+from . import tracing
 from .backends import Backend, Executor, Lease, configure_sqlite, open_backend, ping_when_idle
+from .backends.pgbouncer import driver_options
 from .celery_defaults import apply_celery_defaults
 from .create_task import register_create_task
 from .drain import drain as _drain
@@ -72,6 +74,10 @@ def make_engine(database_url: str, **options: Any) -> Engine:
     restarted server or a terminated backend is not noticed by a job; one used within
     that time is handed out without a round trip. ``pool_pre_ping=True`` pings every
     time instead.
+
+    Behind PgBouncer in transaction pooling mode (before 1.22, or without its
+    ``max_prepared_statements``), add ``?prepare_threshold=none`` to a PostgreSQL URL:
+    psycopg then never prepares statements on the server (see docs/scaling.md).
     """
     try:
         url = sa.engine.make_url(database_url)
@@ -82,6 +88,9 @@ def make_engine(database_url: str, **options: Any) -> Engine:
     if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
         url = url.set(drivername="postgresql+psycopg")
         backend = "postgresql"
+        url, driver_args = driver_options(url)
+        if driver_args:
+            options = {**options, "connect_args": {**driver_args, **options.get("connect_args", {})}}
     elif backend != "sqlite" or driver not in ("", "pysqlite"):
         raise ConfigurationError(f"unsupported database URL {url.drivername}://...; {SUPPORTED_DATABASES}")
     if backend == "sqlite" and url.database in (None, "", ":memory:"):
@@ -348,6 +357,8 @@ class Queuetopia:
         self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None, returning: None
     ) -> None: ...
 
+    # mypy cannot match a ParamSpec-typed decorator's result with the overloads.
+    @tracing.traced_create  # type: ignore[misc]
     def create_jobs(
         self,
         jobs: Iterable[NewJob | dict[str, Any]],
@@ -370,6 +381,7 @@ class Queuetopia:
         specs = self.build_specs(jobs)
         if not specs:
             return None if returning is None else []
+        specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
         queues = list(dict.fromkeys(spec.queue for spec in specs))
         # Without a caller's transaction the insert itself takes the leases of new and
         # idle queues, unless a concurrency limit (counted under a lock by dispatch) or

@@ -34,6 +34,7 @@ from .app import Queuetopia, make_engine
 from .errors import InvalidJobError, JobNotFoundError, QueuetopiaError
 from .explain import QueueExplanation
 from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
+from .metrics_cli import metrics as metrics_command
 from .operations import BULK_RETRY_STATES
 from .web.command import web as web_command
 
@@ -812,6 +813,9 @@ def health(app_spec: str, timeout: float, host: str | None, workers: tuple[str, 
     if not found.ok:
         _fail(found.message)
     click.echo(f"ok: {found.message}")
+
+
+cli.add_command(metrics_command)
 
 
 def _offline_url(url: str) -> str:

@@ -45,6 +45,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from . import tracing
 from .errors import DatabaseError, InvalidJobError
 from .jobs import validate_name
 
@@ -97,7 +98,7 @@ def create_from_message(qt: Queuetopia, message_id: str, fields: Mapping[str, An
     else:
         specs = [job_fields(fields)]
     # Validated before anything is written: a bad message does not take its id.
-    jobs = qt.build_specs(specs)
+    jobs = tracing.stamp(qt.build_specs(specs))  # the span current here, continued by the jobs
     made = qt.backend.create_jobs_once(message_id, jobs)
     if made.created:
         # Committed: wake the queues from here (as after create_jobs without connection=).

@@ -97,6 +97,9 @@ class Job:
     aborted_at: dt.datetime | None = None
     #: The job's unique key (``create_job(unique_key=...)``), or None.
     unique_key: str | None = None
+    #: The trace context of the code that created the job (OpenTelemetry propagation
+    #: fields such as ``traceparent``), or None: see :mod:`queuetopia_celery.tracing`.
+    trace_context: dict[str, str] | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | Any) -> Job:
@@ -202,6 +205,8 @@ class NewJob:
     max_attempts: int
     on_exhausted: str = ON_EXHAUSTED_SKIP
     unique_key: str | None = None
+    #: Set by :func:`queuetopia_celery.tracing.stamp`, not by the caller.
+    trace_context: dict[str, str] | None = None
 
 
 def validate_on_exhausted(value: object) -> str:

@@ -146,6 +146,30 @@ def failure_plan(job: Job, outcome: Outcome) -> FailurePlan:
     return FailurePlan(STATUS_EXHAUSTED, None, None)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScopeGauges:
+    """What the database says about one scope at one moment, for the Prometheus
+    gauges (:mod:`queuetopia_celery.metrics`). Ages are seconds on the database clock."""
+
+    scope: str
+    #: Open jobs by state: ``available``, ``scheduled``, ``running``, ``retrying``, ``held``.
+    open_jobs: dict[str, int]
+    #: Queues with at least one open job.
+    queues_open: int
+    #: Queues whose head job has failed and not yet succeeded (retrying or held).
+    queues_blocked: int
+    #: Queues an operator paused.
+    queues_paused: int
+    #: How long the pending job that has been due longest has waited since it became due.
+    oldest_due_age: float
+    #: How long the longest blocked queue has been blocked.
+    longest_blocked: float
+    #: With ``top_queues``: the queues with the most open jobs, most first.
+    top_open: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    #: With ``top_queues``: the longest blocked queues and for how long, longest first.
+    top_blocked: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+
+
 def new_token() -> str:
     return uuid.uuid4().hex
 
@@ -302,6 +326,10 @@ class Backend(Protocol):
     ) -> BulkResult: ...
 
     def queue_facts(self, queue: str) -> QueueFacts: ...
+
+    def scope_gauges(self, *, top_queues: int = 0) -> ScopeGauges:
+        """The scope's gauges (open jobs by state, blocked, paused, ages), read at
+        once; with ``top_queues``, also that many busiest and longest blocked queues."""
 
 
 def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

@@ -202,6 +202,9 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
             "job_on_exhausted": [spec.on_exhausted for spec in specs],
             "job_scheduled_at": [spec.scheduled_at for spec in specs],
             "job_unique_key": [spec.unique_key for spec in specs],
+            "job_trace_context": [
+                None if spec.trace_context is None else json.dumps(spec.trace_context) for spec in specs
+            ],
             "take_leases": grace is not None,
             "first_wait": 0.0 if grace is None else self._first_wait(grace),
             "create_key": key,
@@ -300,6 +303,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
                             0,
                             locked_at,
                             key,
+                            None if spec.trace_context is None else json.dumps(spec.trace_context),
                         )
                     )
         taken = [] if grace is None else self._take_all(conn, queues, grace, len(queues), None)

@@ -24,11 +24,13 @@ from ..jobs import (
     JobState,
 )
 from .sql_core import JOB_COLUMNS, JOBS, LEASES, MESSAGES, QUEUES
+from .sql_metrics import SqlMetrics
 from .sql_reads import SqlReads
 
 
-class SqlOperator(SqlReads):
-    """:class:`SqlReads` with the operator's writes."""
+class SqlOperator(SqlMetrics, SqlReads):
+    """:class:`SqlReads` with the operator's writes (and the gauges' reads of
+    :class:`SqlMetrics`)."""
 
     # ------------------------------------------------------------------ retry, abort, purge
 
