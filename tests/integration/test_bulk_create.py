@@ -5,6 +5,7 @@ transactional and unique-key behaviour; cut mid-transaction it creates each job 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Callable, Iterator
@@ -149,3 +150,12 @@ def test_a_bulk_insert_cut_mid_transaction_creates_each_job_once(cut_qt, engine,
         "q1": [1, 2, 3],
         "q2": [1, 2, 3],
     }
+
+
+def test_the_bulk_path_keeps_a_jobs_trace_context(build):
+    qt = build()
+    carrier = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    (job_id,) = qt.create_jobs(
+        [dataclasses.replace(new_job("t", "work", {}), trace_context=carrier)], returning="ids"
+    )
+    assert qt.get_job(job_id).trace_context == carrier
