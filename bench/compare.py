@@ -35,9 +35,9 @@ COMPARABLE = ("throughput", "latency", "enqueue")
 CURRENT = "current"
 
 #: What the bench's side process and workers import besides REV and its dependencies.
-BENCH_NEEDS = ("celery[redis]", "redis", "sqlalchemy", "psycopg[binary]")
+BENCH_NEEDS = ("celery[redis]", "redis", "sqlalchemy", "psycopg[binary]", "prometheus_client")
 #: Bumped when the way REV's environment is built changes (a kept one is rebuilt).
-BUILD = "2"
+BUILD = "3"
 
 Step = tuple[str, str, str, dict[str, Any]]  # (scenario, key, side command, its arguments)
 
