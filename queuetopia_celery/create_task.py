@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import DatabaseError, InvalidJobError
@@ -106,12 +106,14 @@ def create_from_message(
     key = (messages.c.scope == qt.scope) & (messages.c.message_id == message_id)
     try:
         with qt.engine.begin() as conn:
-            insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(messages)
-            claimed = conn.execute(
-                insert.values(scope=qt.scope, message_id=message_id, inserted_at=utcnow())
-                .on_conflict_do_nothing()
-                .returning(messages.c.message_id)
-            ).first()
+            row = {"scope": qt.scope, "message_id": message_id, "inserted_at": utcnow()}
+            if conn.dialect.name in ("mysql", "mariadb"):
+                # MariaDB returns no row for an ignored duplicate (the values are validated).
+                claim = mysql.insert(messages).prefix_with("IGNORE").values(**row)
+            else:
+                insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(messages)
+                claim = insert.values(**row).on_conflict_do_nothing()
+            claimed = conn.execute(claim.returning(messages.c.message_id)).first()
             if claimed is None:
                 # Seen before (on PostgreSQL the insert waited for that transaction's end).
                 ids = list(conn.execute(sa.select(messages.c.job_ids).where(key)).scalar_one() or [])
