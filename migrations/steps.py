@@ -14,6 +14,8 @@ unchanged by these branches.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -28,7 +30,7 @@ def _mysql() -> bool:
     return op.get_context().dialect.name in MYSQL_DIALECTS
 
 
-def _table_options() -> dict[str, str]:
+def _table_options() -> dict[str, Any]:
     """MySQL/MariaDB: InnoDB, utf8mb4, a binary NO PAD collation (none elsewhere)."""
     dialect = op.get_context().dialect
     if dialect.name not in MYSQL_DIALECTS:

@@ -107,6 +107,7 @@ def create_from_message(
     try:
         with qt.engine.begin() as conn:
             row = {"scope": qt.scope, "message_id": message_id, "inserted_at": utcnow()}
+            claim: Any
             if conn.dialect.name in ("mysql", "mariadb"):
                 # MariaDB returns no row for an ignored duplicate (the values are validated).
                 claim = mysql.insert(messages).prefix_with("IGNORE").values(**row)

@@ -28,7 +28,7 @@ from .. import schema
 from ..errors import DatabaseError
 from ..jobs import STATUS_DONE, STATUS_PENDING, STATUS_RUNNING, UTC, Job, NewJob
 from . import mysql_sql as sql
-from .base import Burst, Finished, Lease, Outcome, failure_plan, new_token
+from .base import Burst, Finished, Lease, Outcome, new_token
 from .connection import AutocommitConnections, Executor
 from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, positions_by_queue
 from .sql_operator import SqlOperator
@@ -126,7 +126,7 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         counts = {queue: len(indexes) for queue, indexes in by_queue.items()}
         dues: dict[str, Any] = {}
         for queue, indexes in by_queue.items():
-            given = [specs[i].scheduled_at for i in indexes if specs[i].scheduled_at is not None]
+            given = [when for when in (specs[i].scheduled_at for i in indexes) if when is not None]
             due: Any = min(given) if given else None
             if len(given) < len(indexes):
                 due = (
@@ -169,9 +169,9 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         for found in conn.execute(sql.insert_jobs(rows, unique=unique)).mappings():
             job = Job.from_row(found)
             # A holder of a unique key is an older job: never one of the new numbers.
-            i = place.get((job.queue, job.sequence))
-            if i is not None:
-                created[i] = job
+            index = place.get((job.queue, job.sequence))
+            if index is not None:
+                created[index] = job
             elif job.unique_key is not None:
                 holders[job.unique_key] = job
         for i, spec in enumerate(specs):
@@ -217,15 +217,17 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         own that committed (the lease started by this worker, the job running for it)."""
         return self._retried(
             f"the start of job {job_id}",
-            lambda retry: self._start_once(queue, job_id, token, worker, lease, retry),
+            lambda retry: self._start_once(queue, job_id, token, worker=worker, lease=lease, retry=retry),
             {"scope": self.scope, "queue": queue, "job_id": job_id},
         )
 
     def _start_once(
-        self, queue: str, job_id: int, token: str, worker: str, lease: float, retry: bool
+        self, queue: str, job_id: int, token: str, *, worker: str, lease: float, retry: bool
     ) -> Job | None:
         with self._autocommit() as conn:
-            started = conn.execute(sql.start(self.scope, queue, token, job_id, worker, lease)).rowcount
+            started = conn.execute(
+                sql.start(self.scope, queue, token, job_id=job_id, worker=worker, lease=lease)
+            ).rowcount
             if not started and retry:
                 started = conn.execute(
                     sa.select(sa.func.count())
@@ -270,13 +272,15 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         left = burst.deadline_left
         return self._retried(
             f"the outcome write of job {job.id}",
-            lambda retry: self._finish_once(job, token, fresh, outcome, grace, burst, retry),
+            lambda retry: self._finish_once(
+                job, token, outcome, fresh=fresh, grace=grace, burst=burst, retry=retry
+            ),
             {"scope": self.scope, "queue": job.queue, "job_id": job.id, "attempt": job.attempts},
             seconds=None if left is None else left - 1.0,
         )
 
     def _finish_once(
-        self, job: Job, token: str, fresh: str, outcome: Outcome, grace: float, burst: Burst, retry: bool
+        self, job: Job, token: str, outcome: Outcome, *, fresh: str, grace: float, burst: Burst, retry: bool
     ) -> Finished:
         if outcome.succeeded:
             values: dict[str, Any] = {

@@ -30,7 +30,7 @@ from ..jobs import STATUS_PENDING, STATUS_RUNNING
 from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUE_ORDER, QUEUES
 
 #: The generated column of open jobs (MySQL and MariaDB only: not in the metadata).
-IS_OPEN = sa.column("is_open", sa.Boolean())
+IS_OPEN = sa.column("is_open", sa.Integer())
 
 
 def utc_now() -> sa.ColumnElement[dt.datetime]:
@@ -42,7 +42,9 @@ def utc_after(seconds: Any) -> sa.ColumnElement[dt.datetime]:
     """``utc_now() + seconds`` (a number, or a bound parameter of microseconds when
     ``seconds`` is a SQL expression)."""
     micros = seconds if isinstance(seconds, sa.ColumnElement) else round(float(seconds) * 1_000_000)
-    return sa.func.timestampadd(sa.literal_column("MICROSECOND"), micros, utc_now(), type_=schema.UTCDateTime())
+    return sa.func.timestampadd(
+        sa.literal_column("MICROSECOND"), micros, utc_now(), type_=schema.UTCDateTime()
+    )
 
 
 def clock_now() -> sa.ColumnElement[dt.datetime]:
@@ -65,7 +67,7 @@ def head_id(scope: str, queue: Any, *, exclude_id: Any = None) -> sa.ScalarSelec
     """The id of a queue's head: its first open job by (scheduled_at, sequence)."""
     query = (
         sa.select(JOBS.c.id)
-        .where(JOBS.c.scope == scope, JOBS.c.queue == queue, IS_OPEN == sa.true())
+        .where(JOBS.c.scope == scope, JOBS.c.queue == queue, IS_OPEN == 1)
         .order_by(*QUEUE_ORDER)
         .limit(1)
     )
@@ -163,7 +165,7 @@ def insert_jobs(rows: Sequence[dict[str, Any]], *, unique: bool) -> Any:
     return insert.returning(*JOB_COLUMNS)
 
 
-def start(scope: str, queue: str, token: str, job_id: int, worker: str, lease: float) -> Any:
+def start(scope: str, queue: str, token: str, *, job_id: int, worker: str, lease: float) -> Any:
     """START: mark the lease started and count the job's attempt, in one statement
     (a multi-table UPDATE, autocommit): only if ``token`` holds the queue's lease for
     ``job_id``, unstarted, the job is pending and the queue is not paused."""
