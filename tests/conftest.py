@@ -93,6 +93,8 @@ def create_mariadb_database(prefix: str = "qt_test") -> str:
     url = sa.engine.make_url(MARIADB_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     engine = make_engine(url)
     migrate.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text(testapp.EVENTS_DDL_MYSQL))
     engine.dispose()
     return url
 
@@ -105,7 +107,8 @@ def drop_mariadb_database(url: str) -> None:
     admin.dispose()
 
 
-def _mariadb_url(database_url: str, tmp_path: Path) -> str:
+def _mariadb_url(database_url: str = "", tmp_path: Path | None = None) -> str:
+    """The session's MariaDB database (made on first use, dropped at the end)."""
     if "url" not in _MARIADB:
         _MARIADB["url"] = create_mariadb_database()
     return _MARIADB["url"]
