@@ -248,5 +248,6 @@ def v6_upgrade() -> None:
 
 
 def v6_downgrade() -> None:
-    op.drop_index("ix_queuetopia_messages_job", table_name="queuetopia_messages")
+    if not _mysql():  # MySQL: the foreign key needs the index; the table takes it along
+        op.drop_index("ix_queuetopia_messages_job", table_name="queuetopia_messages")
     op.drop_table("queuetopia_messages")

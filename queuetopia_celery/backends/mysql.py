@@ -96,10 +96,8 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
     def _insert_jobs(self, specs: Sequence[NewJob], connection: Executor | None) -> list[Job]:
         if connection is not None:
             with self._transaction(connection) as conn:
-                return self._create_in(conn, specs, None)[0]
-        return self._retried(
-            "create_jobs", lambda _retry: self._create_own(specs, None)[0], {"scope": self.scope}
-        )
+                return self._create_in(conn, specs, None, None)[0]
+        return self._create_own(specs, None)[0]
 
     def _insert_jobs_taking_leases(
         self, specs: Sequence[NewJob], grace: float
@@ -107,20 +105,66 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         """The jobs, and in the same transaction the leases of their queues whose head
         is then pending and due: the queue rows are locked, so every job of those
         queues is seen."""
-        return self._retried(
-            "create_jobs", lambda _retry: self._create_own(specs, grace), {"scope": self.scope}
-        )
+        return self._create_own(specs, grace)
 
     def _create_own(self, specs: Sequence[NewJob], grace: float | None) -> tuple[list[Job], list[Lease]]:
-        """In our own transaction. A retry after a lost connection inserts again: a
-        transaction cut before its commit wrote nothing; one cut during its commit is
-        the rare case where jobs may be created twice (the create_key of PostgreSQL's
-        single statement is not needed for the first, and not enough for the second)."""
-        with self._transaction() as conn:
-            return self._create_in(conn, specs, grace)
+        """In our own transaction, retried on a new connection when the connection
+        dies. The jobs carry a key of this call: a retry first looks for them, so a
+        transaction that committed but whose reply was lost is returned, not made twice."""
+        key = new_token()
+
+        def attempt(retry: bool) -> tuple[list[Job], list[Lease]]:
+            with self._transaction() as conn:
+                if retry:
+                    found = self._created_by(conn, specs, key)
+                    if found is not None:
+                        return found
+                return self._create_in(conn, specs, grace, key)
+
+        return self._retried("create_jobs", attempt, {"scope": self.scope})
+
+    def _created_by(
+        self, conn: Connection, specs: Sequence[NewJob], key: str
+    ) -> tuple[list[Job], list[Lease]] | None:
+        """The jobs the create call ``key`` inserted (in the order given) and the
+        unstarted leases of their queues held for them, or None when it wrote nothing.
+        Its transaction has ended: the server ends a killed connection's transaction
+        before the retry's connection is made."""
+        rows = conn.execute(sa.select(*JOB_COLUMNS).where(JOBS.c.create_key == key)).mappings()
+        mine = {(row["queue"], row["sequence"]): Job.from_row(row) for row in rows}
+        if not mine:
+            return None
+        created: list[Job | None] = [None] * len(specs)
+        for queue, indexes in positions_by_queue(specs).items():
+            # In sequence order; an item whose unique_key was taken inserted nothing.
+            following = iter(sorted((job for job in mine.values() if job.queue == queue), key=_sequence))
+            job = next(following, None)
+            for i in indexes:
+                wanted = specs[i].unique_key
+                if job is not None and (wanted is None or job.unique_key == wanted):
+                    created[i] = job
+                    job = next(following, None)
+        if any(job is None for job in created):
+            self._fill_existing(conn, specs, created)
+        by_id = {job.id: job for job in mine.values()}
+        leases = conn.execute(
+            sa.select(LEASES.c.queue, LEASES.c.job_id, LEASES.c.token)
+            .where(
+                LEASES.c.scope == self.scope,
+                LEASES.c.queue.in_(sorted({job.queue for job in by_id.values()})),
+                LEASES.c.started_at.is_(None),
+            )
+            .order_by(LEASES.c.queue)
+        )
+        taken = [
+            Lease(row.queue, row.job_id, row.token, by_id[row.job_id].timeout)
+            for row in leases
+            if row.job_id in by_id
+        ]
+        return [job for job in created if job is not None], taken
 
     def _create_in(
-        self, conn: Connection, specs: Sequence[NewJob], grace: float | None
+        self, conn: Connection, specs: Sequence[NewJob], grace: float | None, key: str | None
     ) -> tuple[list[Job], list[Lease]]:
         by_queue = positions_by_queue(specs)
         counts = {queue: len(indexes) for queue, indexes in by_queue.items()}
@@ -161,6 +205,7 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
                         "attempts": 0,
                         "inserted_at": locked_at,
                         "unique_key": spec.unique_key,
+                        "create_key": key,
                     }
                 )
         unique = any(spec.unique_key is not None for spec in specs)
@@ -401,6 +446,10 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         if following.status == STATUS_RUNNING and following.attempted_by == burst.worker:
             return Finished(True, handed, following)
         return Finished(True)
+
+
+def _sequence(job: Job) -> int:
+    return job.sequence
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
