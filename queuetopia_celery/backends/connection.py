@@ -217,7 +217,8 @@ def schema_missing(exc: BaseException) -> bool:
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if isinstance(orig, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
         return True
-    if type(orig).__module__.startswith("pymysql") and orig.args and orig.args[0] in MYSQL_SCHEMA_MISSING:
+    args = getattr(orig, "args", ())
+    if type(orig).__module__.startswith("pymysql") and args and args[0] in MYSQL_SCHEMA_MISSING:
         return True
     text = str(orig)
     return isinstance(exc, sa.exc.OperationalError) and (
