@@ -330,7 +330,9 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         if outcome.succeeded:
             values: dict[str, Any] = {
                 "status": STATUS_DONE,
-                "done_at": self._now(),
+                # Replaced by the time read with the lease below: the next job's start
+                # (stamped with it too) must not look earlier than this end.
+                "done_at": None,
                 "result": outcome.result,
                 "error": None,
                 "next_attempt_at": None,
@@ -341,6 +343,9 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
             lease = conn.execute(sql.finishing(self.scope, job.queue, token, job.id)).mappings().first()
             if lease is None or lease["lease_job_id"] != job.id:
                 return self._finished_by(conn, job, fresh, values, burst) if retry else Finished(False)
+            now = _utc(lease["now"])
+            if outcome.succeeded:
+                values["done_at"] = now
             written = conn.execute(
                 sa.update(JOBS).where(JOBS.c.id == job.id, JOBS.c.status == STATUS_RUNNING).values(**values)
             )
@@ -360,7 +365,6 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
             nxt = Lease(job.queue, int(head["id"]), fresh, float(head["timeout"]))
             left = burst.deadline_left
             inline = burst.start_next and (left is None or nxt.timeout + burst.time_limit_grace <= left)
-            now = _utc(head["now"])
             where = (LEASES.c.scope == self.scope, LEASES.c.queue == job.queue, LEASES.c.token == token)
             if not inline:
                 conn.execute(
