@@ -315,3 +315,21 @@ def test_a_late_outcome_whose_lease_was_recovered_stays_dropped_after_a_cut(cut_
         None,
     )
     assert qt.get_job(first.id).error.startswith("WorkerLostError")
+
+
+def test_mysql_urls_mean_pymysql_at_read_committed_and_a_mysql_server_is_refused() -> None:
+    for url in ("mysql://root@127.0.0.1/test", "mariadb://root@127.0.0.1/test"):
+        engine = make_engine(url)
+        assert engine.url.drivername.endswith("+pymysql")
+        with engine.connect() as conn:
+            level = conn.execute(sa.text("SELECT @@tx_isolation")).scalar_one()
+        assert level == "READ-COMMITTED"
+        engine.dispose()
+    engine = make_engine("mysql+pymysql://root@127.0.0.1/test")
+    with engine.connect():
+        pass
+    engine.dispose()
+    engine.dialect.is_mariadb = False  # what a MySQL server's greeting makes the dialect say
+    with pytest.raises(DatabaseError, match=r"needs MariaDB 10\.6 or newer .* found MySQL"):
+        engine.connect()
+    engine.dispose()
