@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import uuid
 from typing import Any
 
 import sqlalchemy as sa
@@ -96,7 +95,7 @@ def main() -> None:
         with admin.begin() as conn:
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
         admin.dispose()
-    print(f"\nload average before/after: {os.getloadavg()}; runs: {args.runs}, {uuid.uuid4().hex[:6]}\n")
+    print(f"\nload average at the end: {os.getloadavg()}; runs: {args.runs}\n")
     print("| scenario | PostgreSQL jobs/s | MariaDB jobs/s | MariaDB / PostgreSQL |")
     print("|---|---|---|---|")
     for scenario, by_db in rates.items():
