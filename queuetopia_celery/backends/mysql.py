@@ -270,9 +270,15 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         self, queue: str, job_id: int, token: str, *, worker: str, lease: float, retry: bool
     ) -> Job | None:
         with self._autocommit() as conn:
-            started = conn.execute(
-                sql.start(self.scope, queue, token, job_id=job_id, worker=worker, lease=lease)
-            ).rowcount
+            params = {
+                "b_scope": self.scope,
+                "b_queue": queue,
+                "b_token": token,
+                "b_job_id": job_id,
+                "b_worker": worker,
+                "lease_micros": round(lease * 1_000_000),
+            }
+            started = conn.execute(sql.START, params).rowcount
             if not started and retry:
                 started = conn.execute(
                     sa.select(sa.func.count())
@@ -340,7 +346,8 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         else:
             values = {"error": outcome.error, **self._failed_values(job, outcome)}
         with self._transaction() as conn:
-            lease = conn.execute(sql.finishing(self.scope, job.queue, token, job.id)).mappings().first()
+            params = {"scope": self.scope, "queue": job.queue, "token": token, "job_id": job.id}
+            lease = conn.execute(sql.FINISHING, params).mappings().first()
             if lease is None or lease["lease_job_id"] != job.id:
                 return self._finished_by(conn, job, fresh, values, burst) if retry else Finished(False)
             now = _utc(lease["now"])

@@ -55,7 +55,7 @@ def clock_now() -> sa.ColumnElement[dt.datetime]:
     return sa.func.timestampadd(sa.literal_column("MICROSECOND"), ran, utc_now(), type_=schema.UTCDateTime())
 
 
-def _paused(scope: str, queue: Any) -> sa.ColumnElement[bool]:
+def _paused(scope: Any, queue: Any) -> sa.ColumnElement[bool]:
     return (
         sa.select(QUEUES.c.queue)
         .where(QUEUES.c.scope == scope, QUEUES.c.queue == queue, QUEUES.c.paused)
@@ -63,7 +63,7 @@ def _paused(scope: str, queue: Any) -> sa.ColumnElement[bool]:
     )
 
 
-def head_id(scope: str, queue: Any, *, exclude_id: Any = None) -> sa.ScalarSelect[Any]:
+def head_id(scope: Any, queue: Any, *, exclude_id: Any = None) -> sa.ScalarSelect[Any]:
     """The id of a queue's head: its first open job by (scheduled_at, sequence)."""
     query = (
         sa.select(JOBS.c.id)
@@ -165,18 +165,23 @@ def insert_jobs(rows: Sequence[dict[str, Any]], *, unique: bool) -> Any:
     return insert.returning(*JOB_COLUMNS)
 
 
-def start(scope: str, queue: str, token: str, *, job_id: int, worker: str, lease: float) -> Any:
+def _start() -> Any:
     """START: mark the lease started and count the job's attempt, in one statement
-    (a multi-table UPDATE, autocommit): only if ``token`` holds the queue's lease for
-    ``job_id``, unstarted, the job is pending and the queue is not paused."""
+    (a multi-table UPDATE, autocommit): only if ``:token`` holds the queue's lease for
+    ``:job_id``, unstarted, the job is pending and the queue is not paused. Built once
+    (parameters ``:b_scope``, ``:b_queue``, ``:b_token``, ``:b_job_id``,
+    ``:b_worker``, ``:lease_micros``: an UPDATE's parameters may not be named like
+    its columns)."""
+    scope, queue = sa.bindparam("b_scope", type_=sa.String()), sa.bindparam("b_queue", type_=sa.String())
+    worker = sa.bindparam("b_worker", type_=sa.String())
     now = utc_now()
     return (
         sa.update(LEASES)
         .where(
             LEASES.c.scope == scope,
             LEASES.c.queue == queue,
-            LEASES.c.token == token,
-            LEASES.c.job_id == job_id,
+            LEASES.c.token == sa.bindparam("b_token", type_=sa.String()),
+            LEASES.c.job_id == sa.bindparam("b_job_id", type_=sa.BigInteger()),
             LEASES.c.started_at.is_(None),
             JOBS.c.id == LEASES.c.job_id,
             JOBS.c.status == STATUS_PENDING,
@@ -185,7 +190,7 @@ def start(scope: str, queue: str, token: str, *, job_id: int, worker: str, lease
         .values(
             {
                 LEASES.c.started_at: now,
-                LEASES.c.expires_at: utc_after(lease),
+                LEASES.c.expires_at: utc_after(sa.bindparam("lease_micros", type_=sa.BigInteger())),
                 LEASES.c.locked_by: worker,
                 JOBS.c.status: STATUS_RUNNING,
                 JOBS.c.attempts: JOBS.c.attempts + 1,
@@ -196,10 +201,16 @@ def start(scope: str, queue: str, token: str, *, job_id: int, worker: str, lease
     )
 
 
-def finishing(scope: str, queue: str, token: str, job_id: int) -> sa.Select[Any]:
-    """FINISHING: lock the lease held by ``token`` and read, in the same statement,
-    the queue's next head (the job being finished excluded: it is about to end),
-    whether that head is due, whether the queue is paused, and the database clock."""
+START = _start()
+
+
+def _finishing() -> Any:
+    """FINISHING: lock the lease held by ``:token`` and read, in the same statement,
+    the queue's next head (the job being finished, ``:job_id``, excluded: it is about
+    to end), whether that head is due, whether the queue is paused, and the database
+    clock. Built once (parameters ``:scope``, ``:queue``, ``:token``, ``:job_id``)."""
+    scope, queue = sa.bindparam("scope", type_=sa.String()), sa.bindparam("queue", type_=sa.String())
+    job_id = sa.bindparam("job_id", type_=sa.BigInteger())
     head = JOBS.alias("h")
     return (
         sa.select(
@@ -211,6 +222,13 @@ def finishing(scope: str, queue: str, token: str, job_id: int) -> sa.Select[Any]
         )
         .select_from(LEASES)
         .outerjoin(head, head.c.id == head_id(scope, queue, exclude_id=job_id))
-        .where(LEASES.c.scope == scope, LEASES.c.queue == queue, LEASES.c.token == token)
+        .where(
+            LEASES.c.scope == scope,
+            LEASES.c.queue == queue,
+            LEASES.c.token == sa.bindparam("token", type_=sa.String()),
+        )
         .with_for_update()
     )
+
+
+FINISHING = _finishing()
