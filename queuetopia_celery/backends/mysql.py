@@ -33,6 +33,9 @@ from .connection import AutocommitConnections, Executor
 from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, positions_by_queue
 from .sql_operator import SqlOperator
 
+#: MySQL's error code for a transaction chosen as a deadlock's victim.
+MYSQL_DEADLOCK = 1213
+
 #: The sentinel queue row whose lock serializes a scope's concurrency limit (a queue
 #: name no job can have: names are never empty).
 _SCOPE_LOCK_QUEUE = ""
@@ -90,6 +93,16 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         """No RETURNING on UPDATE: the update, then the row."""
         conn.execute(update)
         return conn.execute(sa.select(*JOB_COLUMNS).where(JOBS.c.id == job_id)).mappings().one()
+
+    def _error(self, exc: BaseException, *, connection_lost: bool = False) -> DatabaseError:
+        """As for every backend; and a deadlock's victim (1213: InnoDB rolled its whole
+        transaction back, for example a finish that locked a lease and then the next
+        job, against a producer holding that job as a unique key's holder and waiting
+        for the lease) is retried like a transaction whose connection died: nothing of
+        it committed."""
+        args: tuple[Any, ...] = getattr(getattr(exc, "orig", None), "args", ())
+        deadlock = bool(args) and args[0] == MYSQL_DEADLOCK
+        return super()._error(exc, connection_lost=connection_lost or deadlock)
 
     # ------------------------------------------------------------------ creating jobs
 

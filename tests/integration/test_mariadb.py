@@ -333,3 +333,11 @@ def test_mysql_urls_mean_pymysql_at_read_committed_and_a_mysql_server_is_refused
     with pytest.raises(DatabaseError, match=r"needs MariaDB 10\.6 or newer .* found MySQL"):
         engine.connect()
     engine.dispose()
+
+
+def test_a_deadlock_victim_is_retried_like_a_lost_connection(qt: Queuetopia) -> None:
+    """InnoDB rolled the victim's whole transaction back: the write is tried again."""
+    victim = sa.exc.OperationalError("UPDATE ...", {}, pymysql.err.OperationalError(1213, "Deadlock found"))
+    other = sa.exc.OperationalError("UPDATE ...", {}, pymysql.err.OperationalError(1205, "Lock wait timeout"))
+    assert qt.backend._error(victim).connection_lost  # type: ignore[attr-defined]
+    assert not qt.backend._error(other).connection_lost  # type: ignore[attr-defined]
