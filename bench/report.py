@@ -126,15 +126,41 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
+    """The throughput curve, and beside it the paths where we do not lead: idle latency
+    (p50, p95) and one-by-one enqueue, so that the picture is the whole one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = results["scenarios"]["throughput"]
+    scenarios = results["scenarios"]
+    panels = [name for name in ("throughput", "latency", "enqueue") if name in scenarios]
+    widths = {"throughput": 1.6, "latency": 1.0, "enqueue": 1.2}
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(4.2 * sum(widths[p] for p in panels), 4.4),
+        gridspec_kw={"width_ratios": [widths[p] for p in panels]},
+        squeeze=False,
+    )
+    for ax, panel in zip(axes[0], panels, strict=True):
+        {"throughput": _plot_throughput, "latency": _plot_latency, "enqueue": _plot_enqueue}[panel](
+            ax, scenarios[panel]
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+SYSTEMS = (
+    (OURS, "queuetopia-celery", "C0"),
+    (CELERY, "plain Celery", "C1"),
+    (PROC, "procrastinate", "C2"),
+)
+
+
+def _plot_throughput(ax: Any, data: dict[str, Any]) -> None:
     shapes = [k for k in data if not k.startswith("_")]
     xs = [int(k.split("x")[0]) for k in shapes]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
     for name, label in (
         (OURS, "queuetopia-celery (ordered, persisted)"),
         (CELERY, "plain Celery no-op (no order, no persistence)"),
@@ -155,13 +181,53 @@ def plot(results: dict[str, Any], path: Path) -> None:
             label=label,
         )
     ax.set_xscale("log")
-    ax.set_xlabel("number of queues (jobs spread evenly; see table for jobs per queue)")
+    ax.set_xlabel("number of queues (jobs spread evenly)")
     ax.set_ylabel("jobs/s (median, min-max bars)")
-    ax.set_title("No-op throughput vs number of queues, 2 worker processes")
+    ax.set_title("No-op throughput, 2 worker processes", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=7)
+
+
+def _bars(ax: Any, groups: list[str], values: dict[str, list[float | None]]) -> None:
+    """Grouped bars: one group per label in ``groups``, one bar per system."""
+    present = [(name, label, color) for name, label, color in SYSTEMS if name in values]
+    width = 0.8 / max(len(present), 1)
+    for i, (name, label, color) in enumerate(present):
+        for g, value in enumerate(values[name]):
+            if value is None:
+                continue
+            x = g + (i - (len(present) - 1) / 2) * width
+            ax.bar(x, value, width, color=color, label=label if g == 0 else None)
+            ax.annotate(
+                f"{value:,.0f}" if value >= 100 else f"{value:.1f}",
+                (x, value),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _plot_latency(ax: Any, data: dict[str, Any]) -> None:
+    values = {name: [data[name].get(p) for p in ("p50", "p95")] for name, _, _ in SYSTEMS if name in data}
+    _bars(ax, ["p50", "p95"], values)
+    ax.set_ylabel("ms (lower is better)")
+    ax.set_title("Idle latency, enqueue to first line", fontsize=10)
+
+
+def _plot_enqueue(ax: Any, data: dict[str, Any]) -> None:
+    shapes = [("one/1p/many", "1 producer"), ("one/4p/many", "4 producers")]
+    shapes = [(key, label) for key, label in shapes if key in data]
+    values: dict[str, list[float | None]] = {}
+    for name, _, _ in SYSTEMS:
+        rates = [data[key].get(name, {}).get("rate", {}).get("median") for key, _ in shapes]
+        if any(rate is not None for rate in rates):
+            values[name] = rates
+    _bars(ax, [label for _, label in shapes], values)
+    ax.set_ylabel("jobs/s (higher is better)")
+    ax.set_title("Enqueue one by one, a new queue each", fontsize=10)
 
 
 def main() -> None:

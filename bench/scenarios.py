@@ -575,3 +575,11 @@ def floor(env: Env, cfg: Config) -> dict[str, Any]:
 
 
 SCENARIOS["floor"] = floor
+
+
+# ---------------------------------------------------------------- the Prometheus scrape (issue 15)
+
+from .scrape import instruments, scrape  # noqa: E402
+
+SCENARIOS["scrape"] = scrape
+SCENARIOS["instruments"] = instruments

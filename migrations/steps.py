@@ -23,6 +23,7 @@ from queuetopia_celery.schema import DOUBLE, ID, MYSQL_DIALECTS, UTCDateTime
 
 _OPEN = "status IN ('pending', 'running')"
 _UNIQUE_OPEN = "unique_key IS NOT NULL AND status IN ('pending', 'running')"
+_FAILING_OPEN = "error IS NOT NULL AND status IN ('pending', 'running')"
 
 
 def _mysql() -> bool:
@@ -251,3 +252,31 @@ def v6_downgrade() -> None:
     if not _mysql():  # MySQL: the foreign key needs the index; the table takes it along
         op.drop_index("ix_queuetopia_messages_job", table_name="queuetopia_messages")
     op.drop_table("queuetopia_messages")
+
+
+def v7_upgrade() -> None:
+    """``trace_context`` on jobs: the propagation fields (W3C ``traceparent``,
+    ``tracestate``, baggage: whatever the configured OpenTelemetry propagator writes) of
+    the code that created the job, as JSON, so that its attempts continue that trace
+    even when the scan dispatches them much later. NULL when no trace was active.
+    Added without rewriting the table (a nullable column without default).
+
+    And ``ix_queuetopia_jobs_failing``: open jobs with an error, by (scope, queue), a
+    partial index holding only failing jobs (the candidates for a blocked queue's head),
+    so that the metrics and ``blocked_queues`` find them without reading every open job.
+    Jobs that never fail never enter it. Built with a plain CREATE INDEX (one read of
+    the table, writes held off meanwhile)."""
+    op.add_column("queuetopia_jobs", sa.Column("trace_context", sa.JSON(none_as_null=True), nullable=True))
+    op.create_index(
+        "ix_queuetopia_jobs_failing",
+        "queuetopia_jobs",
+        ["scope", "queue"],
+        postgresql_where=sa.text(_FAILING_OPEN),
+        sqlite_where=sa.text(_FAILING_OPEN),
+    )
+
+
+def v7_downgrade() -> None:
+    op.drop_index("ix_queuetopia_jobs_failing", table_name="queuetopia_jobs")
+    with op.batch_alter_table("queuetopia_jobs") as batch:
+        batch.drop_column("trace_context")

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import inspect
 from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from .app import Queuetopia, _spec
+from . import tracing
+from .app import Queuetopia
 from .errors import ConfigurationError
 from .jobs import (
     DEFAULT_MAX_ATTEMPTS,
@@ -35,9 +35,8 @@ from .jobs import (
     Job,
     JobState,
     NewJob,
-    new_job,
 )
-from .ordered_task import BoundOrderedTask, JobOptions, OrderedTask
+from .ordered_task import BoundOrderedTask, OrderedTask
 
 AsyncExecutor = AsyncConnection | AsyncSession
 
@@ -62,17 +61,19 @@ class AsyncQueuetopia:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         on_exhausted: str | None = None,
         connection: AsyncExecutor | None = None,
+        unique_key: str | None = None,
     ) -> Job:
         """:meth:`Queuetopia.create_job <queuetopia_celery.Queuetopia.create_job>`, awaited."""
-        spec = new_job(
+        spec = self.qt.job_spec(
             queue,
             action,
-            {} if params is None else params,
+            params,
             scheduled_at=scheduled_at,
             timeout=timeout,
             max_backoff=max_backoff,
             max_attempts=max_attempts,
-            on_exhausted=self.qt.on_exhausted if on_exhausted is None else on_exhausted,
+            on_exhausted=on_exhausted,
+            unique_key=unique_key,
         )
         return (await self.create_jobs([spec], connection=connection))[0]
 
@@ -81,15 +82,15 @@ class AsyncQueuetopia:
     ) -> list[Job]:
         """:meth:`Queuetopia.create_jobs <queuetopia_celery.Queuetopia.create_jobs>`, awaited."""
         qt = self.qt
-        specs = [item if isinstance(item, NewJob) else _spec(item, qt.on_exhausted) for item in jobs]
+        specs = qt.build_specs(jobs)
         if not specs:
             return []
-        qt._check_actions(specs)
         if connection is None:
             return await asyncio.to_thread(qt.create_jobs, specs)
         if not isinstance(connection, (AsyncConnection, AsyncSession)):
             raise TypeError("connection= must be a SQLAlchemy AsyncConnection or AsyncSession")
         queues = sorted({spec.queue for spec in specs})
+        specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
 
         def create(sync: Any) -> list[Job]:
             created = qt.backend.create_jobs(specs, connection=sync)
@@ -108,26 +109,15 @@ class AsyncQueuetopia:
         params and job options as the sync call."""
         if task.qt is not self.qt:
             raise ConfigurationError(f"{task!r} belongs to another Queuetopia than {self.qt!r}")
-        try:
-            call = task.call_signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{task.name}(): {exc}") from None
-        params = {
-            name: list(value)
-            if task.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
-            else value
-            for name, value in call.arguments.items()
-        }
-        call.apply_defaults()
-        queue = task.queue_key(call.arguments)
-        options = JobOptions().over(task.options).create_kwargs()
-        return await self.create_job(queue, task.name, params, connection=connection, **options)
+        call = task.job_call(args, kwargs)
+        options = task.options.create_kwargs()
+        return await self.create_job(call.queue, task.name, call.params, connection=connection, **options)
 
     def _wake_in_thread(self, queues: set[str], committed: bool) -> None:
         """Called by the caller's commit, on the event loop's thread: publish the
         wake-up from a worker thread, never on the loop."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, lambda: self.qt._kick(sorted(queues), committed=committed))
+        future = loop.run_in_executor(None, self.qt.wake_after_commit, queues, committed)
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
 

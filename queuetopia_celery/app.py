@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -13,9 +12,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
+from . import tracing
 from .backends import (
     Backend,
-    Burst,
     Executor,
     Lease,
     configure_mysql,
@@ -25,8 +24,9 @@ from .backends import (
 )
 from .celery_defaults import apply_celery_defaults
 from .create_task import register_create_task
+from .drain import drain as _drain
 from .errors import ConfigurationError, InvalidJobError, UnknownActionError
-from .explain import QueueExplanation, explain
+from .explain import QueueExplanation
 from .jobs import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_BACKOFF,
@@ -39,11 +39,13 @@ from .jobs import (
     NewJob,
     Page,
     QueueStatus,
+    job_arguments,
     new_job,
     validate_duration,
     validate_name,
     validate_on_exhausted,
 )
+from .operations import Operator
 from .ordered_task import TaskDecorator, wait_for_job
 from .performer import BackoffFn, FailureFn, PerformerProtocol, PerformFn, Registry
 from .tasks import CeleryTasks, publish
@@ -205,6 +207,8 @@ class Queuetopia:
         self.kick_task = self.celery_tasks.kick
         self.cleanup_task = self.celery_tasks.cleanup
         self.create_task = register_create_task(self)  # send_task path: see create_task.py
+        #: The operator's reads and writes (operations.py), behind the methods below.
+        self.operator = Operator(self)
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
@@ -277,7 +281,37 @@ class Queuetopia:
         instead. The database enforces it (a partial unique index), so concurrent
         producers create one job between them.
         """
-        spec = new_job(
+        spec = self.job_spec(
+            queue,
+            action,
+            params,
+            scheduled_at=scheduled_at,
+            timeout=timeout,
+            max_backoff=max_backoff,
+            max_attempts=max_attempts,
+            on_exhausted=on_exhausted,
+            unique_key=unique_key,
+        )
+        return self.create_jobs([spec], connection=connection)[0]
+
+    def job_spec(
+        self,
+        queue: str,
+        action: str,
+        params: Any = None,
+        *,
+        scheduled_at: dt.datetime | None = None,
+        timeout: float | dt.timedelta = DEFAULT_TIMEOUT,
+        max_backoff: float | dt.timedelta = DEFAULT_MAX_BACKOFF,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        on_exhausted: str | None = None,
+        unique_key: str | None = None,
+    ) -> NewJob:
+        """The job :meth:`create_job` would create with these arguments, validated and
+        with this Queuetopia's defaults, not written: for doors that write jobs their
+        own way (:class:`~queuetopia_celery.aio.AsyncQueuetopia`) and then call
+        :meth:`wake_after_commit`. Raises :class:`~queuetopia_celery.InvalidJobError`."""
+        return new_job(
             queue,
             action,
             {} if params is None else params,
@@ -288,8 +322,25 @@ class Queuetopia:
             on_exhausted=self.on_exhausted if on_exhausted is None else on_exhausted,
             unique_key=unique_key,
         )
-        return self.create_jobs([spec], connection=connection)[0]
 
+    def build_specs(self, jobs: Iterable[NewJob | dict[str, Any]]) -> list[NewJob]:
+        """The items of :meth:`create_jobs` (NewJobs, or dicts of :meth:`create_job`'s
+        arguments) as validated NewJobs, not written: raises
+        :class:`~queuetopia_celery.InvalidJobError` on the first bad one, and
+        :class:`~queuetopia_celery.UnknownActionError` for an action no performer
+        handles, when this Queuetopia knows its performers (some function performers
+        and no class performer; not with ``check_actions=False``): such a job would
+        block its queue for all its attempts."""
+        specs = [item if isinstance(item, NewJob) else self.job_spec(**job_arguments(item)) for item in jobs]
+        known = self.registry.actions
+        if self.check_actions and known and self.registry.default is None:
+            handled = set(known)
+            for spec in specs:
+                if spec.action not in handled:
+                    raise UnknownActionError(self.scope, spec.action, known)
+        return specs
+
+    @tracing.traced_create
     def create_jobs(
         self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None
     ) -> list[Job]:
@@ -299,10 +350,10 @@ class Queuetopia:
         ``create_job``'s arguments (``queue``, ``action``, ``params``, options). If one
         item is invalid, nothing is written.
         """
-        specs = [item if isinstance(item, NewJob) else _spec(item, self.on_exhausted) for item in jobs]
+        specs = self.build_specs(jobs)
         if not specs:
             return []
-        self._check_actions(specs)
+        specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
         queues = list(dict.fromkeys(spec.queue for spec in specs))
         if connection is None:
             # One connection for the insert and the kick: one pool checkout. The insert
@@ -318,23 +369,20 @@ class Queuetopia:
             return created
         created = self.backend.create_jobs(specs, connection=connection)
         if not self.disabled:
-            self.backend.on_commit(connection, f"queuetopia_kicks:{self.scope}", queues, self._kick_after)
+            self.backend.on_commit(
+                connection, f"queuetopia_kicks:{self.scope}", queues, self.wake_after_commit
+            )
         return created
 
-    def _check_actions(self, specs: Sequence[NewJob]) -> None:
-        """Refuse an action no performer handles, when this Queuetopia knows its
-        performers (some function performers and no class performer; not with
-        ``check_actions=False``): such a job would block its queue for all its attempts."""
-        known = self.registry.actions
-        if not self.check_actions or not known or self.registry.default is not None:
-            return
-        handled = set(known)
-        for spec in specs:
-            if spec.action not in handled:
-                raise UnknownActionError(self.scope, spec.action, known)
-
-    def _kick_after(self, queues: set[str], committed: bool) -> None:
-        self._kick(sorted(queues), committed=committed)
+    def wake_after_commit(self, queues: Iterable[str], committed: bool = True) -> None:
+        """Wake ``queues`` once jobs created in them (or made due) are committed: for a
+        door that commits the jobs itself (a framework's transaction, an asyncio
+        connection) and then calls this from its after-commit hook.
+        ``committed=False`` says the caller runs at the commit but before it is
+        visible (a SQLAlchemy Connection's commit event): a worker is then asked to wake
+        them, and waits for the commit. Never raises: a wake-up that cannot be sent is
+        logged, and the next scan starts the jobs."""
+        self._kick(sorted(set(queues)), committed=committed)
 
     def _kick(self, queues: Sequence[str], *, committed: bool, taken: Sequence[Lease] = ()) -> None:
         """Wake the given queues: dispatch them now (after a commit), or ask a worker
@@ -392,9 +440,7 @@ class Queuetopia:
     ) -> list[Job]:
         """Jobs of this scope, newest first (by creation across queues, by sequence
         within a queue), filtered by queue, action, state."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise InvalidJobError("limit", "must be None or an int >= 0")
-        return self.backend.list_jobs(queue=queue, action=action, state=_state(state), limit=limit)
+        return self.operator.list_jobs(queue=queue, action=action, state=state, limit=limit)
 
     def paginate_jobs(
         self,
@@ -406,15 +452,7 @@ class Queuetopia:
         state: JobState | str | None = None,
     ) -> Page:
         """One page of :meth:`list_jobs` (pages count from 1) with the total count."""
-        for name, value in (("page_size", page_size), ("page_number", page_number)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidJobError(name, "must be an int >= 1")
-        st = _state(state)
-        items = self.backend.list_jobs(
-            queue=queue, action=action, state=st, limit=page_size, offset=(page_number - 1) * page_size
-        )
-        total = self.backend.count_jobs(queue=queue, action=action, state=st)
-        return Page(items=items, total=total, page_number=page_number, page_size=page_size)
+        return self.operator.paginate_jobs(page_size, page_number, queue=queue, action=action, state=state)
 
     # ------------------------------------------------------------------ running
 
@@ -426,19 +464,34 @@ class Queuetopia:
     def perform_runner(self) -> Runner:
         return Runner(self)
 
+    def drain(self, queue: str | None = None, *, with_scheduled: bool = False) -> DrainResult:
+        """Run jobs now, in this process, without Celery workers: for tests.
+
+        Goes through the same steps as a worker (lease, token-checked start, outcome,
+        hand-on), so queue order, blocking and retries behave as in production: a job
+        that fails blocks its queue until its retry is due. Runs the due jobs of every
+        queue (or of ``queue``) until none is due. With ``with_scheduled=True``, jobs
+        scheduled later and retries waiting for their backoff are run too: the clock is
+        moved forward for them (their ``scheduled_at`` and retry times are shifted back
+        by the same amount, keeping each queue's order), until every job succeeded,
+        exhausted or is held. Unstarted leases taken by kicks are released first.
+        """
+        return _drain(self, queue, with_scheduled=with_scheduled)
+
     # ------------------------------------------------------------------ operator
-    # Tools for the person on call and for tests: status, retry, abort, purge, drain.
+    # Tools for the person on call and for tests, in operations.py: status, retry,
+    # abort, pause, explain, purge.
 
     def queue_statuses(self, *, queue: str | None = None) -> list[QueueStatus]:
         """One row per queue with jobs in it (or a lease): pending count, head job,
         lease holder, oldest pending job. Blocked queues come first."""
-        return self.backend.queue_statuses(queue=queue)
+        return self.operator.queue_statuses(queue=queue)
 
     def blocked_queues(self) -> list[QueueStatus]:
         """Queues whose head job is failing (waiting for a retry, or being retried) or
         held, longest blocked first: ``status.error`` and ``status.blocked_since`` say
         why and since when. For alerts and dashboards."""
-        return self.backend.queue_statuses(blocked_only=True)
+        return self.operator.queue_statuses(blocked_only=True)
 
     def retry_job(self, job_id: int, *, force: bool = False) -> Job:
         """Make a retrying, held, exhausted or scheduled job due now, and wake its
@@ -446,9 +499,7 @@ class Queuetopia:
         this scope) or :class:`~queuetopia_celery.JobStateError` (running, done,
         aborted; or exhausted while a later job of its queue has already run, so that
         it would run out of order: ``force=True`` retries it anyway)."""
-        job = self.backend.retry(_job_id(job_id), force=force)
-        self._kick([job.queue], committed=True)
-        return job
+        return self.operator.retry_job(job_id, force=force)
 
     def abort_job(self, job_id: int, reason: str) -> Job:
         """Take a job out of its queue for good so that the queue moves on; the job is
@@ -456,11 +507,7 @@ class Queuetopia:
         aborted (its queue must not run two jobs at once): abort it once its attempt
         ended. Raises :class:`~queuetopia_celery.JobNotFoundError` or
         :class:`~queuetopia_celery.JobStateError`."""
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidJobError("reason", "must be a non-empty string")
-        job = self.backend.abort(_job_id(job_id), reason.strip())
-        self._kick([job.queue], committed=True)
-        return job
+        return self.operator.abort_job(job_id, reason)
 
     def pause_queue(self, queue: str) -> bool:
         """Pause ``queue``: its running job (if any) finishes, and no other job of it
@@ -468,15 +515,12 @@ class Queuetopia:
         Nothing is aborted; jobs can still be created in it. Returns False when the
         queue was already paused (nothing changed). Raises
         :class:`~queuetopia_celery.QueueNotFoundError` for a queue with no job ever."""
-        return self.backend.pause(validate_name("queue", queue))
+        return self.operator.pause_queue(queue)
 
     def resume_queue(self, queue: str) -> bool:
         """Resume a paused queue and wake it at once. Returns False when it was not
         paused. Raises :class:`~queuetopia_celery.QueueNotFoundError`."""
-        changed = self.backend.resume(validate_name("queue", queue))
-        if changed:
-            self._kick([queue], committed=True)
-        return changed
+        return self.operator.resume_queue(queue)
 
     def retry_jobs(
         self,
@@ -495,14 +539,9 @@ class Queuetopia:
         unique key another open job holds now. With neither ``queue`` nor ``action``
         the whole scope is meant: refused unless ``all=True``. ``dry_run`` counts
         without changing anything. Wakes the queues retried."""
-        queue, action = bulk_target(queue, action, all)
-        states = bulk_states(state)
-        result = self.backend.retry_many(
-            queue=queue, action=action, states=states, force=force, dry_run=dry_run
+        return self.operator.retry_jobs(
+            queue=queue, action=action, state=state, force=force, everything=all, dry_run=dry_run
         )
-        if result.count and not dry_run:
-            self._kick(result.queues, committed=True)
-        return result
 
     def abort_jobs(
         self,
@@ -517,165 +556,18 @@ class Queuetopia:
         held) of ``queue`` and/or ``action``, in one statement; running jobs are
         skipped (``result.skipped["running"]``). With neither ``queue`` nor ``action``
         refused unless ``all=True``. ``dry_run`` counts without changing anything."""
-        if not isinstance(reason, str) or not reason.strip():
-            raise InvalidJobError("reason", "must be a non-empty string")
-        queue, action = bulk_target(queue, action, all)
-        result = self.backend.abort_many(queue=queue, action=action, reason=reason.strip(), dry_run=dry_run)
-        if result.count and not dry_run:
-            self._kick(result.queues, committed=True)
-        return result
+        return self.operator.abort_jobs(
+            reason=reason, queue=queue, action=action, everything=all, dry_run=dry_run
+        )
 
     def explain_queue(self, queue: str) -> QueueExplanation:
         """Why ``queue``'s head job is (not) running now: ``summary`` in one sentence,
         ``details`` after it, ``reason`` a stable code (see
         :data:`queuetopia_celery.explain.REASONS`). Uses this process's registry to
         tell whether a performer exists for the head's action."""
-        facts = self.backend.queue_facts(validate_name("queue", queue))
-        registry = self.registry
-        return explain(
-            facts,
-            has_performer=lambda action: registry.default is not None or action in registry.actions,
-            max_concurrent=self.max_concurrent_queues,
-        )
+        return self.operator.explain_queue(queue)
 
     def purge_jobs(self, *, older_than: float | dt.timedelta | None = None) -> int:
         """Delete done jobs that finished more than ``older_than`` ago (default
         ``job_retention``). Exhausted and aborted jobs are kept. Returns the count."""
-        seconds = (
-            self.job_retention
-            if older_than is None
-            else validate_duration("older_than", older_than, allow_zero=True)
-        )
-        deleted = self.backend.purge(seconds)
-        if deleted:
-            logger.info("purged %s done jobs", deleted, extra={"scope": self.scope})
-        return deleted
-
-    def drain(self, queue: str | None = None, *, with_scheduled: bool = False) -> DrainResult:
-        """Run jobs now, in this process, without Celery workers: for tests.
-
-        Goes through the same steps as a worker (lease, token-checked start, outcome,
-        hand-on), so queue order, blocking and retries behave as in production: a job
-        that fails blocks its queue until its retry is due. Runs the due jobs of every
-        queue (or of ``queue``) until none is due. With ``with_scheduled=True``, jobs
-        scheduled later and retries waiting for their backoff are run too: the clock is
-        moved forward for them (their ``scheduled_at`` and retry times are shifted back
-        by the same amount, keeping each queue's order), until every job succeeded,
-        exhausted or is held. Unstarted leases taken by kicks are released first.
-        """
-        if queue is not None:
-            validate_name("queue", queue)
-        runner = Runner(self)
-        store = self.backend
-        worker = f"drain/{os.getpid()}"
-        no_burst = Burst(worker, False, self.time_limit_grace, self.lease_margin, None)
-        succeeded = failed = exhausted = 0
-        store.release_unstarted(queue)
-        while True:
-            if queue is not None:
-                taken = store.kick([queue], grace=self.dispatch_grace, limit=self.scan_limit)
-            else:
-                taken = store.scan(grace=self.dispatch_grace, limit=self.scan_limit)
-            if not taken:
-                if with_scheduled and store.advance(queue):
-                    continue
-                return DrainResult(succeeded=succeeded, failed=failed, exhausted=exhausted)
-            for lease in taken:
-                nxt: Lease | None = lease
-                while nxt is not None:
-                    job = store.start(
-                        nxt.queue, nxt.job_id, nxt.token, worker=worker, lease=nxt.timeout + self.lease_margin
-                    )
-                    if job is None:
-                        break
-                    outcome = runner._attempt(job)
-                    if outcome.succeeded:
-                        succeeded += 1
-                    elif outcome.final or job.attempts >= job.max_attempts:
-                        exhausted += 1
-                    else:
-                        failed += 1
-                    # The statement workers run, without starting the next job here.
-                    _, nxt, _ = store.finish_and_start(
-                        job, nxt.token, outcome, grace=self.dispatch_grace, burst=no_burst
-                    )
-
-
-def _job_id(job_id: object) -> int:
-    if isinstance(job_id, bool) or not isinstance(job_id, int) or job_id < 1:
-        raise InvalidJobError("job_id", f"must be a positive int, got {job_id!r}")
-    return job_id
-
-
-def _state(state: JobState | str | None) -> JobState | None:
-    if state is None:
-        return None
-    try:
-        return JobState(state)
-    except ValueError:
-        choices = ", ".join(s.value for s in JobState)
-        raise InvalidJobError("state", f"{state!r} is not one of {choices}") from None
-
-
-def _spec(item: dict[str, Any], on_exhausted: str = ON_EXHAUSTED_SKIP) -> NewJob:
-    if not isinstance(item, dict):
-        raise InvalidJobError("jobs", f"each job must be a dict or NewJob, got {type(item).__name__}")
-    known = {
-        "queue",
-        "action",
-        "params",
-        "scheduled_at",
-        "timeout",
-        "max_backoff",
-        "max_attempts",
-        "on_exhausted",
-        "unique_key",
-    }
-    unknown = set(item) - known
-    if unknown:
-        raise InvalidJobError("jobs", f"unknown keys {sorted(unknown)}")
-    missing = {"queue", "action"} - set(item)
-    if missing:
-        raise InvalidJobError("jobs", f"missing keys {sorted(missing)}")
-    params = item.get("params")
-    return new_job(
-        item["queue"],
-        item["action"],
-        {} if params is None else params,
-        scheduled_at=item.get("scheduled_at"),
-        timeout=item.get("timeout", DEFAULT_TIMEOUT),
-        max_backoff=item.get("max_backoff", DEFAULT_MAX_BACKOFF),
-        max_attempts=item.get("max_attempts", DEFAULT_MAX_ATTEMPTS),
-        on_exhausted=on_exhausted if item.get("on_exhausted") is None else item["on_exhausted"],
-        unique_key=item.get("unique_key"),
-    )
-
-
-#: What a bulk retry takes by default: every failed job that is not done.
-BULK_RETRY_STATES = (JobState.EXHAUSTED, JobState.HELD, JobState.RETRYING)
-
-
-def bulk_target(queue: str | None, action: str | None, everything: bool) -> tuple[str | None, str | None]:
-    if queue is not None:
-        validate_name("queue", queue)
-    if action is not None:
-        validate_name("action", action)
-    if queue is None and action is None and not everything:
-        raise InvalidJobError(
-            "queue", "give a queue or an action (or all=True / --all for every job of the scope)"
-        )
-    return queue, action
-
-
-def bulk_states(state: JobState | str | Sequence[JobState | str] | None) -> list[JobState]:
-    if state is None:
-        return list(BULK_RETRY_STATES)
-    given = [state] if isinstance(state, (str, JobState)) else list(state)
-    states = [st for st in (_state(item) for item in given) if st is not None]
-    wrong = [s.value for s in states if s not in BULK_RETRY_STATES]
-    if wrong or not states:
-        raise InvalidJobError(
-            "state",
-            f"a bulk retry takes {', '.join(s.value for s in BULK_RETRY_STATES)}; got {wrong or 'none'}",
-        )
-    return states
+        return self.operator.purge_jobs(older_than=older_than)

@@ -16,6 +16,7 @@ Every option can also be given as an environment variable: ``-A`` is
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import json
@@ -29,10 +30,13 @@ import click
 import sqlalchemy as sa
 
 from . import migrate as _migrate
-from .app import BULK_RETRY_STATES, Queuetopia, make_engine
+from .app import Queuetopia, make_engine
 from .errors import InvalidJobError, JobNotFoundError, QueuetopiaError
 from .explain import QueueExplanation
 from .jobs import BulkResult, Job, JobState, QueueStatus, first_line, job_to_dict, utcnow, validate_name
+from .metrics_cli import metrics as metrics_command
+from .operations import BULK_RETRY_STATES
+from .web.command import web as web_command
 
 #: Passwords this process knows of (database and broker URLs): never printed.
 _SECRETS: list[str] = []
@@ -499,106 +503,99 @@ def _writing(obj: _Context, write: Callable[[Queuetopia], Any]) -> tuple[Any, Ca
     return result, said
 
 
-@cli.command()
-@click.argument("job_id", type=click.IntRange(min=1), required=False)
-@click.option("--queue", help="Bulk: every failed job of this queue.")
-@click.option("--action", help="Bulk: every failed job of this action.")
-@click.option(
-    "--state",
-    "states",
-    multiple=True,
-    type=click.Choice([s.value for s in BULK_RETRY_STATES]),
-    help="Bulk: only jobs in this state (repeatable; default: all three).",
-)
-@click.option("--all", "everything", is_flag=True, help="Bulk: every failed job of the scope.")
-@click.option(
-    "--force",
-    is_flag=True,
-    help="Retry an exhausted job even though later jobs of its queue already ran (it runs after them).",
-)
-@click.option("--dry-run", is_flag=True, help="Bulk: count the jobs, change nothing.")
-@click.pass_obj
-@_expected_errors
-def retry(
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """What ``retry`` and ``abort`` act on: one job (JOB_ID), or in bulk the jobs of
+    ``--queue`` and/or ``--action`` (``--all``: the whole scope)."""
+
+    job_id: int | None
+    queue: str | None
+    action: str | None
+    everything: bool
+    dry_run: bool
+
+    def is_bulk(self, other_bulk_options: bool) -> bool:
+        bulk = self.queue or self.action or self.everything or self.dry_run or other_bulk_options
+        return self.job_id is None or bool(bulk)
+
+    def check_bulk(self) -> None:
+        if self.job_id is not None:
+            raise click.UsageError("give a JOB_ID or bulk options (--queue, --action, --all), not both")
+        if self.queue is None and self.action is None and not self.everything:
+            raise click.UsageError(
+                "give a JOB_ID, or --queue and/or --action for a bulk action (--all for the whole scope)"
+            )
+
+    def describe(self) -> str:
+        parts = [
+            f"of queue {self.queue!r}" if self.queue else "",
+            f"of action {self.action!r}" if self.action else "",
+        ]
+        return " and ".join(p for p in parts if p) or "of the whole scope"
+
+
+def _one_or_bulk(jobs: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The arguments ``retry`` and ``abort`` share (JOB_ID, ``--queue``, ``--action``,
+    ``--all``, ``--dry-run``), given to the command as one ``target``; ``jobs`` says
+    which jobs a bulk action takes ("failed", "pending")."""
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(fn)
+        def command(
+            *args: Any,
+            job_id: int | None,
+            queue: str | None,
+            action: str | None,
+            everything: bool,
+            dry_run: bool,
+            **kwargs: Any,
+        ) -> None:
+            fn(*args, target=_Target(job_id, queue, action, everything, dry_run), **kwargs)
+
+        shared = [
+            click.argument("job_id", type=click.IntRange(min=1), required=False),
+            click.option("--queue", help=f"Bulk: every {jobs} job of this queue."),
+            click.option("--action", help=f"Bulk: every {jobs} job of this action."),
+            click.option("--all", "everything", is_flag=True, help=f"Bulk: every {jobs} job of the scope."),
+            click.option("--dry-run", is_flag=True, help="Bulk: count the jobs, change nothing."),
+        ]
+        decorated: Callable[..., None] = command
+        for option in reversed(shared):
+            decorated = option(decorated)
+        return decorated
+
+    return decorate
+
+
+def _act(
     obj: _Context,
-    job_id: int | None,
+    target: _Target,
     *,
-    queue: str | None,
-    action: str | None,
-    states: tuple[str, ...],
-    everything: bool,
-    force: bool,
-    dry_run: bool,
+    one: Callable[[Queuetopia, int], Job],
+    done: Callable[[Job, Callable[..., str]], str],
+    many: Callable[[Queuetopia], BulkResult],
+    verb: str,
+    taken: str,
+    bulk_options: bool = False,
 ) -> None:
-    """Make a retrying, held or exhausted job due now (JOB_ID), or every such job of
-    a queue or action (--queue, --action, --all)."""
-    if job_id is None or queue or action or states or everything or dry_run:
-        _retry_bulk(
-            obj,
-            job_id,
-            queue=queue,
-            action=action,
-            states=states,
-            everything=everything,
-            force=force,
-            dry_run=dry_run,
-        )
+    """Run ``one`` on the target's job and print ``done``; or in bulk (bulk options
+    given: the target's, or the command's own ``bulk_options``) run ``many`` and print
+    what it did (``verb``: "retry" or "abort"; ``taken``: the states it takes, in
+    words)."""
+    job_id = target.job_id
+    if job_id is not None and not target.is_bulk(bulk_options):
+        job, said = _writing(obj, lambda qt: one(qt, job_id))
+        click.echo(done(job, said))
         return
-    job, said = _writing(obj, lambda qt: qt.retry_job(job_id, force=force))
-    click.echo(
-        f"job {job.id} of queue {job.queue!r} is due now ({job.attempts} attempts so far); {said('it')}"
-    )
-
-
-@cli.command()
-@click.argument("job_id", type=click.IntRange(min=1), required=False)
-@click.option("--reason", required=True, help="Why (recorded on the job).")
-@click.option("--queue", help="Bulk: every pending job of this queue.")
-@click.option("--action", help="Bulk: every pending job of this action.")
-@click.option("--all", "everything", is_flag=True, help="Bulk: every pending job of the scope.")
-@click.option("--dry-run", is_flag=True, help="Bulk: count the jobs, change nothing.")
-@click.pass_obj
-@_expected_errors
-def abort(
-    obj: _Context,
-    job_id: int | None,
-    *,
-    reason: str,
-    queue: str | None,
-    action: str | None,
-    everything: bool,
-    dry_run: bool,
-) -> None:
-    """Take a blocking job out of its queue for good (recorded, never deleted), or
-    every pending job of a queue or action (--queue, --action, --all)."""
-    if job_id is None or queue or action or everything or dry_run:
-        _abort_bulk(
-            obj,
-            job_id,
-            reason=reason,
-            queue=queue,
-            action=action,
-            everything=everything,
-            dry_run=dry_run,
-        )
-        return
-    job, said = _writing(obj, lambda qt: qt.abort_job(job_id, reason))
-    click.echo(
-        f"job {job.id} of queue {job.queue!r} aborted ({job.abort_reason}); "
-        f"the queue moves on to its next job; {said('that job')}"
-    )
-
-
-# ---------------------------------------------------------------------- issue 12: pause, bulk, explain
-
-
-def _bulk_usage(job_id: int | None, queue: str | None, action: str | None, everything: bool) -> None:
-    if job_id is not None:
-        raise click.UsageError("give a JOB_ID or bulk options (--queue, --action, --all), not both")
-    if queue is None and action is None and not everything:
-        raise click.UsageError(
-            "give a JOB_ID, or --queue and/or --action for a bulk action (--all for the whole scope)"
-        )
+    target.check_bulk()
+    result, said = _writing(obj, many)
+    done_words = f"would {verb}" if result.dry_run else {"retry": "retried", "abort": "aborted"}[verb]
+    dry = " (dry run: nothing changed)" if result.dry_run else ""
+    click.echo(f"{done_words} {result.count} job(s) {target.describe()} ({taken}){dry}")
+    for reason, count in sorted(result.skipped.items()):
+        click.echo(f"skipped {count}: {_SKIP_REASONS.get(reason, reason)}")
+    if result.count and not result.dry_run:
+        click.echo(said("them", f"their {len(result.queues)} queue(s)"))
 
 
 _SKIP_REASONS = {
@@ -609,61 +606,71 @@ _SKIP_REASONS = {
 }
 
 
-def _bulk_report(verb: str, result: BulkResult, target: str, said: Callable[..., str]) -> None:
-    done = f"would {verb}" if result.dry_run else {"retry": "retried", "abort": "aborted"}[verb]
-    click.echo(
-        f"{done} {result.count} job(s) {target}" + (" (dry run: nothing changed)" if result.dry_run else "")
-    )
-    for reason, count in sorted(result.skipped.items()):
-        click.echo(f"skipped {count}: {_SKIP_REASONS.get(reason, reason)}")
-    if result.count and not result.dry_run:
-        click.echo(said("them", f"their {len(result.queues)} queue(s)"))
-
-
-def _target(queue: str | None, action: str | None) -> str:
-    parts = [f"of queue {queue!r}" if queue else "", f"of action {action!r}" if action else ""]
-    return " and ".join(p for p in parts if p) or "of the whole scope"
-
-
-def _retry_bulk(
-    obj: _Context,
-    job_id: int | None,
-    *,
-    queue: str | None,
-    action: str | None,
-    states: tuple[str, ...],
-    everything: bool,
-    force: bool,
-    dry_run: bool,
-) -> None:
-    _bulk_usage(job_id, queue, action, everything)
-    result, said = _writing(
+@cli.command()
+@_one_or_bulk("failed")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in BULK_RETRY_STATES]),
+    help="Bulk: only jobs in this state (repeatable; default: all three).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Retry an exhausted job even though later jobs of its queue already ran (it runs after them).",
+)
+@click.pass_obj
+@_expected_errors
+def retry(obj: _Context, *, target: _Target, states: tuple[str, ...], force: bool) -> None:
+    """Make a retrying, held or exhausted job due now (JOB_ID), or every such job of
+    a queue or action (--queue, --action, --all)."""
+    _act(
         obj,
-        lambda qt: qt.retry_jobs(
-            queue=queue, action=action, state=states or None, force=force, all=everything, dry_run=dry_run
+        target,
+        one=lambda qt, job_id: qt.retry_job(job_id, force=force),
+        done=lambda job, said: (
+            f"job {job.id} of queue {job.queue!r} is due now ({job.attempts} attempts so far); {said('it')}"
         ),
+        many=lambda qt: qt.retry_jobs(
+            queue=target.queue,
+            action=target.action,
+            state=states or None,
+            force=force,
+            all=target.everything,
+            dry_run=target.dry_run,
+        ),
+        verb="retry",
+        taken=", ".join(states or tuple(s.value for s in BULK_RETRY_STATES)),
+        bulk_options=bool(states),
     )
-    chosen = states or tuple(s.value for s in BULK_RETRY_STATES)
-    _bulk_report("retry", result, f"{_target(queue, action)} ({', '.join(chosen)})", said)
 
 
-def _abort_bulk(
-    obj: _Context,
-    job_id: int | None,
-    *,
-    reason: str,
-    queue: str | None,
-    action: str | None,
-    everything: bool,
-    dry_run: bool,
-) -> None:
-    _bulk_usage(job_id, queue, action, everything)
-    result, said = _writing(
+@cli.command()
+@_one_or_bulk("pending")
+@click.option("--reason", required=True, help="Why (recorded on the job).")
+@click.pass_obj
+@_expected_errors
+def abort(obj: _Context, *, target: _Target, reason: str) -> None:
+    """Take a blocking job out of its queue for good (recorded, never deleted), or
+    every pending job of a queue or action (--queue, --action, --all)."""
+    _act(
         obj,
-        lambda qt: qt.abort_jobs(reason=reason, queue=queue, action=action, all=everything, dry_run=dry_run),
-    )
-    _bulk_report(
-        "abort", result, f"{_target(queue, action)} (pending: waiting, scheduled, retrying, held)", said
+        target,
+        one=lambda qt, job_id: qt.abort_job(job_id, reason),
+        done=lambda job, said: (
+            f"job {job.id} of queue {job.queue!r} aborted ({job.abort_reason}); "
+            f"the queue moves on to its next job; {said('that job')}"
+        ),
+        many=lambda qt: qt.abort_jobs(
+            reason=reason,
+            queue=target.queue,
+            action=target.action,
+            all=target.everything,
+            dry_run=target.dry_run,
+        ),
+        verb="abort",
+        taken="pending: waiting, scheduled, retrying, held",
     )
 
 
@@ -808,11 +815,17 @@ def health(app_spec: str, timeout: float, host: str | None, workers: tuple[str, 
     click.echo(f"ok: {found.message}")
 
 
+cli.add_command(metrics_command)
+
+
 def _offline_url(url: str) -> str:
     parsed = sa.engine.make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
+
+
+cli.add_command(web_command)
 
 
 def main(argv: Any = None) -> None:

@@ -45,13 +45,9 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
-
+from . import tracing
 from .errors import DatabaseError, InvalidJobError
-from .jobs import utcnow, validate_name
-from .schema import messages
+from .jobs import validate_name
 
 if TYPE_CHECKING:
     from .app import Queuetopia
@@ -86,9 +82,7 @@ def job_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def create_from_message(
-    qt: Queuetopia, message_id: str, fields: Mapping[str, Any]
-) -> int | list[int]:
+def create_from_message(qt: Queuetopia, message_id: str, fields: Mapping[str, Any]) -> int | list[int]:
     """Create the jobs of one message, once per ``message_id``; return their ids (one
     id for a single-job message). A message seen before creates nothing and returns the
     ids its first delivery created."""
@@ -103,34 +97,20 @@ def create_from_message(
         specs = [job_fields(item) for item in items]
     else:
         specs = [job_fields(fields)]
-    key = (messages.c.scope == qt.scope) & (messages.c.message_id == message_id)
-    try:
-        with qt.engine.begin() as conn:
-            row = {"scope": qt.scope, "message_id": message_id, "inserted_at": utcnow()}
-            claim: Any
-            if conn.dialect.name in ("mysql", "mariadb"):
-                # MariaDB returns no row for an ignored duplicate (the values are validated).
-                claim = mysql.insert(messages).prefix_with("IGNORE").values(**row)
-            else:
-                insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(messages)
-                claim = insert.values(**row).on_conflict_do_nothing()
-            claimed = conn.execute(claim.returning(messages.c.message_id)).first()
-            if claimed is None:
-                # Seen before (on PostgreSQL the insert waited for that transaction's end).
-                ids = list(conn.execute(sa.select(messages.c.job_ids).where(key)).scalar_one() or [])
-                logger.info(
-                    "message %s was delivered again: its jobs %s exist, nothing created",
-                    message_id,
-                    ids,
-                    extra={"scope": qt.scope},
-                )
-                return ids if many else ids[0]
-            created = qt.create_jobs(specs, connection=conn)
-            ids = [job.id for job in created]
-            conn.execute(sa.update(messages).where(key).values(job_id=ids[0], job_ids=ids))
-    except SQLAlchemyError as exc:
-        raise DatabaseError(qt.backend.redact(f"database error: {exc}")) from exc
-    return ids if many else ids[0]
+    # Validated before anything is written: a bad message does not take its id.
+    jobs = tracing.stamp(qt.build_specs(specs))  # the span current here, continued by the jobs
+    made = qt.backend.create_jobs_once(message_id, jobs)
+    if made.created:
+        # Committed: wake the queues from here (as after create_jobs without connection=).
+        qt.wake_after_commit({job.queue for job in jobs})
+    else:
+        logger.info(
+            "message %s was delivered again: its jobs %s exist, nothing created",
+            message_id,
+            made.job_ids,
+            extra={"scope": qt.scope},
+        )
+    return made.job_ids if many else made.job_ids[0]
 
 
 def register_create_task(qt: Queuetopia) -> Any:

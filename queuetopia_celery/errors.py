@@ -111,6 +111,23 @@ class DatabaseError(QueuetopiaError):
         self.connection_lost = connection_lost
 
 
+class NewerSchemaError(DatabaseError):
+    """Raised by ``migrate`` when the database's queuetopia tables were migrated by a
+    newer queuetopia-celery than this one: this version cannot tell what its steps
+    would do to them. Upgrade the package (or downgrade the tables with the newer
+    version's ``migrate``). ``version`` is the tables' version, ``newest`` this
+    package's newest."""
+
+    def __init__(self, version: str, newest: str) -> None:
+        self.version = version
+        self.newest = newest
+        super().__init__(
+            f"the queuetopia tables in this database are at version {version}, newer than this "
+            f"queuetopia-celery knows (its newest is {newest}): upgrade queuetopia-celery "
+            "on this machine, or run the newer version's migrate"
+        )
+
+
 class SchemaMissingError(DatabaseError):
     """Raised when the queuetopia tables are missing from the database, or older than
     this version of queuetopia-celery: run ``queuetopia-celery migrate`` (or

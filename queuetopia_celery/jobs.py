@@ -97,6 +97,9 @@ class Job:
     aborted_at: dt.datetime | None = None
     #: The job's unique key (``create_job(unique_key=...)``), or None.
     unique_key: str | None = None
+    #: The trace context of the code that created the job (OpenTelemetry propagation
+    #: fields such as ``traceparent``), or None: see :mod:`queuetopia_celery.tracing`.
+    trace_context: dict[str, str] | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any] | Any) -> Job:
@@ -202,6 +205,8 @@ class NewJob:
     max_attempts: int
     on_exhausted: str = ON_EXHAUSTED_SKIP
     unique_key: str | None = None
+    #: Set by :func:`queuetopia_celery.tracing.stamp`, not by the caller.
+    trace_context: dict[str, str] | None = None
 
 
 def validate_on_exhausted(value: object) -> str:
@@ -360,6 +365,36 @@ def new_job(
         on_exhausted=validate_on_exhausted(on_exhausted),
         unique_key=validate_unique_key(unique_key),
     )
+
+
+#: The arguments of ``create_job`` an item of ``create_jobs`` may give as a dict.
+JOB_ARGUMENTS = frozenset(
+    {
+        "queue",
+        "action",
+        "params",
+        "scheduled_at",
+        "timeout",
+        "max_backoff",
+        "max_attempts",
+        "on_exhausted",
+        "unique_key",
+    }
+)
+
+
+def job_arguments(item: object) -> dict[str, Any]:
+    """``item`` if it is a dict of ``create_job``'s arguments (``queue`` and ``action``
+    at least, nothing unknown); else :class:`InvalidJobError`."""
+    if not isinstance(item, dict):
+        raise InvalidJobError("jobs", f"each job must be a dict or NewJob, got {type(item).__name__}")
+    unknown = set(item) - JOB_ARGUMENTS
+    if unknown:
+        raise InvalidJobError("jobs", f"unknown keys {sorted(unknown)}")
+    missing = {"queue", "action"} - set(item)
+    if missing:
+        raise InvalidJobError("jobs", f"missing keys {sorted(missing)}")
+    return item
 
 
 # --------------------------------------------------------------------------- operator views

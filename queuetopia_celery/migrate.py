@@ -20,11 +20,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import migrations
-from .errors import DatabaseError
+from .errors import DatabaseError, NewerSchemaError
 from .schema import VERSION_TABLE
 
 #: Alembic's script directory: the package's folder (installed from a wheel) or the
@@ -52,11 +53,31 @@ def current(engine: Engine) -> str | None:
     """The version the database is at, or None before the first migration."""
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(
-                conn, opts={"version_table": VERSION_TABLE}
-            ).get_current_revision()
+            return _version(conn)
     except SQLAlchemyError as exc:
         raise DatabaseError(_safe(engine, exc)) from exc
+
+
+def known(version: str | None) -> bool:
+    """Whether this version of the package knows the tables' ``version`` (None: no
+    tables yet). A database migrated by a newer queuetopia-celery is at a version
+    this one has never heard of."""
+    if version is None:
+        return True
+    try:
+        ScriptDirectory.from_config(config()).get_revision(version)
+    except CommandError:  # "Can't locate revision identified by ..."
+        return False
+    return True
+
+
+def _check_known(version: str | None) -> None:
+    if not known(version):
+        raise NewerSchemaError(str(version), head())
+
+
+def _version(conn: sa.Connection) -> str | None:
+    return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -64,6 +85,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         with engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_KEY)))
+            _check_known(_version(conn))
             command.upgrade(config(conn), revision)
     except SQLAlchemyError as exc:
         raise DatabaseError(_safe(engine, exc)) from exc
@@ -72,6 +94,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def downgrade(engine: Engine, revision: str = "base") -> None:
     try:
         with engine.begin() as conn:
+            _check_known(_version(conn))
             command.downgrade(config(conn), revision)
     except SQLAlchemyError as exc:
         raise DatabaseError(_safe(engine, exc)) from exc
@@ -93,6 +116,7 @@ def pending_sql(engine: Engine) -> tuple[str | None, str]:
     now. The SQL is empty when the tables are at the newest version. Reads the version
     only; writes nothing."""
     version = current(engine)
+    _check_known(version)
     if version == head():
         return version, ""
     url = engine.url.render_as_string(hide_password=False)

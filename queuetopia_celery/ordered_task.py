@@ -32,18 +32,13 @@ from .errors import (
     UnsupportedOptionError,
     WaitTimeoutError,
 )
-from .jobs import (
-    Job,
-    JobState,
-    utcnow,
-    validate_duration,
-    validate_max_attempts,
-    validate_on_exhausted,
-    validate_scheduled_at,
-)
+from .jobs import Job, JobState, validate_duration
 from .performer import BackoffFn, FailureFn
+from .task_options import UNSUPPORTED, JobOptions, TaskOptions, refuse, scheduled_at_of
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
     from .app import Queuetopia
     from .backends import Executor
 
@@ -54,137 +49,7 @@ R = TypeVar("R")
 #: (``"account-{account_id}"``), or a callable given them as keyword arguments.
 QueueKey = str | Callable[..., str]
 
-#: Celery options that ordered tasks do not take, with what to do instead. Any other
-#: unknown option is refused too: none is ever silently ignored.
-UNSUPPORTED: dict[str, str] = {
-    "link": "create the next job from the performer (in the same queue, it runs after this one)",
-    "link_error": "use on_failure=, called after each failed attempt",
-    "chain": "create the next job from the performer",
-    "priority": "a queue runs in creation order; use another queue for urgent work",
-    "expires": "an ordered job is never dropped unrun; abort it with abort_job",
-    "retry": "enqueueing is one database write: there is no publish to retry",
-    "retry_policy": "enqueueing is one database write: there is no publish to retry",
-    "task_id": "the job's id is given by the database (job.id)",
-    "ignore_result": "the performer's return value is always stored as job.result",
-    "rate_limit": "max_concurrent_queues= on the Queuetopia limits queues running at once",
-    "acks_late": "jobs are rows, not messages: an attempt is counted when it starts",
-    "serializer": "params and results are always JSON",
-    "routing_key": "the Queuetopia's celery_queue= routes its messages",
-    "exchange": "the Queuetopia's celery_queue= routes its messages",
-    "retry_backoff": "give backoff=(a function of the job) or keep the default exponential backoff",
-    "retry_backoff_max": "use max_backoff=",
-    "retry_jitter": "give backoff=(a function of the job)",
-    "default_retry_delay": "give backoff=lambda job: seconds",
-    "dont_autoretry_for": "list the exceptions to retry on in autoretry_for=",
-    "retry_kwargs": "use max_attempts= (or max_retries=) and backoff=",
-    "base": "ordered tasks are not Celery Task classes",
-}
-
 _TERMINAL = frozenset({JobState.DONE, JobState.EXHAUSTED, JobState.ABORTED, JobState.HELD})
-
-
-def _refuse(options: Mapping[str, Any]) -> None:
-    """Raise :class:`UnsupportedOptionError` for the first option given."""
-    for name in options:
-        hint = UNSUPPORTED.get(name)
-        raise UnsupportedOptionError(
-            name,
-            f"is not supported by ordered tasks; {hint}"
-            if hint
-            else "is not an option of ordered tasks (see queuetopia_celery.ordered_task)",
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class JobOptions:
-    """Options of the jobs an ordered task creates, in the job's words. ``None``: not
-    given here (the Queuetopia's or ``create_job``'s default applies)."""
-
-    timeout: float | None = None
-    max_attempts: int | None = None
-    max_backoff: float | None = None
-    on_exhausted: str | None = None
-
-    @classmethod
-    def from_words(
-        cls,
-        *,
-        timeout: float | dt.timedelta | None = None,
-        time_limit: float | dt.timedelta | None = None,
-        soft_time_limit: float | dt.timedelta | None = None,
-        max_attempts: int | None = None,
-        max_retries: int | Literal["unset"] | None = "unset",
-        max_backoff: float | dt.timedelta | None = None,
-        on_exhausted: str | None = None,
-    ) -> JobOptions:
-        """Map Celery's words onto the job's: ``time_limit`` or ``soft_time_limit`` is
-        ``timeout`` (a job has one limit: :class:`JobTimeoutError` is raised inside the
-        performer at ``timeout``, like Celery's soft limit, and the process is killed
-        ``time_limit_grace`` later, like its hard limit: give one of the three);
-        ``max_retries=N`` is ``max_attempts=N + 1``."""
-        limits = {
-            name: value
-            for name, value in (
-                ("timeout", timeout),
-                ("time_limit", time_limit),
-                ("soft_time_limit", soft_time_limit),
-            )
-            if value is not None
-        }
-        if len(limits) > 1:
-            raise InvalidJobError(
-                "timeout",
-                f"give one of timeout, time_limit, soft_time_limit, not {' and '.join(limits)}: a job has "
-                "one limit (JobTimeoutError raised in the performer, the process killed "
-                "time_limit_grace later)",
-            )
-        seconds = None
-        for name, value in limits.items():
-            seconds = validate_duration(name, value, allow_zero=False)
-        if max_retries != "unset":
-            if max_attempts is not None:
-                raise InvalidJobError("max_retries", "give max_attempts or max_retries, not both")
-            if max_retries is None:
-                raise InvalidJobError(
-                    "max_retries", "must be a number: a job is retried at most max_attempts - 1 times"
-                )
-            if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-                raise InvalidJobError("max_retries", f"must be an int >= 0, got {max_retries!r}")
-            max_attempts = max_retries + 1
-        return cls(
-            timeout=seconds,
-            max_attempts=None if max_attempts is None else validate_max_attempts(max_attempts),
-            max_backoff=None
-            if max_backoff is None
-            else validate_duration("max_backoff", max_backoff, allow_zero=True),
-            on_exhausted=None if on_exhausted is None else validate_on_exhausted(on_exhausted),
-        )
-
-    def over(self, defaults: JobOptions) -> JobOptions:
-        """These options, falling back to ``defaults`` where not given."""
-        return JobOptions(
-            *(
-                getattr(defaults, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
-                for f in dataclasses.fields(self)
-            )
-        )
-
-    def create_kwargs(self) -> dict[str, Any]:
-        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {name: value for name, value in given.items() if value is not None}
-
-
-def scheduled_at_of(countdown: float | dt.timedelta | None, eta: dt.datetime | None) -> dt.datetime | None:
-    """Celery's ``countdown`` (seconds from now, by this process's clock) or ``eta`` (an
-    aware datetime) as the job's ``scheduled_at``."""
-    if countdown is not None and eta is not None:
-        raise InvalidJobError("countdown", "give countdown or eta, not both")
-    if countdown is not None:
-        return utcnow() + dt.timedelta(seconds=validate_duration("countdown", countdown, allow_zero=True))
-    try:
-        return validate_scheduled_at(eta)
-    except InvalidJobError as exc:
-        raise InvalidJobError("eta", exc.reason) from None
 
 
 class _QueueKeyOf:
@@ -234,6 +99,14 @@ class _QueueKeyOf:
             raise InvalidJobError(
                 "queue", f"template {self.key!r} of task {self.task!r} cannot be filled: {exc!r}"
             ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobCall:
+    """The job one call of an ordered task creates: its queue and its params."""
+
+    queue: str
+    params: dict[str, Any]
 
 
 class _OrderedTaskBase(Generic[P, R]):
@@ -305,7 +178,7 @@ class _OrderedTaskBase(Generic[P, R]):
         caller's transaction), the job options of the decorator. A Celery option that
         has no meaning here (``link``, ``priority``, ``expires``, ...) raises
         :class:`~queuetopia_celery.UnsupportedOptionError`; nothing is written."""
-        _refuse(celery_options)
+        refuse(celery_options)
         if args is not None and (isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
             raise TypeError(f"args must be a list or tuple, got {type(args).__name__}")
         if kwargs is not None and not isinstance(kwargs, Mapping):
@@ -347,27 +220,37 @@ class _OrderedTaskBase(Generic[P, R]):
         connection: Executor | None = None,
         options: JobOptions | None = None,
     ) -> Job:
+        call = self.job_call(args, kwargs, queue=queue)
+        job_options = (options or JobOptions()).over(self.options)
+        return self.qt.create_job(
+            call.queue,
+            self.name,
+            call.params,
+            scheduled_at=scheduled_at,
+            connection=connection,
+            **job_options.create_kwargs(),
+        )
+
+    def job_call(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, queue: str | None = None
+    ) -> JobCall:
+        """The queue and the params of the job for a call with these arguments
+        (``queue``, when given, instead of the task's key). Raises :class:`TypeError`
+        when the arguments do not fit the function, as calling it would."""
         try:
             call = self.call_signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{self.name}(): {exc}") from None
         params = {
-            name: list(value) if self.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
+            name: list(value)
+            if self.call_signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL
             else value
             for name, value in call.arguments.items()
         }
         if queue is None:
             call.apply_defaults()
             queue = self.queue_key(call.arguments)
-        job_options = (options or JobOptions()).over(self.options)
-        return self.qt.create_job(
-            queue,
-            self.name,
-            params,
-            scheduled_at=scheduled_at,
-            connection=connection,
-            **job_options.create_kwargs(),
-        )
+        return JobCall(queue=queue, params=params)
 
     # ------------------------------------------------------------------ performing
 
@@ -435,42 +318,12 @@ class TaskDecorator:
 
     @overload
     def __call__(
-        self,
-        *,
-        queue: QueueKey,
-        name: str | None = None,
-        bind: Literal[False] = False,
-        timeout: float | dt.timedelta | None = None,
-        time_limit: float | dt.timedelta | None = None,
-        soft_time_limit: float | dt.timedelta | None = None,
-        max_attempts: int | None = None,
-        max_retries: int | Literal["unset"] | None = "unset",
-        max_backoff: float | dt.timedelta | None = None,
-        on_exhausted: str | None = None,
-        backoff: BackoffFn | None = None,
-        on_failure: FailureFn | None = None,
-        autoretry_for: Sequence[type[BaseException]] | None = None,
-        **celery_options: Any,
+        self, *, queue: QueueKey, bind: Literal[False] = False, **options: Unpack[TaskOptions]
     ) -> Callable[[Callable[P, R]], OrderedTask[P, R]]: ...
 
     @overload
     def __call__(
-        self,
-        *,
-        queue: QueueKey,
-        name: str | None = None,
-        bind: Literal[True],
-        timeout: float | dt.timedelta | None = None,
-        time_limit: float | dt.timedelta | None = None,
-        soft_time_limit: float | dt.timedelta | None = None,
-        max_attempts: int | None = None,
-        max_retries: int | Literal["unset"] | None = "unset",
-        max_backoff: float | dt.timedelta | None = None,
-        on_exhausted: str | None = None,
-        backoff: BackoffFn | None = None,
-        on_failure: FailureFn | None = None,
-        autoretry_for: Sequence[type[BaseException]] | None = None,
-        **celery_options: Any,
+        self, *, queue: QueueKey, bind: Literal[True], **options: Unpack[TaskOptions]
     ) -> Callable[[Callable[Concatenate[Job, P], R]], BoundOrderedTask[P, R]]: ...
 
     def __call__(
@@ -492,7 +345,7 @@ class TaskDecorator:
         **celery_options: Any,
     ) -> Callable[[Callable[..., Any]], Any]:
         qt = self.qt
-        _refuse(celery_options)
+        refuse(celery_options)
         try:
             options = JobOptions.from_words(
                 timeout=timeout,
@@ -555,9 +408,11 @@ def wait_for_job(qt: Queuetopia, job: Job | int, *, timeout: float = 60.0) -> Jo
 __all__ = [
     "UNSUPPORTED",
     "BoundOrderedTask",
+    "JobCall",
     "JobOptions",
     "OrderedTask",
     "QueueKey",
     "TaskDecorator",
+    "TaskOptions",
     "wait_for_job",
 ]

@@ -121,6 +121,8 @@ jobs = Table(
     Column("create_key", String(32), nullable=True),
     # Version 5: a unique job's key (at most one open job per key in the scope).
     Column("unique_key", String(255), nullable=True),
+    # Version 7: the creating code's trace context (OpenTelemetry propagation fields), or NULL.
+    Column("trace_context", JSON(none_as_null=True), nullable=True),
     UniqueConstraint("scope", "queue", "sequence", name="uq_queuetopia_jobs_scope_queue_sequence"),
 )
 
@@ -153,6 +155,17 @@ Index(
     unique=True,
     postgresql_where=text(UNIQUE_OPEN),
     sqlite_where=text(UNIQUE_OPEN),
+)
+#: The predicate of the failing-jobs index (version 7): open jobs with an error, the
+#: candidates for a blocked queue's head (few; read by the metrics and blocked_queues).
+FAILING_OPEN = "error IS NOT NULL AND status IN ('pending', 'running')"
+
+Index(
+    "ix_queuetopia_jobs_failing",
+    jobs.c.scope,
+    jobs.c.queue,
+    postgresql_where=text(FAILING_OPEN),
+    sqlite_where=text(FAILING_OPEN),
 )
 Index(
     "ix_queuetopia_jobs_done",

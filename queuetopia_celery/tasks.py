@@ -92,6 +92,21 @@ class CeleryTasks:
                 expires=periodic_expiry(qt.poll_interval),
             )
         self.cleanup: Any = self._register_cleanup(runner)
+        self.runner = runner
+        # Weakly held, as the beat receiver below.
+        celery_signals.celeryd_after_setup.connect(self._check_schema_at_start)
+
+    def _check_schema_at_start(self, sender: Any = None, instance: Any = None, **_: Any) -> None:
+        """On ``celeryd_after_setup``, in the worker's main process once its logging is
+        set up and before the pool forks: say once that the tables are missing. The
+        prefork children inherit that it was said, so a worker says it once, not once
+        per child."""
+        if getattr(instance, "app", None) is not self.qt.app or self.qt.disabled:
+            return
+        try:
+            self.runner.unless_schema_missing(self.runner.check_schema)
+        except Exception:  # unreachable database and the like: the tasks will say it
+            logger.debug("schema check at worker start failed", exc_info=True)
 
     def _register_cleanup(self, runner: Runner) -> Any:
         """The periodic cleanup task (only with ``cleanup_interval=``, not disabled)."""

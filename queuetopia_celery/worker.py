@@ -21,6 +21,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+from . import observe
 from .backends.base import Backend, Burst, Lease, LostAttempt, Outcome
 from .errors import DoNotRetry, JobTimeoutError, ResultNotJSONError, SchemaMissingError
 from .jobs import HELD_UNTIL, ON_EXHAUSTED_HOLD, STATUS_EXHAUSTED, STATUS_PENDING, Job, validate_json
@@ -188,6 +189,11 @@ class Runner:
         return needed + qt.lease_margin
 
     def _attempt(self, job: Job) -> Outcome:
+        # Its span and counters (see observe.py); the performer runs inside the span.
+        with observe.Attempt(self.qt.scope, job) as attempt:
+            return attempt.ended(self._run(job))
+
+    def _run(self, job: Job) -> Outcome:
         qt = self.qt
         performer: PerformerProtocol | None = None
         try:
@@ -300,6 +306,7 @@ class Runner:
         # this process can neither leave the attempt unrecorded nor block its queue.
         if not qt.backend.record_lost(lost, outcome):
             return
+        observe.lost(qt.scope, job)
         logger.warning(
             "WorkerLostError: %s",
             lost_error,
@@ -321,6 +328,12 @@ class Runner:
             return 0
         self.told_schema_missing = False
         return result
+
+    def check_schema(self) -> int:
+        """Read one job by id: raises :class:`SchemaMissingError` when the tables are
+        missing or out of date."""
+        self.qt.backend.get_job(0)
+        return 0
 
     def kick(self, queues: Sequence[str]) -> int:
         return self.qt.wakeup.kick_after_producers(list(queues))

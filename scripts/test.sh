@@ -67,6 +67,12 @@ if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && [ -z "${QT_TEST_RABBITMQ_BI
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server >/dev/null
 fi
 
+# The web view's browser tests drive Debian's Chromium (Playwright, no browser download).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+  echo "chromium is not installed: installing it"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi

@@ -57,6 +57,16 @@ class Lease:
 
 
 @dataclasses.dataclass(frozen=True)
+class MessageJobs:
+    """What :meth:`Backend.create_jobs_once` did for one message."""
+
+    #: The ids of the message's jobs, in the message's order.
+    job_ids: list[int]
+    #: False when the message was seen before: nothing was created now.
+    created: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Burst:
     """What :meth:`Backend.finish_and_start` needs to begin the next job in the same
     Celery task: who runs it, whether the burst budget allows another job, and the
@@ -125,6 +135,30 @@ def failure_plan(job: Job, outcome: Outcome) -> FailurePlan:
     return FailurePlan(STATUS_EXHAUSTED, None, None)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScopeGauges:
+    """What the database says about one scope at one moment, for the Prometheus
+    gauges (:mod:`queuetopia_celery.metrics`). Ages are seconds on the database clock."""
+
+    scope: str
+    #: Open jobs by state: ``available``, ``scheduled``, ``running``, ``retrying``, ``held``.
+    open_jobs: dict[str, int]
+    #: Queues with at least one open job.
+    queues_open: int
+    #: Queues whose head job has failed and not yet succeeded (retrying or held).
+    queues_blocked: int
+    #: Queues an operator paused.
+    queues_paused: int
+    #: How long the pending job that has been due longest has waited since it became due.
+    oldest_due_age: float
+    #: How long the longest blocked queue has been blocked.
+    longest_blocked: float
+    #: With ``top_queues``: the queues with the most open jobs, most first.
+    top_open: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    #: With ``top_queues``: the longest blocked queues and for how long, longest first.
+    top_blocked: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+
+
 def new_token() -> str:
     return uuid.uuid4().hex
 
@@ -163,6 +197,10 @@ class Backend(Protocol):
     ) -> tuple[list[Job], list[Lease]]:
         """Insert jobs in their own transaction and take, where the backend can in the
         same statement, the leases of their queues: send those."""
+
+    def create_jobs_once(self, message_id: str, specs: Sequence[NewJob]) -> MessageJobs:
+        """:meth:`create_jobs` in its own transaction, once per ``message_id`` of the
+        scope (a ``create`` message's Celery task id), recorded in that transaction."""
 
     def kick(
         self, queues: Sequence[str], *, grace: float, limit: int = 1000, locked_by: str | None = None
@@ -269,6 +307,10 @@ class Backend(Protocol):
     ) -> BulkResult: ...
 
     def queue_facts(self, queue: str) -> QueueFacts: ...
+
+    def scope_gauges(self, *, top_queues: int = 0) -> ScopeGauges:
+        """The scope's gauges (open jobs by state, blocked, paused, ages), read at
+        once; with ``top_queues``, also that many busiest and longest blocked queues."""
 
 
 def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:

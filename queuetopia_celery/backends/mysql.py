@@ -58,7 +58,7 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         return now.astimezone(UTC)
 
     def _insert(self, table: sa.Table) -> Any:
-        return mysql.insert(table)
+        return _Insert(table)
 
     def _locked(self, query: Any, *, skip_locked: bool = False) -> Any:
         return query.with_for_update(skip_locked=skip_locked)
@@ -218,6 +218,7 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
                         "attempts": 0,
                         "inserted_at": locked_at,
                         "unique_key": spec.unique_key,
+                        "trace_context": spec.trace_context,
                         "create_key": key,
                     }
                 )
@@ -470,6 +471,19 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
         if following.status == STATUS_RUNNING and following.attempted_by == burst.worker:
             return Finished(True, handed, following)
         return Finished(True)
+
+
+class _Insert(mysql.Insert):
+    """MySQL's INSERT, with the one ``on_conflict_*`` the shared code uses (the claim of
+    a create message's id in :meth:`SqlCore.create_jobs_once`)."""
+
+    inherit_cache = True
+
+    def on_conflict_do_nothing(self) -> _Insert:
+        """``INSERT IGNORE``: MariaDB then returns no row for a duplicate key. IGNORE
+        also turns other errors into warnings, so it is only for rows whose values are
+        validated before (a message id and a scope: names of at most 255 characters)."""
+        return self.prefix_with("IGNORE")
 
 
 def _sequence(job: Job) -> int:

@@ -208,6 +208,9 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
             "job_on_exhausted": [spec.on_exhausted for spec in specs],
             "job_scheduled_at": [spec.scheduled_at for spec in specs],
             "job_unique_key": [spec.unique_key for spec in specs],
+            "job_trace_context": [
+                None if spec.trace_context is None else json.dumps(spec.trace_context) for spec in specs
+            ],
             "take_leases": grace is not None,
             "first_wait": 0.0 if grace is None else self._first_wait(grace),
             "create_key": key,

@@ -90,15 +90,18 @@ WITH q AS (
         CAST(:job_position AS int[]), CAST(:job_count AS int[]), CAST(:job_timeout AS float8[]),
         CAST(:job_max_backoff AS float8[]), CAST(:job_max_attempts AS int[]),
         CAST(:job_on_exhausted AS text[]),
-        CAST(:job_scheduled_at AS timestamptz[]), CAST(:job_unique_key AS text[])
+        CAST(:job_scheduled_at AS timestamptz[]), CAST(:job_unique_key AS text[]),
+        CAST(:job_trace_context AS text[])
     ) AS r(queue, action, params, k, n, timeout, max_backoff, max_attempts, on_exhausted, scheduled_at,
-           unique_key)
+           unique_key, trace_context)
 ), j AS (
     INSERT INTO queuetopia_jobs AS j (scope, queue, action, params, sequence, timeout, max_backoff,
-        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at, create_key, unique_key)
+        max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at, create_key, unique_key,
+        trace_context)
     SELECT :scope, r.queue, r.action, CAST(r.params AS json), q.last_sequence - r.n + r.k, r.timeout,
         r.max_backoff, r.max_attempts, r.on_exhausted, coalesce(r.scheduled_at, q.locked_at),
-        '{STATUS_PENDING}', 0, q.locked_at, CAST(:create_key AS text), r.unique_key
+        '{STATUS_PENDING}', 0, q.locked_at, CAST(:create_key AS text), r.unique_key,
+        CAST(r.trace_context AS json)
     FROM r JOIN q ON q.queue = r.queue
     ON CONFLICT (scope, unique_key) WHERE unique_key IS NOT NULL AND status IN {OPEN}
     DO NOTHING

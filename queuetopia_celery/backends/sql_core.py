@@ -26,8 +26,9 @@ from ..jobs import (
     STATUS_RUNNING,
     Job,
     NewJob,
+    utcnow,
 )
-from .base import Burst, Finished, Lease, Outcome, chunks, failure_plan, new_token
+from .base import Burst, Finished, Lease, MessageJobs, Outcome, chunks, failure_plan, new_token
 
 __all__ = ["chunks"]
 from .connection import Connections, Executor
@@ -35,6 +36,7 @@ from .connection import Connections, Executor
 JOBS = schema.jobs
 QUEUES = schema.queues
 LEASES = schema.leases
+MESSAGES = schema.messages
 
 JOB_COLUMNS = [JOBS.c[name] for name in (f.name for f in dataclasses.fields(Job))]
 
@@ -215,6 +217,27 @@ class SqlCore(Connections, abc.ABC):
         kept, position = unique_specs(specs)
         made, taken = self._insert_jobs_taking_leases(kept, grace)
         return ([made[p] for p in position] if len(kept) < len(specs) else made), taken
+
+    def create_jobs_once(self, message_id: str, specs: Sequence[NewJob]) -> MessageJobs:
+        """:meth:`create_jobs` in its own transaction, once per ``message_id``: the id
+        is claimed (a row in ``queuetopia_messages``) and the jobs' ids recorded on it in
+        that transaction. A message seen before creates nothing and gets the ids its
+        first delivery created (on PostgreSQL the claim waits for a concurrent
+        delivery's transaction to end)."""
+        key = (MESSAGES.c.scope == self.scope) & (MESSAGES.c.message_id == message_id)
+        with self._transaction() as conn:
+            claimed = conn.execute(
+                self._insert(MESSAGES)
+                .values(scope=self.scope, message_id=message_id, inserted_at=utcnow())
+                .on_conflict_do_nothing()
+                .returning(MESSAGES.c.message_id)
+            ).first()
+            if claimed is None:
+                ids = list(conn.execute(sa.select(MESSAGES.c.job_ids).where(key)).scalar_one() or [])
+                return MessageJobs(job_ids=ids, created=False)
+            ids = [job.id for job in self.create_jobs(specs, connection=conn)]
+            conn.execute(sa.update(MESSAGES).where(key).values(job_id=ids[0], job_ids=ids))
+        return MessageJobs(job_ids=ids, created=True)
 
     @abc.abstractmethod
     def _insert_jobs(self, specs: Sequence[NewJob], connection: Executor | None) -> list[Job]:

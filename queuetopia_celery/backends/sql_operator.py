@@ -1,11 +1,9 @@
-"""The operator's reads and writes, shared by the SQL backends and written once in
-SQLAlchemy Core: reading, counting and listing jobs, queue statuses, retry, abort,
-purge, pause and resume, bulk retry and abort, and the facts behind ``explain``. None
-of it is on the workers' hot path."""
+"""The operator's writes, shared by the SQL backends and written once in SQLAlchemy
+Core: retry, abort, purge, pause and resume, bulk retry and abort (the reads are in
+:mod:`.sql_reads`). None of it is on the workers' hot path."""
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,96 +13,24 @@ from sqlalchemy.engine import Connection
 
 from ..errors import JobNotFoundError, JobStateError, QueueNotFoundError
 from ..jobs import (
-    HELD_UNTIL,
     OPEN_STATUSES,
     STATUS_ABORTED,
     STATUS_DONE,
     STATUS_EXHAUSTED,
     STATUS_PENDING,
     STATUS_RUNNING,
-    UTC,
     BulkResult,
     Job,
     JobState,
-    QueueFacts,
-    QueueStatus,
 )
-from .connection import Executor
-from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES
-from .sql_recovery import SqlRecovery
+from .sql_core import JOBS, LEASES, MESSAGES, QUEUES
+from .sql_metrics import SqlMetrics
+from .sql_reads import SqlReads
 
 
-class SqlOperator(SqlRecovery):
-    """:class:`SqlRecovery` with the operator's operations."""
-
-    # ------------------------------------------------------------------ reading jobs
-
-    def get_job(self, job_id: int, *, connection: Executor | None = None) -> Job | None:
-        with self._transaction(connection) as conn:
-            row = (
-                conn.execute(sa.select(*JOB_COLUMNS).where(JOBS.c.scope == self.scope, JOBS.c.id == job_id))
-                .mappings()
-                .first()
-            )
-        return Job.from_row(row) if row else None
-
-    def _filtered(self, query: Any, queue: str | None, action: str | None, state: JobState | None) -> Any:
-        query = query.where(JOBS.c.scope == self.scope)
-        if queue is not None:
-            query = query.where(JOBS.c.queue == queue)
-        if action is not None:
-            query = query.where(JOBS.c.action == action)
-        if state is not None:
-            query = query.where(self._state_clause(state))
-        return query
-
-    def _state_clause(self, state: JobState) -> sa.ColumnElement[bool]:
-        pending = JOBS.c.status == STATUS_PENDING
-        by_status = {
-            JobState.DONE: STATUS_DONE,
-            JobState.EXHAUSTED: STATUS_EXHAUSTED,
-            JobState.ABORTED: STATUS_ABORTED,
-            JobState.RUNNING: STATUS_RUNNING,
-        }
-        if state in by_status:
-            return JOBS.c.status == by_status[state]
-        if state is JobState.HELD:
-            return sa.and_(pending, JOBS.c.next_attempt_at >= HELD_UNTIL)
-        if state is JobState.RETRYING:
-            not_held = sa.or_(JOBS.c.next_attempt_at.is_(None), JOBS.c.next_attempt_at < HELD_UNTIL)
-            return sa.and_(pending, JOBS.c.attempts > 0, not_held)
-        if state is JobState.SCHEDULED:
-            return sa.and_(pending, JOBS.c.attempts == 0, JOBS.c.scheduled_at > self._now())
-        return sa.and_(pending, JOBS.c.attempts == 0, JOBS.c.scheduled_at <= self._now())
-
-    def list_jobs(
-        self,
-        *,
-        queue: str | None = None,
-        action: str | None = None,
-        state: JobState | None = None,
-        limit: int | None = None,
-        offset: int = 0,
-    ) -> list[Job]:
-        query = self._filtered(sa.select(*JOB_COLUMNS), queue, action, state)
-        # Newest created first across queues (Queuetopia's order), by sequence within
-        # a queue (jobs created together share their inserted_at).
-        query = query.order_by(JOBS.c.inserted_at.desc(), JOBS.c.sequence.desc(), JOBS.c.id.desc()).offset(
-            offset
-        )
-        if limit is not None:
-            query = query.limit(limit)
-        with self._transaction() as conn:
-            return [Job.from_row(row) for row in conn.execute(query).mappings()]
-
-    def count_jobs(
-        self, *, queue: str | None = None, action: str | None = None, state: JobState | None = None
-    ) -> int:
-        query = self._filtered(sa.select(func.count()).select_from(JOBS), queue, action, state)
-        with self._transaction() as conn:
-            return int(conn.execute(query).scalar_one())
-
-    # ------------------------------------------------------------------ dispatching
+class SqlOperator(SqlMetrics, SqlReads):
+    """:class:`SqlReads` with the operator's writes (and the gauges' reads of
+    :class:`SqlMetrics`)."""
 
     # ------------------------------------------------------------------ retry, abort, purge
 
@@ -120,19 +46,7 @@ class SqlOperator(SqlRecovery):
                 hint = "its attempt is in progress" if job.status == STATUS_RUNNING else ""
                 raise JobStateError(job_id, job.state.value, "retry", hint)
             if job.status == STATUS_EXHAUSTED and not force:
-                later = conn.execute(
-                    sa.select(JOBS.c.id)
-                    .where(
-                        JOBS.c.scope == self.scope,
-                        JOBS.c.queue == job.queue,
-                        JOBS.c.attempts > 0,
-                        sa.or_(
-                            JOBS.c.scheduled_at > job.scheduled_at,
-                            sa.and_(JOBS.c.scheduled_at == job.scheduled_at, JOBS.c.sequence > job.sequence),
-                        ),
-                    )
-                    .limit(1)
-                ).scalar()
+                later = self._moved_on(conn, [job]).get(job.id)
                 if later is not None:
                     raise JobStateError(
                         job_id,
@@ -206,8 +120,9 @@ class SqlOperator(SqlRecovery):
 
     def purge(self, older_than: float, *, batch: int = 5000) -> int:
         """Delete done jobs of this scope that finished more than ``older_than``
-        seconds ago, in batches (one transaction each). Exhausted and aborted jobs are
-        kept. Returns how many were deleted."""
+        seconds ago, in batches (one transaction each), with the rows of the create
+        messages that made them. Exhausted and aborted jobs are kept. Returns how many
+        jobs were deleted."""
         total = 0
         while True:
             with self._transaction() as conn:
@@ -222,99 +137,16 @@ class SqlOperator(SqlRecovery):
                 )
                 ids = list(conn.execute(old).scalars())
                 if ids:
+                    # A create message's row goes with its (first) job. The foreign key
+                    # cascades on PostgreSQL; SQLite enforces foreign keys only where
+                    # PRAGMA foreign_keys is on, so the rows are deleted here for all.
+                    conn.execute(
+                        sa.delete(MESSAGES).where(MESSAGES.c.scope == self.scope, MESSAGES.c.job_id.in_(ids))
+                    )
                     conn.execute(sa.delete(JOBS).where(JOBS.c.id.in_(ids)))
             total += len(ids)
             if len(ids) < batch:
                 return total
-
-    def _blocked_since(self, conn: Connection, head: Job) -> dt.datetime:
-        """When ``head`` became its queue's head: when the job before it ended, or
-        when it was scheduled, whichever is later."""
-        ended = sa.func.coalesce(JOBS.c.done_at, JOBS.c.aborted_at, JOBS.c.attempted_at)
-        previous = conn.execute(
-            sa.select(ended)
-            .where(
-                JOBS.c.scope == self.scope,
-                JOBS.c.queue == head.queue,
-                JOBS.c.sequence < head.sequence,
-                JOBS.c.status.not_in(OPEN_STATUSES),
-            )
-            .order_by(JOBS.c.sequence.desc())
-            .limit(1)
-        ).scalar()
-        if isinstance(previous, str):  # SQLite loses the type through coalesce()
-            previous = dt.datetime.fromisoformat(previous)
-        if previous is not None and previous.tzinfo is None:
-            previous = previous.replace(tzinfo=UTC)
-        return max(head.scheduled_at, previous) if previous is not None else head.scheduled_at
-
-    def queue_statuses(self, *, queue: str | None = None, blocked_only: bool = False) -> list[QueueStatus]:
-        """One row per queue that has open jobs or a lease: blocked queues first
-        (longest blocked first), then by queue name."""
-        with self._transaction() as conn:
-            names: list[str] | None = None if queue is None else [queue]
-            if blocked_only:
-                # Only queues with a failing open job can be blocked: look at those alone.
-                failing = (
-                    sa.select(JOBS.c.queue)
-                    .distinct()
-                    .where(
-                        JOBS.c.scope == self.scope,
-                        JOBS.c.status.in_(OPEN_STATUSES),
-                        JOBS.c.error.is_not(None),
-                    )
-                )
-                if queue is not None:
-                    failing = failing.where(JOBS.c.queue == queue)
-                names = list(conn.execute(failing).scalars())
-                if not names:
-                    return []
-            counts = sa.select(JOBS.c.queue, func.count(), func.min(JOBS.c.inserted_at)).where(
-                JOBS.c.scope == self.scope, JOBS.c.status.in_(OPEN_STATUSES)
-            )
-            if names is not None:
-                counts = counts.where(JOBS.c.queue.in_(names))
-            pending = {row[0]: (int(row[1]), row[2]) for row in conn.execute(counts.group_by(JOBS.c.queue))}
-            heads = self._heads(conn, names)
-            lease_q = sa.select(LEASES).where(LEASES.c.scope == self.scope)
-            if names is not None:
-                lease_q = lease_q.where(LEASES.c.queue.in_(names))
-            held = {row["queue"]: row for row in conn.execute(lease_q).mappings()}
-            paused_q = sa.select(QUEUES.c.queue).where(QUEUES.c.scope == self.scope, QUEUES.c.paused)
-            if names is not None:
-                paused_q = paused_q.where(QUEUES.c.queue.in_(names))
-            paused = set(conn.execute(paused_q).scalars())
-            out = []
-            for name in sorted(set(pending) | set(held) | (set() if blocked_only else paused)):
-                head = heads.get(name)
-                blocked = head is not None and head.error is not None
-                if blocked_only and not blocked:
-                    continue
-                count, oldest = pending.get(name, (0, None))
-                lease = held.get(name)
-                if isinstance(oldest, str):
-                    oldest = dt.datetime.fromisoformat(oldest)
-                if oldest is not None and oldest.tzinfo is None:
-                    oldest = oldest.replace(tzinfo=UTC)
-                out.append(
-                    QueueStatus(
-                        queue=name,
-                        pending=count,
-                        head=head,
-                        blocked=blocked,
-                        blocked_since=self._blocked_since(conn, head)
-                        if blocked and head is not None
-                        else None,
-                        locked_by=lease["locked_by"] if lease else None,
-                        locked_at=lease["locked_at"] if lease else None,
-                        locked_until=lease["expires_at"] if lease else None,
-                        oldest_pending_at=oldest,
-                        paused=name in paused,
-                    )
-                )
-        far = dt.datetime.max.replace(tzinfo=UTC)
-        out.sort(key=lambda s: (not s.blocked, s.blocked_since or far, s.queue))
-        return out
 
     # ------------------------------------------------------------------ pause, bulk, explain
 
@@ -404,12 +236,7 @@ class SqlOperator(SqlRecovery):
             exhausted = [row for row in rows if row.status == STATUS_EXHAUSTED]
             drop: set[int] = set()
             if exhausted and not force:
-                last = self._last_attempted(conn, sorted({row.queue for row in exhausted}))
-                moved = {
-                    row.id
-                    for row in exhausted
-                    if row.queue in last and last[row.queue] > (row.scheduled_at, row.sequence)
-                }
+                moved = set(self._moved_on(conn, exhausted))
                 if moved:
                     skipped["moved_on"] = len(moved)
                     drop |= moved
@@ -438,21 +265,34 @@ class SqlOperator(SqlRecovery):
                 self._lower_due(conn, queues)
         return BulkResult(count=len(chosen), skipped=skipped, dry_run=dry_run, queues=queues)
 
-    def _last_attempted(self, conn: Connection, queues: Sequence[str]) -> dict[str, tuple[dt.datetime, int]]:
-        """The queue position ``(scheduled_at, sequence)`` of each queue's last
-        attempted job."""
+    def _moved_on(self, conn: Connection, jobs: Sequence[Any]) -> dict[int, int]:
+        """Those of ``jobs`` (exhausted; anything with ``id``, ``queue``,
+        ``scheduled_at`` and ``sequence``) whose queue has moved on: a job after them in
+        their queue has already been attempted, so that retried they would run out of
+        order. By job id, the id of the queue's last attempted job."""
+        queues = sorted({job.queue for job in jobs})
         rank = (
             sa.func.row_number()
             .over(partition_by=JOBS.c.queue, order_by=(JOBS.c.scheduled_at.desc(), JOBS.c.sequence.desc()))
             .label("rank")
         )
         sub = (
-            sa.select(JOBS.c.queue, JOBS.c.scheduled_at, JOBS.c.sequence, rank)
-            .where(JOBS.c.scope == self.scope, JOBS.c.queue.in_(list(queues)), JOBS.c.attempts > 0)
+            sa.select(JOBS.c.id, JOBS.c.queue, JOBS.c.scheduled_at, JOBS.c.sequence, rank)
+            .where(JOBS.c.scope == self.scope, JOBS.c.queue.in_(queues), JOBS.c.attempts > 0)
             .subquery()
         )
-        rows = conn.execute(sa.select(sub.c.queue, sub.c.scheduled_at, sub.c.sequence).where(sub.c.rank == 1))
-        return {row.queue: (row.scheduled_at, row.sequence) for row in rows}
+        last = {
+            row.queue: row
+            for row in conn.execute(
+                sa.select(sub.c.id, sub.c.queue, sub.c.scheduled_at, sub.c.sequence).where(sub.c.rank == 1)
+            )
+        }
+        return {
+            job.id: last[job.queue].id
+            for job in jobs
+            if job.queue in last
+            and (last[job.queue].scheduled_at, last[job.queue].sequence) > (job.scheduled_at, job.sequence)
+        }
 
     def abort_many(
         self, *, queue: str | None, action: str | None, reason: str, dry_run: bool = False
@@ -505,41 +345,3 @@ class SqlOperator(SqlRecovery):
             )
             self._lower_due(conn, queues)
         return BulkResult(count=count, skipped=skipped, dry_run=False, queues=queues)
-
-    def queue_facts(self, queue: str) -> QueueFacts:
-        """What :func:`queuetopia_celery.explain.explain` needs about one queue, read
-        in one transaction."""
-        with self._transaction() as conn:
-            now = self._clock(conn)
-            row = conn.execute(
-                sa.select(QUEUES.c.paused).where(QUEUES.c.scope == self.scope, QUEUES.c.queue == queue)
-            ).first()
-            open_jobs = conn.execute(
-                sa.select(func.count()).where(
-                    JOBS.c.scope == self.scope, JOBS.c.queue == queue, JOBS.c.status.in_(OPEN_STATUSES)
-                )
-            ).scalar_one()
-            head = self._heads(conn, [queue]).get(queue)
-            lease = (
-                conn.execute(sa.select(LEASES).where(LEASES.c.scope == self.scope, LEASES.c.queue == queue))
-                .mappings()
-                .first()
-            )
-            scope_leases = conn.execute(
-                sa.select(func.count()).select_from(LEASES).where(LEASES.c.scope == self.scope)
-            ).scalar_one()
-        return QueueFacts(
-            queue=queue,
-            known=row is not None,
-            paused=bool(row.paused) if row is not None else False,
-            open_jobs=int(open_jobs),
-            head=head,
-            lease_job_id=lease["job_id"] if lease else None,
-            locked_by=lease["locked_by"] if lease else None,
-            locked_at=lease["locked_at"] if lease else None,
-            started_at=lease["started_at"] if lease else None,
-            expires_at=lease["expires_at"] if lease else None,
-            resends=int(lease["resends"]) if lease else 0,
-            scope_leases=int(scope_leases),
-            now=now.astimezone(UTC),
-        )

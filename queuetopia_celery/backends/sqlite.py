@@ -96,6 +96,7 @@ class SqliteBackend(SqlOperator):
                             "attempts": 0,
                             "inserted_at": locked_at,
                             "unique_key": spec.unique_key,
+                            "trace_context": spec.trace_context,
                         }
                     )
                 result = conn.execute(

@@ -83,6 +83,16 @@ COVERED: dict[str, str] = {
         "test_a_busy_broker_gets_a_bounded_number_of_re_sent_messages, with its default 30 s backlog"
         " (the five-minute run is the slow tier, by hand)"
     ),
+    # Metrics: tests/acceptance/test_metrics_worker.py runs them with a real prefork worker.
+    "export PROMETHEUS_MULTIPROC_DIR=/var/run/queuetopia-metrics": (
+        "test_prefork_children_counts_add_up_to_the_attempts_the_database_recorded (its own directory)"
+    ),
+    "queuetopia-celery -A myapp:mail metrics --port 9808 --top-queues 10": (
+        "test_prefork_children_counts_add_up_to_the_attempts_the_database_recorded"
+    ),
+    "QUEUETOPIA_WEB_PASSWORD=change-me queuetopia-celery -A myapp:mail web --port 8080 --username ops": (
+        "tests/acceptance/test_web_browser.py (with its own app and a free port; without the credentials too)"
+    ),
     # With Django: tests/acceptance/test_examples_django_fastapi.py runs them as written.
     "createdb -h 127.0.0.1 -U postgres djangoshop": "test_with_django_as_the_readme_says",
     "cd examples/djangoshop": "test_with_django_as_the_readme_says",

@@ -86,7 +86,7 @@ def unmigrated_url() -> Iterator[str]:
 
 def test_a_worker_on_an_unmigrated_database_says_to_migrate_once(start_worker, unmigrated_url, scope):
     worker = start_worker(
-        beat=True, concurrency=1, env={"QT_TEST_DATABASE_URL": unmigrated_url}, loglevel="DEBUG"
+        beat=True, concurrency=2, env={"QT_TEST_DATABASE_URL": unmigrated_url}, loglevel="DEBUG"
     )
     wait_for(
         lambda: len(scan_lines(worker.output(), scope, "succeeded")) >= 6,
@@ -94,9 +94,12 @@ def test_a_worker_on_an_unmigrated_database_says_to_migrate_once(start_worker, u
     )
     output = worker.output()
     told = [line for line in output.splitlines() if "the queuetopia tables are missing" in line]
-    assert len(told) == 1, told  # one process ran every scan: once, not once per scan
+    assert len(told) == 1, told  # once per worker: not once per scan, nor once per child
     assert "run `queuetopia-celery migrate --database-url postgresql+psycopg://postgres:***@" in told[0]
     assert "ERROR" in told[0]
+    # Said by the main process before the pool forked: each child inherits that it
+    # was said (said by a child, it would be said again by each other child).
+    assert "/MainProcess]" in told[0], told[0]
     assert "Traceback" not in output and "s3cret" not in output
     # Routine scans are logged at DEBUG (kept out of INFO, see the test below).
     assert all("DEBUG" in line for line in scan_lines(output, scope, "succeeded"))

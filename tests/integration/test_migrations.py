@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from queuetopia_celery import ConfigurationError, DatabaseError, make_engine, migrate
+from queuetopia_celery import ConfigurationError, DatabaseError, NewerSchemaError, make_engine, migrate
 from queuetopia_celery.schema import VERSION_TABLE, metadata
 from tests.conftest import PG_ADMIN_URL, ROOT
 
@@ -89,6 +89,26 @@ def test_cli_migrate_creates_then_reports_up_to_date(empty_database: str, tmp_pa
     second = _cli("migrate", "--database-url", empty_database, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "already at version" in second.stdout
+
+
+def test_migrate_on_tables_from_a_newer_version_says_so_and_changes_nothing(empty_database: str) -> None:
+    engine = make_engine(empty_database)
+    migrate.upgrade(engine)
+    with engine.begin() as conn:  # as a newer queuetopia-celery would leave it
+        conn.execute(sa.text(f"UPDATE {VERSION_TABLE} SET version_num = '0999_from_the_future'"))
+    with pytest.raises(NewerSchemaError) as info:
+        migrate.upgrade(engine)
+    assert info.value.version == "0999_from_the_future" and info.value.newest == migrate.head()
+    with pytest.raises(NewerSchemaError):
+        migrate.pending_sql(engine)
+    assert migrate.current(engine) == "0999_from_the_future"
+    for args in (("migrate",), ("migrate", "--dry-run")):
+        out = _cli(*args, "--database-url", empty_database)
+        assert out.returncode == 1, out
+        assert out.stderr.startswith("error: the queuetopia tables in this database are at version 0999")
+        assert "upgrade queuetopia-celery" in out.stderr and "Traceback" not in out.stderr
+    assert migrate.current(engine) == "0999_from_the_future"
+    engine.dispose()
 
 
 def test_cli_migrate_dry_run_prints_sql_and_writes_nothing(empty_database: str) -> None:

@@ -243,7 +243,4 @@ def test_a_message_row_goes_with_its_job_when_done_jobs_are_purged(qt: Queuetopi
         left = conn.execute(
             sa.select(sa.func.count()).select_from(messages).where(messages.c.scope == qt.scope)
         ).scalar_one()
-    # PostgreSQL and MariaDB delete it (ON DELETE CASCADE); SQLite enforces foreign keys
-    # only when they are enabled on the connection (PRAGMA foreign_keys), which it does not
-    # by default.
-    assert left == (1 if qt.engine.dialect.name == "sqlite" else 0)
+    assert left == 0  # on SQLite too: tests/integration/test_messages.py

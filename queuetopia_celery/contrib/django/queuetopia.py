@@ -169,5 +169,5 @@ class DjangoQueuetopia(Queuetopia):
         if created and not self.disabled:
             queues = sorted({job.queue for job in created})
             # Runs at once when no atomic block is open (the jobs are committed).
-            transaction.on_commit(functools.partial(self._kick, queues, committed=True), using=self.using)
+            transaction.on_commit(functools.partial(self.wake_after_commit, queues), using=self.using)
         return created
