@@ -22,6 +22,7 @@ from .backends import (
     open_backend,
     ping_when_idle,
 )
+from .backends.pgbouncer import driver_options
 from .celery_defaults import apply_celery_defaults
 from .create_task import register_create_task
 from .drain import drain as _drain
@@ -81,6 +82,10 @@ def make_engine(database_url: str, **options: Any) -> Engine:
     restarted server or a terminated backend is not noticed by a job; one used within
     that time is handed out without a round trip. ``pool_pre_ping=True`` pings every
     time instead.
+
+    Behind PgBouncer in transaction pooling mode (before 1.22, or without its
+    ``max_prepared_statements``), add ``?prepare_threshold=none`` to a PostgreSQL URL:
+    psycopg then never prepares statements on the server (see docs/scaling.md).
     """
     try:
         url = sa.engine.make_url(database_url)
@@ -91,6 +96,9 @@ def make_engine(database_url: str, **options: Any) -> Engine:
     if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
         url = url.set(drivername="postgresql+psycopg")
         backend = "postgresql"
+        url, driver_args = driver_options(url)
+        if driver_args:
+            options = {**options, "connect_args": {**driver_args, **options.get("connect_args", {})}}
     elif backend in ("mysql", "mariadb") and driver in ("", "pymysql"):
         # MariaDB: PyMySQL, and READ COMMITTED (see the README's MySQL section).
         url = url.set(drivername=f"{backend}+pymysql")

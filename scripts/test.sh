@@ -67,6 +67,14 @@ if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] && [ -z "${QT_TEST_RABBITMQ_BI
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server >/dev/null
 fi
 
+# tests/acceptance/test_pgbouncer.py runs a private PgBouncer (transaction pooling) in
+# front of the shared PostgreSQL: it needs the binary only.
+if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ] && [ -z "${QT_TEST_PGBOUNCER_BIN:-}" ] \
+    && command -v apt-get >/dev/null; then
+  echo "pgbouncer is not installed: installing it"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null
+fi
+
 # The web view's browser tests drive Debian's Chromium (Playwright, no browser download).
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
   echo "chromium is not installed: installing it"

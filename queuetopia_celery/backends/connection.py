@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from ..errors import DatabaseError, SchemaMissingError
+from .pgbouncer import prepared_statement_hint
 
 logger = logging.getLogger("queuetopia_celery.store")
 
@@ -114,7 +115,8 @@ class Connections:
         tables (or their newest columns) are missing, else :class:`DatabaseError`."""
         if schema_missing(exc):
             return SchemaMissingError(self._engine.url.render_as_string(hide_password=True))
-        return DatabaseError(self.redact(f"database error: {exc}"), connection_lost=connection_lost)
+        hint = prepared_statement_hint(exc)
+        return DatabaseError(self.redact(f"database error: {exc}{hint}"), connection_lost=connection_lost)
 
     def _retried(
         self, what: str, attempt: Callable[[bool], T], extra: dict[str, Any], *, seconds: float | None = None

@@ -80,6 +80,8 @@ def database_url(alias: str | None = None) -> str:
         key: str(value)
         for key, value in options.items()
         if key in ("sslmode", "sslrootcert", "sslcert", "sslkey", "application_name", "options")
+        # None behind PgBouncer in transaction mode (see docs/scaling.md).
+        or key == "prepare_threshold"
     }
     url = sa.engine.URL.create(
         "postgresql+psycopg",
