@@ -14,7 +14,15 @@ from sqlalchemy.engine import Engine
 
 from . import migrate as _migrate
 from . import tracing
-from .backends import Backend, Executor, Lease, configure_sqlite, open_backend, ping_when_idle
+from .backends import (
+    Backend,
+    Executor,
+    Lease,
+    configure_mysql,
+    configure_sqlite,
+    open_backend,
+    ping_when_idle,
+)
 from .backends.pgbouncer import driver_options
 from .celery_defaults import apply_celery_defaults
 from .create_task import register_create_task
@@ -56,7 +64,8 @@ DEFAULT_JOB_RETENTION = 7 * 24 * 3600.0
 
 #: The databases and drivers queuetopia-celery runs on, as said in URL errors.
 SUPPORTED_DATABASES = (
-    "supported: PostgreSQL with psycopg 3 (postgresql+psycopg://user@host/dbname, or postgresql://) "
+    "supported: PostgreSQL with psycopg 3 (postgresql+psycopg://user@host/dbname, or postgresql://), "
+    "MariaDB with PyMySQL (mysql+pymysql://user@host/dbname, or mysql:// or mariadb://) "
     "and SQLite (sqlite:///path/to/jobs.db)"
 )
 
@@ -91,6 +100,10 @@ def make_engine(database_url: str, **options: Any) -> Engine:
         url, driver_args = driver_options(url)
         if driver_args:
             options = {**options, "connect_args": {**driver_args, **options.get("connect_args", {})}}
+    elif backend in ("mysql", "mariadb") and driver in ("", "pymysql"):
+        # MariaDB: PyMySQL, and READ COMMITTED (see the README's MySQL section).
+        url = url.set(drivername=f"{backend}+pymysql")
+        options.setdefault("isolation_level", "READ COMMITTED")
     elif backend != "sqlite" or driver not in ("", "pysqlite"):
         raise ConfigurationError(f"unsupported database URL {url.drivername}://...; {SUPPORTED_DATABASES}")
     if backend == "sqlite" and url.database in (None, "", ":memory:"):
@@ -103,7 +116,9 @@ def make_engine(database_url: str, **options: Any) -> Engine:
         raise ConfigurationError(f"cannot load the database driver ({exc}); {SUPPORTED_DATABASES}") from None
     if backend == "sqlite":
         configure_sqlite(engine)
-    elif backend == "postgresql" and "pool_pre_ping" not in options:
+    elif backend in ("mysql", "mariadb"):
+        configure_mysql(engine)
+    if backend != "sqlite" and "pool_pre_ping" not in options:
         ping_when_idle(engine, PING_AFTER_IDLE)
     return engine
 

@@ -40,9 +40,13 @@ from sqlalchemy import (
     false,
     text,
 )
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.dialects import mysql
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 UTC = dt.timezone.utc
+
+#: SQLAlchemy's names of MySQL and MariaDB (``mariadb+pymysql://`` URLs say the latter).
+MYSQL_DIALECTS = ("mysql", "mariadb")
 
 metadata = MetaData()
 
@@ -50,12 +54,18 @@ metadata = MetaData()
 class UTCDateTime(TypeDecorator[dt.datetime]):
     """A timezone-aware UTC datetime on every backend.
 
-    PostgreSQL stores ``timestamptz``; SQLite stores naive UTC text, which this type
-    converts on the way in and out so that comparisons stay correct.
+    PostgreSQL stores ``timestamptz``; SQLite stores naive UTC text and MySQL/MariaDB
+    naive UTC ``DATETIME(6)`` (microseconds, as PostgreSQL), which this type converts on
+    the way in and out so that comparisons stay correct.
     """
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in MYSQL_DIALECTS:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
@@ -63,7 +73,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value.tzinfo is None:
             raise ValueError("naive datetime given to a UTCDateTime column")
         value = value.astimezone(UTC)
-        if dialect.name == "sqlite":
+        if dialect.name == "sqlite" or dialect.name in MYSQL_DIALECTS:
             return value.replace(tzinfo=None)
         return value
 
@@ -77,6 +87,9 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 ID = BigInteger().with_variant(Integer(), "sqlite")
 
+#: A float column: double precision everywhere (MySQL's FLOAT is single precision).
+DOUBLE = Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL_DIALECTS)
+
 jobs = Table(
     "queuetopia_jobs",
     metadata,
@@ -87,8 +100,8 @@ jobs = Table(
     Column("params", JSON(), nullable=False),
     Column("result", JSON(none_as_null=True), nullable=True),
     Column("sequence", BigInteger(), nullable=False),
-    Column("timeout", Float(), nullable=False),
-    Column("max_backoff", Float(), nullable=False),
+    Column("timeout", DOUBLE, nullable=False),
+    Column("max_backoff", DOUBLE, nullable=False),
     Column("max_attempts", Integer(), nullable=False),
     Column("scheduled_at", UTCDateTime(), nullable=False),
     Column("status", String(16), nullable=False, server_default=text("'pending'")),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: start PostgreSQL and Redis when they are not reachable, build a
+# The test command: start PostgreSQL, Redis and MariaDB when they are not reachable, build a
 # fresh virtual environment with the package and its test extras, lint, type-check,
 # and run pytest. Extra arguments go to pytest.
 set -euo pipefail
@@ -31,6 +31,32 @@ if ! redis_up; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   for _ in $(seq 1 60); do redis_up && break; sleep 0.5; done
   redis_up || { echo "Redis did not start" >&2; exit 1; }
+fi
+
+# MariaDB (the MySQL backend's tests): root without a password on 127.0.0.1:3306.
+mariadb_up() { "$PYTHON" - <<'PY' 2>/dev/null
+import socket
+s = socket.create_connection(("127.0.0.1", 3306), timeout=1)
+assert s.recv(64)[4:5] == b"\x0a"  # the server's greeting (protocol 10)
+PY
+}
+if ! mariadb_up; then
+  echo "MariaDB is not reachable: starting it"
+  if [ ! -x /usr/sbin/mariadbd ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q mariadb-server >/dev/null
+  fi
+  mkdir -p /run/mysqld /var/log/mysql && chown mysql:mysql /run/mysqld /var/log/mysql
+  if [ ! -d /var/lib/mysql/mysql ]; then
+    mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
+  fi
+  /usr/sbin/mariadbd --user=mysql --datadir=/var/lib/mysql --bind-address=127.0.0.1 --port=3306 \
+    --socket=/run/mysqld/mysqld.sock --skip-name-resolve \
+    --character-set-server=utf8mb4 >>/var/log/mysql/ci.log 2>&1 &
+  for _ in $(seq 1 60); do mariadb_up && break; sleep 0.5; done
+  mariadb_up || { echo "MariaDB did not start" >&2; exit 1; }
+  # A fresh install lets root in through the socket only: open TCP to it, as the tests expect.
+  mariadb --protocol=socket -uroot -e "CREATE USER IF NOT EXISTS 'root'@'127.0.0.1';
+    GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION; CREATE DATABASE IF NOT EXISTS test;"
 fi
 
 # The chaos tier runs a private RabbitMQ node and PostgreSQL cluster of its own: it

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.pop("DJANGO_SETTINGS_MODULE", None)
 PG_ADMIN_URL = os.environ.get("QT_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("QT_TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
+MARIADB_ADMIN_URL = os.environ.get("QT_TEST_MARIADB_ADMIN_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
 
 def wait_for(
@@ -76,12 +77,58 @@ def _sqlite_url(database_url: str, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'jobs.db'}"
 
 
+#: The session's MariaDB database, made (and migrated) by the first test that asks.
+_MARIADB: dict[str, str] = {}
+
+
+def create_mariadb_database(prefix: str = "qt_test") -> str:
+    """A new, migrated MariaDB database; its URL (drop it with :func:`drop_mariadb_database`)."""
+    from queuetopia_celery import migrate
+
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = sa.create_engine(MARIADB_ADMIN_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE `{name}`"))
+    admin.dispose()
+    url = sa.engine.make_url(MARIADB_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text(testapp.EVENTS_DDL_MYSQL))
+    engine.dispose()
+    return url
+
+
+def drop_mariadb_database(url: str) -> None:
+    name = sa.engine.make_url(url).database
+    admin = sa.create_engine(MARIADB_ADMIN_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+    admin.dispose()
+
+
+def _mariadb_url(database_url: str = "", tmp_path: Path | None = None) -> str:
+    """The session's MariaDB database (made on first use, dropped at the end)."""
+    if "url" not in _MARIADB:
+        _MARIADB["url"] = create_mariadb_database()
+    return _MARIADB["url"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_the_mariadb_database() -> Iterator[None]:
+    yield
+    url = _MARIADB.pop("url", None)
+    if url is not None:
+        drop_mariadb_database(url)
+
+
 #: Every backend the lease protocol's and the operator's integration tests run on, with
 #: how to make a fresh database URL for one test (from the session's PostgreSQL database
 #: and the test's tmp_path). A new backend is tested by adding it here.
 BACKENDS: list[tuple[str, Callable[[str, Path], str]]] = [
     ("postgresql", _postgresql_url),
     ("sqlite", _sqlite_url),
+    ("mariadb", _mariadb_url),
 ]
 
 

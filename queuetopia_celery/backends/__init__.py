@@ -8,14 +8,17 @@ from sqlalchemy.engine import Engine
 
 from .base import Backend, Burst, Finished, Inserted, Lease, LostAttempt, Outcome
 from .connection import Executor, ping_when_idle
+from .mysql import MysqlBackend, configure_mysql
 from .postgres import PostgresBackend
 from .sqlite import SqliteBackend, configure_sqlite
 
 #: The backend class of each SQLAlchemy dialect name. A new database is one module
 #: implementing :class:`Backend` and one entry here (see docs/architecture.md).
-BACKENDS: dict[str, type[PostgresBackend] | type[SqliteBackend]] = {
+BACKENDS: dict[str, type[PostgresBackend] | type[SqliteBackend] | type[MysqlBackend]] = {
     "postgresql": PostgresBackend,
     "sqlite": SqliteBackend,
+    "mysql": MysqlBackend,
+    "mariadb": MysqlBackend,
 }
 
 
@@ -37,9 +40,11 @@ __all__ = [
     "Inserted",
     "Lease",
     "LostAttempt",
+    "MysqlBackend",
     "Outcome",
     "PostgresBackend",
     "SqliteBackend",
+    "configure_mysql",
     "configure_sqlite",
     "open_backend",
     "ping_when_idle",

@@ -210,10 +210,17 @@ class AutocommitConnections(Connections):
             raise self._error(exc, connection_lost=lost) from exc
 
 
+#: MySQL's error codes for a missing table (1146) and an unknown column (1054).
+MYSQL_SCHEMA_MISSING = (1146, 1054)
+
+
 def schema_missing(exc: BaseException) -> bool:
     """Whether ``exc`` says a table or column of ours does not exist (not migrated)."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if isinstance(orig, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
+        return True
+    args = getattr(orig, "args", ())
+    if type(orig).__module__.startswith("pymysql") and args and args[0] in MYSQL_SCHEMA_MISSING:
         return True
     text = str(orig)
     return isinstance(exc, sa.exc.OperationalError) and (

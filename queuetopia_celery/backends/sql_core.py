@@ -534,6 +534,11 @@ class SqlCore(Connections, abc.ABC):
         until = plan.until if plan.backoff is None else self._after(plan.backoff)
         return {"status": plan.status, "next_attempt_at": until}
 
+    def _update_returning_job(self, conn: Connection, update: Any, job_id: int) -> Any:
+        """Run ``update`` of job ``job_id`` and return the job's row after it (a
+        database without UPDATE .. RETURNING reads it after the update)."""
+        return conn.execute(update.returning(*JOB_COLUMNS)).mappings().one()
+
     def _get_for_update(self, conn: Connection, job_id: int) -> Job:
         query = sa.select(*JOB_COLUMNS).where(JOBS.c.scope == self.scope, JOBS.c.id == job_id)
         row = conn.execute(self._locked(query)).mappings().first()

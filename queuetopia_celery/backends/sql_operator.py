@@ -23,7 +23,7 @@ from ..jobs import (
     Job,
     JobState,
 )
-from .sql_core import JOB_COLUMNS, JOBS, LEASES, MESSAGES, QUEUES
+from .sql_core import JOBS, LEASES, MESSAGES, QUEUES
 from .sql_metrics import SqlMetrics
 from .sql_reads import SqlReads
 
@@ -61,15 +61,12 @@ class SqlOperator(SqlMetrics, SqlReads):
                     raise JobStateError(
                         job_id, job.state.value, "retry", f"job {holder.id} holds its unique_key now"
                     )
-            row = (
-                conn.execute(
-                    sa.update(JOBS)
-                    .where(JOBS.c.id == job_id, JOBS.c.scope == self.scope)
-                    .values(status=STATUS_PENDING, next_attempt_at=self._now())
-                    .returning(*JOB_COLUMNS)
-                )
-                .mappings()
-                .one()
+            row = self._update_returning_job(
+                conn,
+                sa.update(JOBS)
+                .where(JOBS.c.id == job_id, JOBS.c.scope == self.scope)
+                .values(status=STATUS_PENDING, next_attempt_at=self._now()),
+                job_id,
             )
             self._lower_due(conn, [job.queue])
         return Job.from_row(row)
@@ -98,20 +95,17 @@ class SqlOperator(SqlMetrics, SqlReads):
                     else "it is no longer in its queue"
                 )
                 raise JobStateError(job_id, job.state.value, "abort", hint)
-            row = (
-                conn.execute(
-                    sa.update(JOBS)
-                    .where(JOBS.c.id == job_id, JOBS.c.scope == self.scope, JOBS.c.status == STATUS_PENDING)
-                    .values(
-                        status=STATUS_ABORTED,
-                        abort_reason=reason,
-                        aborted_at=self._now(),
-                        next_attempt_at=None,
-                    )
-                    .returning(*JOB_COLUMNS)
-                )
-                .mappings()
-                .one()
+            row = self._update_returning_job(
+                conn,
+                sa.update(JOBS)
+                .where(JOBS.c.id == job_id, JOBS.c.scope == self.scope, JOBS.c.status == STATUS_PENDING)
+                .values(
+                    status=STATUS_ABORTED,
+                    abort_reason=reason,
+                    aborted_at=self._now(),
+                    next_attempt_at=None,
+                ),
+                job_id,
             )
             conn.execute(
                 sa.delete(LEASES).where(

@@ -151,8 +151,9 @@ class Reads:
             sa.over(sa.func.count()).label("queues"),
             sa.over(sa.func.sum(per_queue.c.failing)).label("failing"),
             sa.over(sa.func.min(per_queue.c.due)).label("due"),
-            sa.over(
-                sa.func.first_value(per_queue.c.queue), order_by=per_queue.c.due.asc().nulls_last()
+            sa.over(  # the first due queue; (due IS NULL, due) is NULLS LAST on every database
+                sa.func.first_value(per_queue.c.queue),
+                order_by=(per_queue.c.due.is_(None), per_queue.c.due.asc()),
             ).label("due_queue"),
             *(sa.over(sa.func.sum(per_queue.c[state.value])).label(state.value) for state in per_state),
         ).order_by(per_queue.c.failing.desc(), per_queue.c.queue)

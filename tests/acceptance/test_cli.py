@@ -229,9 +229,9 @@ def test_purge(oqt, cli, engine):
         ),
         (
             ["status"],
-            {"url": "mysql://root:s3cret@127.0.0.1:3306/shop"},
+            {"url": "mssql://root:s3cret@127.0.0.1:1433/shop"},
             1,
-            "error: unsupported database URL mysql://...; supported: PostgreSQL with psycopg 3",
+            "error: unsupported database URL mssql://...; supported: PostgreSQL with psycopg 3",
         ),
         (["migrate"], {"url": "oracle://scott:s3cret@db/orcl", "scope_": False}, 1, "SQLite (sqlite:///"),
         (["status"], {"scope_": False}, 2, "no scope"),

@@ -170,7 +170,7 @@ def write_module(folder: Path, name: str, body: str) -> str:
             {"QT_TEST_EXTRA_SCOPE": "extra"},
             "module 'tests.apps.testapp' holds 2 Queuetopias (extra_qt, qt): give module:attribute",
         ),
-        ("badapp:qt", {}, "importing 'badapp' failed: ConfigurationError: unsupported database URL mysql"),
+        ("badapp:qt", {}, "importing 'badapp' failed: ConfigurationError: unsupported database URL mssql"),
         ("raisingapp", {}, "importing 'raisingapp' failed: RuntimeError: the app's own error"),
     ],
 )
@@ -182,7 +182,7 @@ def test_an_app_that_cannot_be_loaded_is_one_line(cli, tmp_path, spec, env, mess
         from celery import Celery
         from queuetopia_celery import Queuetopia
 
-        qt = Queuetopia("x", app=Celery("bad"), database_url="mysql://root:s3cret@127.0.0.1/shop")
+        qt = Queuetopia("x", app=Celery("bad"), database_url="mssql://root:s3cret@127.0.0.1/shop")
         """,
     )
     write_module(tmp_path, "raisingapp", 'raise RuntimeError("the app\'s own error")\n')

@@ -104,6 +104,12 @@ COVERED: dict[str, str] = {
     "celery -A djangoshop worker --loglevel INFO &": "test_with_django_as_the_readme_says",
     "python manage.py place_orders 5": "test_with_django_as_the_readme_says",
     "python manage.py queuetopia status": "test_with_django_as_the_readme_says",
+    # MySQL and MariaDB: the block, then the quick start's lines from migrate on.
+    "pip install '.[mysql]'": "test_quick_start_on_mariadb_and_redis",
+    'mariadb -h 127.0.0.1 -u root -e "CREATE DATABASE mailapp"': "test_quick_start_on_mariadb_and_redis",
+    (
+        "export DATABASE_URL=mysql+pymysql://root@127.0.0.1/mailapp BROKER_URL=redis://127.0.0.1:6379/0"
+    ): "test_quick_start_on_mariadb_and_redis",
 }
 
 
@@ -406,6 +412,48 @@ def test_quick_start_on_postgresql_and_rabbitmq(
     bare_venv: Image, fresh_database: Callable[[], str], tmp_path: Path
 ) -> None:
     run_quick_start(bare_venv, fresh_database, AMQP_URL, tmp_path)
+
+
+def test_quick_start_on_mariadb_and_redis(bare_venv: Image, tmp_path: Path) -> None:
+    """The README's MySQL and MariaDB block (the extra installed from this checkout, the
+    database created, the URL exported), then the quick start's lines from migrate on,
+    on a MariaDB database of the test's own."""
+    installed = bare_venv.sh(readme_command("pip install '.[mysql]'"), cwd=ROOT, timeout=400)
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    (block,) = [block for block in readme_blocks("sh") if "pip install '.[mysql]'" in block]
+    quick = quick_start_block()
+    script = "\n".join(commands_of(block)[1:]) + "\n" + quick[quick.index("queuetopia-celery migrate") :]
+    database = f"qt_first_hour_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    script = substitute(
+        script,
+        {
+            'DATABASE mailapp"': f'DATABASE {database}"',
+            "127.0.0.1/mailapp ": f"127.0.0.1/{database} ",
+            f"BROKER_URL={README_BROKER_URL}": f"BROKER_URL={REDIS_URL}",
+        },
+    )
+    url = f"mysql+pymysql://root@127.0.0.1/{database}"
+    group = Group(bare_venv, script, tmp_path / "quick-start-mariadb.log", {})
+    try:
+        wait_for(lambda: group.shell.poll() is not None, timeout=120, message="the block's commands")
+        assert group.shell.returncode == 0, group.output()[-4000:]
+        assert "created 20 jobs in 3 queues" in group.output()
+
+        def all_done() -> bool:
+            if "Traceback" in group.output():
+                pytest.fail(group.output()[-4000:])
+            jobs = mail_jobs(url)
+            return len(jobs) == 20 and all(job.state is JobState.DONE for job in jobs)
+
+        wait_for(all_done, timeout=90, interval=0.5, message="the 20 jobs done on MariaDB")
+        wait_for(lambda: group.output().count("sending job #") == 20, timeout=10, message="20 lines printed")
+        check_each_queue_ran_in_order(mail_jobs(url), group.output(), 20)
+    finally:
+        group.stop()
+        admin = sa.create_engine("mysql+pymysql://root@127.0.0.1/test")
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{database}`"))
+        admin.dispose()
 
 
 def check_demo_summary(out: subprocess.CompletedProcess[str]) -> None:

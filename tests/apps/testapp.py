@@ -36,6 +36,27 @@ CREATE TABLE IF NOT EXISTS qt_test_events (
 )
 """
 
+#: The same table on MariaDB (naive UTC times, as queuetopia's own).
+EVENTS_DDL_MYSQL = """
+CREATE TABLE IF NOT EXISTS qt_test_events (
+    id bigint AUTO_INCREMENT PRIMARY KEY,
+    scope varchar(255) NOT NULL,
+    queue varchar(255) NOT NULL,
+    job_id bigint NOT NULL,
+    sequence bigint NOT NULL,
+    attempt int NOT NULL,
+    pid int NOT NULL,
+    kind varchar(16) NOT NULL,
+    started_at datetime(6) NOT NULL,
+    ended_at datetime(6)
+)
+"""
+
+
+def _clock(conn: sa.Connection) -> str:
+    """The database's clock at the time a statement runs, in SQL."""
+    return "clock_timestamp()" if conn.dialect.name == "postgresql" else "UTC_TIMESTAMP(6)"
+
 
 def build(
     scope: str,
@@ -91,7 +112,7 @@ def _record(qt: Queuetopia, job: Job, kind: str, started: bool) -> int:
                     sa.text(
                         "INSERT INTO qt_test_events"
                         " (scope, queue, job_id, sequence, attempt, pid, kind, started_at)"
-                        " VALUES (:s, :q, :j, :seq, :a, :p, :k, clock_timestamp()) RETURNING id"
+                        f" VALUES (:s, :q, :j, :seq, :a, :p, :k, {_clock(conn)}) RETURNING id"
                     ),
                     {
                         "s": job.scope,
@@ -133,7 +154,7 @@ def _end(qt: Queuetopia, event_id: int, kind: str) -> None:
 def _heartbeat(qt: Queuetopia, event_id: int) -> None:
     with qt.engine.begin() as conn:
         conn.execute(
-            sa.text("UPDATE qt_test_events SET ended_at = clock_timestamp() WHERE id = :i"), {"i": event_id}
+            sa.text(f"UPDATE qt_test_events SET ended_at = {_clock(conn)} WHERE id = :i"), {"i": event_id}
         )
 
 

@@ -155,8 +155,8 @@ def test_cli_migrate_dry_run_on_a_new_sqlite_file_prints_everything_and_creates_
 @pytest.mark.parametrize(
     "url",
     [
-        "mysql://root:s3cr3t-pw@127.0.0.1:3306/shop",
-        "mysql+pymysql://root:s3cr3t-pw@127.0.0.1/shop",
+        "mssql://root:s3cr3t-pw@127.0.0.1:1433/shop",
+        "mysql+mysqldb://root:s3cr3t-pw@127.0.0.1/shop",
         "oracle://scott:s3cr3t-pw@db/orcl",
         "postgresql+psycopg2://u:s3cr3t-pw@127.0.0.1/db",
         "postgresql+asyncpg://u:s3cr3t-pw@127.0.0.1/db",

@@ -264,13 +264,15 @@ def test_bad_settings_are_refused() -> None:
     assert "s3cret" not in repr(BasicAuth(*AUTH))
 
 
-def test_the_pages_and_a_retry_work_on_sqlite_too(tmp_path: Any) -> None:
+def test_the_pages_and_a_retry_work_on_every_backend(backend_url: str) -> None:
+    import uuid
+
     from celery import Celery
 
     qt = Queuetopia(
-        "web",
-        app=Celery("web-sqlite", broker="memory://", set_as_current=False),
-        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        f"web-{uuid.uuid4().hex[:8]}",
+        app=Celery("web-backends", broker="memory://", set_as_current=False),
+        database_url=backend_url,
         disabled=True,
     )
     qt.migrate()
