@@ -191,20 +191,27 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
             "queue_counts": [len(by_queue[q]) for q in queues],
             "queue_due_at": dues,
             "queue_has_now": nows,
-            "job_queue": [spec.queue for spec in specs],
-            "job_action": [spec.action for spec in specs],
-            "job_params": [json.dumps(spec.params) for spec in specs],
-            "job_position": offsets,
-            "job_count": counts,
-            "job_timeout": [float(spec.timeout) for spec in specs],
-            "job_max_backoff": [float(spec.max_backoff) for spec in specs],
-            "job_max_attempts": [spec.max_attempts for spec in specs],
-            "job_on_exhausted": [spec.on_exhausted for spec in specs],
-            "job_scheduled_at": [spec.scheduled_at for spec in specs],
-            "job_unique_key": [spec.unique_key for spec in specs],
-            "job_trace_context": [
-                None if spec.trace_context is None else json.dumps(spec.trace_context) for spec in specs
-            ],
+            # The new jobs in one JSON parameter: psycopg's conversion of one array
+            # parameter per column cost about 0.15 ms of client CPU per call.
+            "jobs": json.dumps(
+                [
+                    {
+                        "queue": spec.queue,
+                        "action": spec.action,
+                        "params": spec.params,
+                        "k": offsets[i],
+                        "n": counts[i],
+                        "timeout": float(spec.timeout),
+                        "max_backoff": float(spec.max_backoff),
+                        "max_attempts": spec.max_attempts,
+                        "on_exhausted": spec.on_exhausted,
+                        "scheduled_at": None if spec.scheduled_at is None else spec.scheduled_at.isoformat(),
+                        "unique_key": spec.unique_key,
+                        "trace_context": spec.trace_context,
+                    }
+                    for i, spec in enumerate(specs)
+                ]
+            ),
             "take_leases": grace is not None,
             "first_wait": 0.0 if grace is None else self._first_wait(grace),
             "create_key": key,
