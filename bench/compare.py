@@ -28,16 +28,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from .env import ROOT, load, summary
+from .env import ENQUEUE_MODES, ROOT, load, summary
 
 #: The scenarios that can be compared, and the side command each measurement runs.
 COMPARABLE = ("throughput", "latency", "enqueue")
 CURRENT = "current"
 
 #: What the bench's side process and workers import besides REV and its dependencies.
-BENCH_NEEDS = ("celery[redis]", "redis", "sqlalchemy", "psycopg[binary]")
+BENCH_NEEDS = ("celery[redis]", "redis", "sqlalchemy", "psycopg[binary]", "prometheus_client")
 #: Bumped when the way REV's environment is built changes (a kept one is rebuilt).
-BUILD = "2"
+BUILD = "3"
 
 Step = tuple[str, str, str, dict[str, Any]]  # (scenario, key, side command, its arguments)
 
@@ -66,7 +66,7 @@ def plan(names: Sequence[str], cfg: dict[str, Any]) -> list[Step]:
         elif name == "latency":
             steps.append((name, "idle worker", name, {"samples": cfg["latency_samples"]}))
         elif name == "enqueue":
-            for mode in ("one", "bulk"):
+            for mode in ENQUEUE_MODES:
                 n_total = cfg["enqueue_one"] if mode == "one" else cfg["enqueue_bulk"]
                 for procs in (1, 4):
                     for target in ("many", "one_queue"):

@@ -29,6 +29,11 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5")
 PROC_POLL = float(os.environ.get("BENCH_PROC_POLL", "0.01"))
 
 
+#: The enqueue scenario's modes: one by one; bulk returning the jobs; bulk returning
+#: their ids (procrastinate's batch_defer is the same call in both bulk modes).
+ENQUEUE_MODES = ("one", "bulk", "bulk_ids")
+
+
 def wait_for(condition: Callable[[], Any], *, timeout: float = 120, interval: float = 0.005) -> Any:
     deadline = time.monotonic() + timeout
     while True:

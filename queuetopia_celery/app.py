@@ -3,10 +3,11 @@ Celery app."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -348,39 +349,88 @@ class Queuetopia:
                     raise UnknownActionError(self.scope, spec.action, known)
         return specs
 
-    @tracing.traced_create
+    @overload
     def create_jobs(
-        self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None
-    ) -> list[Job]:
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["jobs"] = "jobs",
+    ) -> list[Job]: ...
+
+    @overload
+    def create_jobs(
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["ids"],
+    ) -> list[int]: ...
+
+    @overload
+    def create_jobs(
+        self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None, returning: None
+    ) -> None: ...
+
+    # mypy cannot match a ParamSpec-typed decorator's result with the overloads.
+    @tracing.traced_create  # type: ignore[misc]
+    def create_jobs(
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["jobs", "ids"] | None = "jobs",
+    ) -> list[Job] | list[int] | None:
         """Create many jobs in one transaction; each queue is woken once.
 
         Each item is a :class:`~queuetopia_celery.jobs.NewJob` or a dict of
         ``create_job``'s arguments (``queue``, ``action``, ``params``, options). If one
         item is invalid, nothing is written.
+
+        Returns the jobs, in the order given. ``returning="ids"`` returns their ids
+        only and ``returning=None`` nothing: the jobs are then not read back (on
+        PostgreSQL they are written by COPY), the fast path for large batches.
         """
+        if returning not in ("jobs", "ids", None):
+            raise InvalidJobError("returning", f"must be 'jobs', 'ids' or None, got {returning!r}")
         specs = self.build_specs(jobs)
         if not specs:
-            return []
+            return None if returning is None else []
         specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
         queues = list(dict.fromkeys(spec.queue for spec in specs))
+        # Without a caller's transaction the insert itself takes the leases of new and
+        # idle queues, unless a concurrency limit (counted under a lock by dispatch) or
+        # disabled=True says otherwise.
+        own_leases = connection is None and not self.disabled and self.max_concurrent_queues is None
+        if returning != "jobs":
+            inserted = self.backend.insert_jobs(
+                specs, connection=connection, grace=self.dispatch_grace if own_leases else None
+            )
+            self._wake_created(queues, inserted.leases, connection)
+            return inserted.ids if returning == "ids" else None
+        # One connection for the insert and the kick that may follow: one pool checkout.
+        with self.backend.pinned() if connection is None else contextlib.nullcontext():
+            if own_leases:
+                created, taken = self.backend.create_jobs_taking_leases(specs, grace=self.dispatch_grace)
+            else:
+                created, taken = self.backend.create_jobs(specs, connection=connection), []
+            self._wake_created(queues, taken, connection)
+        return created
+
+    def _wake_created(
+        self, queues: Sequence[str], taken: Sequence[Lease], connection: Executor | None
+    ) -> None:
+        """Wake the queues of jobs just created: in their own transaction (committed),
+        send the leases taken and kick the other queues now; in the caller's, once it
+        commits."""
+        if self.disabled:
+            return
         if connection is None:
-            # One connection for the insert and the kick: one pool checkout. The insert
-            # itself takes the leases of new and idle queues, unless a concurrency limit
-            # (counted under a lock by dispatch) or disabled=True says otherwise.
-            own_leases = not self.disabled and self.max_concurrent_queues is None
-            with self.backend.pinned():
-                if own_leases:
-                    created, taken = self.backend.create_jobs_taking_leases(specs, grace=self.dispatch_grace)
-                else:
-                    created, taken = self.backend.create_jobs(specs), []
-                self._kick(queues, committed=True, taken=taken)
-            return created
-        created = self.backend.create_jobs(specs, connection=connection)
-        if not self.disabled:
+            self._kick(queues, committed=True, taken=taken)
+        else:
             self.backend.on_commit(
                 connection, f"queuetopia_kicks:{self.scope}", queues, self.wake_after_commit
             )
-        return created
 
     def wake_after_commit(self, queues: Iterable[str], committed: bool = True) -> None:
         """Wake ``queues`` once jobs created in them (or made due) are committed: for a

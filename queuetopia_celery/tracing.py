@@ -57,6 +57,7 @@ class _Scoped(Protocol):
 
 
 S = TypeVar("S", bound=_Scoped)
+R = TypeVar("R")
 
 
 def enabled() -> bool:
@@ -102,13 +103,13 @@ def _attributes(scope: str, job: Job) -> dict[str, Any]:
 
 
 def traced_create(
-    create: Callable[Concatenate[S, P], list[Job]],
-) -> Callable[Concatenate[S, P], list[Job]]:
+    create: Callable[Concatenate[S, P], R],
+) -> Callable[Concatenate[S, P], R]:
     """Run ``Queuetopia.create_jobs`` in a ``queuetopia.create`` span."""
     if trace is None:  # pragma: no cover - without the tracing extra
         return create
 
-    def traced(self: S, /, *args: P.args, **kwargs: P.kwargs) -> list[Job]:
+    def traced(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if not _configured():
             return create(self, *args, **kwargs)
         with _tracer().start_as_current_span(
@@ -117,7 +118,10 @@ def traced_create(
             attributes={"messaging.system": "queuetopia", "queuetopia.scope": self.scope},
         ) as span:
             created = create(self, *args, **kwargs)
-            if span.is_recording() and created:
+            if span.is_recording() and isinstance(created, list) and created:
+                span.set_attribute("queuetopia.jobs", len(created))
+            # With create_jobs(returning="ids" | None) there are no jobs to describe.
+            if span.is_recording() and isinstance(created, list) and created and isinstance(created[0], Job):
                 span.set_attribute("queuetopia.jobs", len(created))
                 queues = {job.queue for job in created}
                 actions = {job.action for job in created}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Engine
 
-from .base import Backend, Burst, Finished, Lease, LostAttempt, Outcome
+from .base import Backend, Burst, Finished, Inserted, Lease, LostAttempt, Outcome
 from .connection import Executor, ping_when_idle
 from .mysql import MysqlBackend, configure_mysql
 from .postgres import PostgresBackend
@@ -37,6 +37,7 @@ __all__ = [
     "Burst",
     "Executor",
     "Finished",
+    "Inserted",
     "Lease",
     "LostAttempt",
     "MysqlBackend",

@@ -57,6 +57,17 @@ class Lease:
 
 
 @dataclasses.dataclass(frozen=True)
+class Inserted:
+    """What :meth:`Backend.insert_jobs` wrote, without reading the jobs back."""
+
+    #: The new jobs' ids, in the order given (an item whose unique_key an open job
+    #: held: that job's id).
+    ids: list[int]
+    #: The leases taken with the insert (own transaction only): send them.
+    leases: list[Lease]
+
+
+@dataclasses.dataclass(frozen=True)
 class MessageJobs:
     """What :meth:`Backend.create_jobs_once` did for one message."""
 
@@ -197,6 +208,14 @@ class Backend(Protocol):
     ) -> tuple[list[Job], list[Lease]]:
         """Insert jobs in their own transaction and take, where the backend can in the
         same statement, the leases of their queues: send those."""
+
+    def insert_jobs(
+        self, specs: Sequence[NewJob], *, connection: Any = None, grace: float | None = None
+    ) -> Inserted:
+        """:meth:`create_jobs` for bulk producers: the ids only, not the rows read back
+        (PostgreSQL: COPY). Without ``connection`` and with a ``grace``, the leases of
+        new and idle queues are taken in the same transaction, as by
+        :meth:`create_jobs_taking_leases`."""
 
     def create_jobs_once(self, message_id: str, specs: Sequence[NewJob]) -> MessageJobs:
         """:meth:`create_jobs` in its own transaction, once per ``message_id`` of the

@@ -16,9 +16,9 @@ from sqlalchemy import func
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
-from ..jobs import STATUS_DONE, STATUS_RUNNING, UTC, Job, NewJob
+from ..jobs import STATUS_DONE, STATUS_PENDING, STATUS_RUNNING, UTC, Job, NewJob
 from . import postgres_sql as sql
-from .base import Burst, Finished, Lease, Outcome, failure_plan, new_token
+from .base import Burst, Finished, Inserted, Lease, Outcome, failure_plan, new_token
 from .connection import AutocommitConnections, Executor
 from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, chunks, positions_by_queue
 from .sql_operator import SqlOperator
@@ -178,13 +178,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         ``grace``, the statement also takes the leases it can (see
         :meth:`create_jobs_taking_leases`)."""
         queues = sorted(by_queue)
-        dues: list[dt.datetime | None] = []
-        nows: list[bool] = []
-        for queue in queues:
-            explicit = [specs[i].scheduled_at for i in by_queue[queue]]
-            given = [d for d in explicit if d is not None]
-            dues.append(min(given) if given else None)
-            nows.append(len(given) < len(explicit))
+        dues, nows = queue_dues(specs, by_queue, queues)
         offsets = [0] * len(specs)
         counts = [0] * len(specs)
         for indexes in by_queue.values():
@@ -197,20 +191,27 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
             "queue_counts": [len(by_queue[q]) for q in queues],
             "queue_due_at": dues,
             "queue_has_now": nows,
-            "job_queue": [spec.queue for spec in specs],
-            "job_action": [spec.action for spec in specs],
-            "job_params": [json.dumps(spec.params) for spec in specs],
-            "job_position": offsets,
-            "job_count": counts,
-            "job_timeout": [float(spec.timeout) for spec in specs],
-            "job_max_backoff": [float(spec.max_backoff) for spec in specs],
-            "job_max_attempts": [spec.max_attempts for spec in specs],
-            "job_on_exhausted": [spec.on_exhausted for spec in specs],
-            "job_scheduled_at": [spec.scheduled_at for spec in specs],
-            "job_unique_key": [spec.unique_key for spec in specs],
-            "job_trace_context": [
-                None if spec.trace_context is None else json.dumps(spec.trace_context) for spec in specs
-            ],
+            # The new jobs in one JSON parameter: psycopg's conversion of one array
+            # parameter per column cost about 0.15 ms of client CPU per call.
+            "jobs": json.dumps(
+                [
+                    {
+                        "queue": spec.queue,
+                        "action": spec.action,
+                        "params": spec.params,
+                        "k": offsets[i],
+                        "n": counts[i],
+                        "timeout": float(spec.timeout),
+                        "max_backoff": float(spec.max_backoff),
+                        "max_attempts": spec.max_attempts,
+                        "on_exhausted": spec.on_exhausted,
+                        "scheduled_at": None if spec.scheduled_at is None else spec.scheduled_at.isoformat(),
+                        "unique_key": spec.unique_key,
+                        "trace_context": spec.trace_context,
+                    }
+                    for i, spec in enumerate(specs)
+                ]
+            ),
             "take_leases": grace is not None,
             "first_wait": 0.0 if grace is None else self._first_wait(grace),
             "create_key": key,
@@ -229,6 +230,91 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
             # Unique jobs whose key an open job holds: that job instead.
             self._fill_existing(conn, specs, created)
         return [job for job in created if job is not None], [taken[q] for q in sorted(taken)]
+
+    def insert_jobs(
+        self, specs: Sequence[NewJob], *, connection: Executor | None = None, grace: float | None = None
+    ) -> Inserted:
+        """The bulk path: queue rows upserted and ids reserved (two statements), the
+        jobs written by COPY, and with a ``grace`` (own transaction) the leases of the
+        queues taken, in one transaction; nothing is read back. A batch with unique
+        keys (which need the insert's ``ON CONFLICT``) takes the portable path.
+
+        In its own transaction it is retried on a new connection when the connection
+        dies, recognising by the call's key a batch that committed (as
+        :meth:`create_jobs` does)."""
+        if not specs:
+            return Inserted([], [])
+        if any(spec.unique_key is not None for spec in specs):
+            return super().insert_jobs(specs, connection=connection, grace=grace)
+        by_queue = positions_by_queue(specs)
+        if connection is not None:
+            with self._transaction(connection) as conn:
+                return self._copy_jobs(conn, specs, by_queue, None, None)
+        key = new_token()
+
+        def attempt(retry: bool) -> Inserted:
+            with self._transaction() as conn:
+                if retry:
+                    self._wait_for_creators(conn, sorted(by_queue))
+                    found = self._created_by(conn, specs, by_queue, key)
+                    if found is not None:
+                        return Inserted([job.id for job in found[0]], found[1])
+                return self._copy_jobs(conn, specs, by_queue, grace, key)
+
+        return self._retried("create_jobs", attempt, {"scope": self.scope})
+
+    def _copy_jobs(
+        self,
+        conn: Connection,
+        specs: Sequence[NewJob],
+        by_queue: dict[str, list[int]],
+        grace: float | None,
+        key: str | None,
+    ) -> Inserted:
+        queues = sorted(by_queue)
+        dues, nows = queue_dues(specs, by_queue, queues)
+        driver: Any = conn.connection.dbapi_connection
+        with driver.cursor() as cur:
+            cur.execute(
+                sql.RESERVE_QUEUES,
+                {
+                    "scope": self.scope,
+                    "queues": queues,
+                    "queue_counts": [len(by_queue[q]) for q in queues],
+                    "queue_due_at": dues,
+                    "queue_has_now": nows,
+                },
+            )
+            # Each queue's jobs are numbered up to its counter, in the order given.
+            reserved = {queue: (last - len(by_queue[queue]), at) for queue, last, at in cur.fetchall()}
+            cur.execute(sql.RESERVE_IDS, {"count": len(specs)})
+            ids = [row[0] for row in cur.fetchall()]
+            with cur.copy(sql.COPY_JOBS) as copy:
+                for i, spec in enumerate(specs):
+                    base, locked_at = reserved[spec.queue]
+                    reserved[spec.queue] = (base + 1, locked_at)
+                    copy.write_row(
+                        (
+                            ids[i],
+                            self.scope,
+                            spec.queue,
+                            spec.action,
+                            json.dumps(spec.params),
+                            base + 1,
+                            float(spec.timeout),
+                            float(spec.max_backoff),
+                            spec.max_attempts,
+                            spec.on_exhausted,
+                            locked_at if spec.scheduled_at is None else spec.scheduled_at,
+                            STATUS_PENDING,
+                            0,
+                            locked_at,
+                            key,
+                            None if spec.trace_context is None else json.dumps(spec.trace_context),
+                        )
+                    )
+        taken = [] if grace is None else self._take_all(conn, queues, grace, len(queues), None)
+        return Inserted(ids, taken)
 
     # ------------------------------------------------------------------ taking leases
 
@@ -420,6 +506,21 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         if inline and following.status == STATUS_RUNNING and following.attempted_by == burst.worker:
             return Finished(True, handed, following)
         return Finished(True)
+
+
+def queue_dues(
+    specs: Sequence[NewJob], by_queue: dict[str, list[int]], queues: Sequence[str]
+) -> tuple[list[dt.datetime | None], list[bool]]:
+    """For each of ``queues``: the earliest ``scheduled_at`` given to its new jobs (or
+    None), and whether one of them is due now (no ``scheduled_at``)."""
+    dues: list[dt.datetime | None] = []
+    nows: list[bool] = []
+    for queue in queues:
+        explicit = [specs[i].scheduled_at for i in by_queue[queue]]
+        given = [d for d in explicit if d is not None]
+        dues.append(min(given) if given else None)
+        nows.append(len(given) < len(explicit))
+    return dues, nows
 
 
 def raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Every statement of the PostgreSQL backend that is written in SQL, named and kept
 together. Parameters are named like the columns they fill or compare (``:scope``,
-``:queue``, ``:token``, ``:job_id``, ``:worker``); arrays of one value per queue or per
-new job are named ``queue_*`` and ``job_*``. Status values come from
+``:queue``, ``:token``, ``:job_id``, ``:worker``); arrays of one value per queue are
+named ``queue_*``, and the new jobs of CREATE_JOBS are one JSON array of objects
+(``:jobs``, their keys named like the columns). Status values come from
 :mod:`queuetopia_celery.jobs`.
 
 The hot statements (the driver's ``%(name)s`` placeholders: they run on the psycopg
@@ -85,23 +86,18 @@ WITH q AS (
                       THEN excluded.due_at ELSE qq.due_at END
     RETURNING qq.queue, qq.last_sequence, clock_timestamp() AS locked_at, qq.paused
 ), r AS (
-    SELECT * FROM unnest(
-        CAST(:job_queue AS text[]), CAST(:job_action AS text[]), CAST(:job_params AS text[]),
-        CAST(:job_position AS int[]), CAST(:job_count AS int[]), CAST(:job_timeout AS float8[]),
-        CAST(:job_max_backoff AS float8[]), CAST(:job_max_attempts AS int[]),
-        CAST(:job_on_exhausted AS text[]),
-        CAST(:job_scheduled_at AS timestamptz[]), CAST(:job_unique_key AS text[]),
-        CAST(:job_trace_context AS text[])
-    ) AS r(queue, action, params, k, n, timeout, max_backoff, max_attempts, on_exhausted, scheduled_at,
-           unique_key, trace_context)
+    SELECT * FROM json_to_recordset(CAST(:jobs AS json))
+        AS r(queue text, action text, params json, k int, n int, timeout float8, max_backoff float8,
+             max_attempts int, on_exhausted text, scheduled_at timestamptz, unique_key text,
+             trace_context json)
 ), j AS (
     INSERT INTO queuetopia_jobs AS j (scope, queue, action, params, sequence, timeout, max_backoff,
         max_attempts, on_exhausted, scheduled_at, status, attempts, inserted_at, create_key, unique_key,
         trace_context)
-    SELECT :scope, r.queue, r.action, CAST(r.params AS json), q.last_sequence - r.n + r.k, r.timeout,
+    SELECT :scope, r.queue, r.action, r.params, q.last_sequence - r.n + r.k, r.timeout,
         r.max_backoff, r.max_attempts, r.on_exhausted, coalesce(r.scheduled_at, q.locked_at),
         '{STATUS_PENDING}', 0, q.locked_at, CAST(:create_key AS text), r.unique_key,
-        CAST(r.trace_context AS json)
+        r.trace_context
     FROM r JOIN q ON q.queue = r.queue
     ON CONFLICT (scope, unique_key) WHERE unique_key IS NOT NULL AND status IN {OPEN}
     DO NOTHING
@@ -302,4 +298,36 @@ SELECT (SELECT count(*) FROM done) AS written, moved.id AS next_id, moved.timeou
     moved.inline, started.*
 FROM (SELECT 1) AS one LEFT JOIN moved ON true LEFT JOIN started ON true
 """
+)
+
+#: The bulk path's first statement (PostgreSQL): upsert the queue rows of a batch (in
+#: queue order; each stays locked until the transaction ends, as in CREATE_JOBS),
+#: reserving ``:queue_counts`` sequence numbers each, with the time the row became ours
+#: (the default ``scheduled_at``).
+RESERVE_QUEUES = driver_sql(
+    """
+INSERT INTO queuetopia_queues AS qq (scope, queue, last_sequence, due_at)
+SELECT :scope, u.queue, u.n, least(u.due, CASE WHEN u.has_now THEN now() END)
+FROM unnest(CAST(:queues AS text[]), CAST(:queue_counts AS int[]), CAST(:queue_due_at AS timestamptz[]),
+            CAST(:queue_has_now AS boolean[])) AS u(queue, n, due, has_now)
+ORDER BY u.queue
+ON CONFLICT (scope, queue) DO UPDATE SET
+    last_sequence = qq.last_sequence + excluded.last_sequence,
+    due_at = CASE WHEN qq.due_at IS NULL OR excluded.due_at < qq.due_at
+                  THEN excluded.due_at ELSE qq.due_at END
+RETURNING qq.queue, qq.last_sequence, clock_timestamp() AS locked_at
+"""
+)
+
+#: ``:count`` new job ids, once the queue rows are ours (so ids follow the queue's
+#: commit order, as with CREATE_JOBS).
+RESERVE_IDS = driver_sql(
+    "SELECT nextval(pg_get_serial_sequence('queuetopia_jobs', 'id')) FROM generate_series(1, :count)"
+)
+
+#: The bulk path's jobs: written by COPY (ids, sequences and times computed by the
+#: client from the two statements above).
+COPY_JOBS = (
+    "COPY queuetopia_jobs (id, scope, queue, action, params, sequence, timeout, max_backoff, max_attempts,"
+    " on_exhausted, scheduled_at, status, attempts, inserted_at, create_key, trace_context) FROM STDIN"
 )

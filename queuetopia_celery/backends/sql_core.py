@@ -28,7 +28,7 @@ from ..jobs import (
     NewJob,
     utcnow,
 )
-from .base import Burst, Finished, Lease, MessageJobs, Outcome, chunks, failure_plan, new_token
+from .base import Burst, Finished, Inserted, Lease, MessageJobs, Outcome, chunks, failure_plan, new_token
 
 __all__ = ["chunks"]
 from .connection import Connections, Executor
@@ -217,6 +217,19 @@ class SqlCore(Connections, abc.ABC):
         kept, position = unique_specs(specs)
         made, taken = self._insert_jobs_taking_leases(kept, grace)
         return ([made[p] for p in position] if len(kept) < len(specs) else made), taken
+
+    def insert_jobs(
+        self, specs: Sequence[NewJob], *, connection: Executor | None = None, grace: float | None = None
+    ) -> Inserted:
+        """:meth:`create_jobs` (or :meth:`create_jobs_taking_leases`, in its own
+        transaction with a ``grace``) returning the ids only. This portable version
+        reads the jobs back all the same; a backend with a faster bulk path (PostgreSQL's
+        COPY) replaces it."""
+        if connection is None and grace is not None:
+            made, taken = self.create_jobs_taking_leases(specs, grace=grace)
+        else:
+            made, taken = self.create_jobs(specs, connection=connection), []
+        return Inserted([job.id for job in made], taken)
 
     def create_jobs_once(self, message_id: str, specs: Sequence[NewJob]) -> MessageJobs:
         """:meth:`create_jobs` in its own transaction, once per ``message_id``: the id

@@ -25,7 +25,7 @@ def test_the_plan_covers_each_scenario_once_per_measurement() -> None:
     assert keys[:3] == [("throughput", "1x500"), ("throughput", "100x50"), ("latency", "idle worker")]
     assert ("enqueue", "one/1p/many") in keys
     assert ("enqueue", "bulk/4p/one_queue") in keys
-    assert len(keys) == len(set(keys)) == 3 + 8
+    assert len(keys) == len(set(keys)) == 3 + 12  # enqueue: 3 modes x 2 producer counts x 2 targets
     one = next(args for scenario, key, _, args in steps if key == "one/4p/many")
     assert one == {"mode": "one", "procs": 4, "target": "many", "n_total": 200}
     assert steps[1][3] == {"queues": 100, "per_queue": 50}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, overload
 
 import sqlalchemy as sa
 from django.conf import settings
@@ -158,18 +158,48 @@ class DjangoQueuetopia(Queuetopia):
         self.registry = _DjangoRegistry(self.scope, options.get("performer"))
         registry[self.scope] = self
 
+    @overload
     def create_jobs(
-        self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None
-    ) -> list[Job]:
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["jobs"] = "jobs",
+    ) -> list[Job]: ...
+
+    @overload
+    def create_jobs(
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["ids"],
+    ) -> list[int]: ...
+
+    @overload
+    def create_jobs(
+        self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None, returning: None
+    ) -> None: ...
+
+    def create_jobs(
+        self,
+        jobs: Iterable[NewJob | dict[str, Any]],
+        *,
+        connection: Executor | None = None,
+        returning: Literal["jobs", "ids"] | None = "jobs",
+    ) -> list[Job] | list[int] | None:
         if connection is not None:
-            return super().create_jobs(jobs, connection=connection)
+            return super().create_jobs(jobs, connection=connection, returning=returning)
+        items = list(jobs)
         try:
             with sqlalchemy_connection(self.using) as conn:
-                created = super().create_jobs(jobs, connection=conn)
+                created = super().create_jobs(items, connection=conn, returning=returning)
         except SchemaMissingError as exc:
             raise MigrationsMissingError(self.using) from exc
-        if created and not self.disabled:
-            queues = sorted({job.queue for job in created})
+        if items and not self.disabled:
+            queues = sorted(
+                {item.queue if isinstance(item, NewJob) else str(item["queue"]) for item in items}
+            )
             # Runs at once when no atomic block is open (the jobs are committed).
             transaction.on_commit(functools.partial(self.wake_after_commit, queues), using=self.using)
         return created
