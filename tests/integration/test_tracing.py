@@ -39,7 +39,12 @@ _EXPORTER = Capture()
 
 def install_exporter(exporter: Any) -> None:
     """Send this process's spans to ``exporter`` (the global provider is set once per
-    process; later callers add their processor to it)."""
+    process; later callers add their processor to it). Once per exporter: a module that
+    imports this one's fixtures defines them a second time, and a second processor
+    would export every span twice."""
+    if getattr(exporter, "installed", False):
+        return
+    exporter.installed = True
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         provider = TracerProvider()
