@@ -149,11 +149,14 @@ def current_context() -> dict[str, str] | None:
 
 
 def stamp(specs: Sequence[NewJob]) -> list[NewJob]:
-    """``specs`` carrying the trace context current here (see :func:`current_context`)."""
+    """``specs`` carrying the trace context current here (see :func:`current_context`);
+    a spec given its own context keeps it."""
     carrier = current_context()
     if carrier is None:
         return list(specs)
-    return [dataclasses.replace(spec, trace_context=carrier) for spec in specs]
+    return [
+        spec if spec.trace_context else dataclasses.replace(spec, trace_context=carrier) for spec in specs
+    ]
 
 
 # --------------------------------------------------------------------------- attempts

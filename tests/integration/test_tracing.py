@@ -5,6 +5,7 @@ wait; a lost attempt; and the attempt counters in prometheus_client's registry."
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import Iterator
@@ -101,6 +102,16 @@ def attempts_counted(scope: str, action: str, outcome: str) -> float:
         "queuetopia_attempts_total", {"scope": scope, "action": action, "outcome": outcome}
     )
     return found or 0.0
+
+
+def test_a_job_given_its_own_trace_context_keeps_it_inside_another_trace(qt, spans):
+    carrier = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    with trace.get_tracer("test").start_as_current_span("somewhere else"):
+        spec = dataclasses.replace(qt.job_spec("order-2", "flaky", {}), trace_context=carrier)
+        (job,) = qt.create_jobs([spec])
+        other = qt.create_job("order-3", "flaky", {})
+    assert qt.get_job(job.id).trace_context == carrier
+    assert qt.get_job(other.id).trace_context not in (None, carrier)
 
 
 def test_attempts_continue_the_trace_of_the_code_that_created_the_job(qt, spans):
