@@ -588,7 +588,21 @@ SCENARIOS["floor"] = floor
 
 # ---------------------------------------------------------------- the Prometheus scrape (issue 15)
 
-from .scrape import instruments, scrape  # noqa: E402
+# Imported when run: ``--compare`` loads this module beside an older revision's package,
+# which may have no metrics module.
+
+
+def scrape(env: Env, cfg: Config) -> dict[str, Any]:
+    from .scrape import scrape as run
+
+    return run(env, cfg)
+
+
+def instruments(env: Env, cfg: Config) -> dict[str, Any]:
+    from .scrape import instruments as run
+
+    return run(env, cfg)
+
 
 SCENARIOS["scrape"] = scrape
 SCENARIOS["instruments"] = instruments
