@@ -30,7 +30,7 @@ from ..jobs import STATUS_DONE, STATUS_PENDING, STATUS_RUNNING, UTC, Job, NewJob
 from . import mysql_sql as sql
 from .base import Burst, Finished, Lease, Outcome, new_token
 from .connection import AutocommitConnections, Executor
-from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, positions_by_queue
+from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, job_row, positions_by_queue
 from .sql_operator import SqlOperator
 
 #: MySQL's error code for a transaction chosen as a deadlock's victim.
@@ -202,26 +202,7 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
             for offset, i in enumerate(by_queue[queue]):
                 spec = specs[i]
                 place[(queue, first + offset)] = i
-                rows.append(
-                    {
-                        "scope": self.scope,
-                        "queue": queue,
-                        "action": spec.action,
-                        "params": spec.params,
-                        "sequence": first + offset,
-                        "timeout": spec.timeout,
-                        "max_backoff": spec.max_backoff,
-                        "max_attempts": spec.max_attempts,
-                        "on_exhausted": spec.on_exhausted,
-                        "scheduled_at": spec.scheduled_at or locked_at,
-                        "status": STATUS_PENDING,
-                        "attempts": 0,
-                        "inserted_at": locked_at,
-                        "unique_key": spec.unique_key,
-                        "trace_context": spec.trace_context,
-                        "create_key": key,
-                    }
-                )
+                rows.append(job_row(self.scope, spec, first + offset, locked_at, key))
         unique = any(spec.unique_key is not None for spec in specs)
         created: list[Job | None] = [None] * len(specs)
         holders: dict[str, Job] = {}

@@ -575,6 +575,33 @@ def unique_specs(specs: Sequence[NewJob]) -> tuple[list[NewJob], list[int]]:
     return kept, position
 
 
+def job_row(
+    scope: str, spec: NewJob, sequence: int, locked_at: Any, create_key: str | None = None
+) -> dict[str, Any]:
+    """The row of a new job: ``spec`` at ``sequence`` of its queue, inserted at
+    ``locked_at``, the time its queue row was locked. Not ``now`` (the transaction's
+    start): a producer that started earlier but got the queue row later must not sort
+    before jobs committed ahead of it."""
+    return {
+        "scope": scope,
+        "queue": spec.queue,
+        "action": spec.action,
+        "params": spec.params,
+        "sequence": sequence,
+        "timeout": spec.timeout,
+        "max_backoff": spec.max_backoff,
+        "max_attempts": spec.max_attempts,
+        "on_exhausted": spec.on_exhausted,
+        "scheduled_at": spec.scheduled_at or locked_at,
+        "status": STATUS_PENDING,
+        "attempts": 0,
+        "inserted_at": locked_at,
+        "unique_key": spec.unique_key,
+        "trace_context": spec.trace_context,
+        "create_key": create_key,
+    }
+
+
 def positions_by_queue(specs: Sequence[NewJob]) -> dict[str, list[int]]:
     """The positions of the specs of each queue, in the order given."""
     by_queue: dict[str, list[int]] = {}

@@ -17,7 +17,7 @@ from .. import schema
 from ..jobs import STATUS_PENDING, STATUS_RUNNING, UTC, Job, NewJob, utcnow
 from .base import Burst, Finished, Lease, Outcome, new_token
 from .connection import Executor
-from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, positions_by_queue
+from .sql_core import JOB_COLUMNS, JOBS, LEASES, QUEUES, job_row, positions_by_queue
 from .sql_operator import SqlOperator
 
 
@@ -77,28 +77,7 @@ class SqliteBackend(SqlOperator):
                 rows = []
                 for offset, i in enumerate(indexes):
                     spec = specs[i]
-                    rows.append(
-                        {
-                            "scope": self.scope,
-                            "queue": queue,
-                            "action": spec.action,
-                            "params": spec.params,
-                            "sequence": last - len(indexes) + 1 + offset,
-                            "timeout": spec.timeout,
-                            "max_backoff": spec.max_backoff,
-                            "max_attempts": spec.max_attempts,
-                            "on_exhausted": spec.on_exhausted,
-                            # Not ``now`` (our transaction's start): a producer that
-                            # started earlier but got the queue row later must not sort
-                            # before jobs committed ahead of it.
-                            "scheduled_at": spec.scheduled_at or locked_at,
-                            "status": STATUS_PENDING,
-                            "attempts": 0,
-                            "inserted_at": locked_at,
-                            "unique_key": spec.unique_key,
-                            "trace_context": spec.trace_context,
-                        }
-                    )
+                    rows.append(job_row(self.scope, spec, last - len(indexes) + 1 + offset, locked_at))
                 result = conn.execute(
                     sa.insert(JOBS).returning(*JOB_COLUMNS, sort_by_parameter_order=True), rows
                 )
