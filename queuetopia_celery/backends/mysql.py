@@ -136,46 +136,6 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
 
         return self._retried("create_jobs", attempt, {"scope": self.scope})
 
-    def _created_by(
-        self, conn: Connection, specs: Sequence[NewJob], key: str
-    ) -> tuple[list[Job], list[Lease]] | None:
-        """The jobs the create call ``key`` inserted (in the order given) and the
-        unstarted leases of their queues held for them, or None when it wrote nothing.
-        Its transaction has ended: the server ends a killed connection's transaction
-        before the retry's connection is made."""
-        rows = conn.execute(sa.select(*JOB_COLUMNS).where(JOBS.c.create_key == key)).mappings()
-        mine = {(row["queue"], row["sequence"]): Job.from_row(row) for row in rows}
-        if not mine:
-            return None
-        created: list[Job | None] = [None] * len(specs)
-        for queue, indexes in positions_by_queue(specs).items():
-            # In sequence order; an item whose unique_key was taken inserted nothing.
-            following = iter(sorted((job for job in mine.values() if job.queue == queue), key=_sequence))
-            job = next(following, None)
-            for i in indexes:
-                wanted = specs[i].unique_key
-                if job is not None and (wanted is None or job.unique_key == wanted):
-                    created[i] = job
-                    job = next(following, None)
-        if any(job is None for job in created):
-            self._fill_existing(conn, specs, created)
-        by_id = {job.id: job for job in mine.values()}
-        leases = conn.execute(
-            sa.select(LEASES.c.queue, LEASES.c.job_id, LEASES.c.token)
-            .where(
-                LEASES.c.scope == self.scope,
-                LEASES.c.queue.in_(sorted({job.queue for job in by_id.values()})),
-                LEASES.c.started_at.is_(None),
-            )
-            .order_by(LEASES.c.queue)
-        )
-        taken = [
-            Lease(row.queue, row.job_id, row.token, by_id[row.job_id].timeout)
-            for row in leases
-            if row.job_id in by_id
-        ]
-        return [job for job in created if job is not None], taken
-
     def _create_in(
         self, conn: Connection, specs: Sequence[NewJob], grace: float | None, key: str | None
     ) -> tuple[list[Job], list[Lease]]:
@@ -367,35 +327,23 @@ class MysqlBackend(SqlOperator, AutocommitConnections):
             nxt = Lease(job.queue, int(head["id"]), fresh, float(head["timeout"]))
             left = burst.deadline_left
             inline = burst.start_next and (left is None or nxt.timeout + burst.time_limit_grace <= left)
-            where = (LEASES.c.scope == self.scope, LEASES.c.queue == job.queue, LEASES.c.token == token)
-            if not inline:
-                conn.execute(
-                    sa.update(LEASES)
-                    .where(*where)
-                    .values(
-                        token=fresh,
-                        job_id=nxt.job_id,
-                        started_at=None,
-                        locked_at=now,
-                        expires_at=now + dt.timedelta(seconds=self._first_wait(grace)),
-                        resends=0,
-                    )
+            # The lease passes to the next job under the fresh token: unstarted (its
+            # message goes through the broker) or, inline, started by this worker.
+            handed: dict[str, Any] = {"token": fresh, "job_id": nxt.job_id, "locked_at": now, "resends": 0}
+            if inline:
+                running = max(nxt.timeout + burst.time_limit_grace, left or 0.0) + burst.lease_margin
+                handed.update(
+                    started_at=now, expires_at=now + dt.timedelta(seconds=running), locked_by=burst.worker
                 )
-                return Finished(True, nxt)
-            running = max(nxt.timeout + burst.time_limit_grace, left or 0.0) + burst.lease_margin
+            else:
+                handed.update(started_at=None, expires_at=now + dt.timedelta(seconds=self._first_wait(grace)))
             conn.execute(
                 sa.update(LEASES)
-                .where(*where)
-                .values(
-                    token=fresh,
-                    job_id=nxt.job_id,
-                    started_at=now,
-                    locked_at=now,
-                    expires_at=now + dt.timedelta(seconds=running),
-                    resends=0,
-                    locked_by=burst.worker,
-                )
+                .where(LEASES.c.scope == self.scope, LEASES.c.queue == job.queue, LEASES.c.token == token)
+                .values(**handed)
             )
+            if not inline:
+                return Finished(True, nxt)
             begun = conn.execute(
                 sa.update(JOBS)
                 .where(JOBS.c.id == nxt.job_id, JOBS.c.status == STATUS_PENDING)

@@ -99,7 +99,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
                     return self._create_jobs_in(conn, specs, by_queue, grace, key)
             with self._transaction() as conn:
                 self._wait_for_creators(conn, sorted(by_queue))
-                found = self._created_by(conn, specs, by_queue, key)
+                found = self._created_by(conn, specs, key)
                 if found is not None:
                     return found
                 return self._create_jobs_in(conn, specs, by_queue, grace, key)
@@ -121,48 +121,6 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
             .order_by(QUEUES.c.queue)
             .with_for_update()
         )
-
-    def _created_by(
-        self, conn: Connection, specs: Sequence[NewJob], by_queue: dict[str, list[int]], key: str
-    ) -> tuple[list[Job], list[Lease]] | None:
-        """The jobs inserted by the create call ``key`` (in the order given), with the
-        unstarted leases that call took (to send again: a duplicate message is
-        harmless), or None when that call wrote nothing."""
-        rows = conn.execute(
-            sa.select(*JOB_COLUMNS).where(JOBS.c.create_key == key).order_by(JOBS.c.queue, JOBS.c.sequence)
-        ).mappings()
-        found: dict[str, list[Job]] = {}
-        for row in rows:
-            job = Job.from_row(row)
-            found.setdefault(job.queue, []).append(job)
-        if not found:
-            return None
-        created: list[Job | None] = [None] * len(specs)
-        for queue, indexes in by_queue.items():
-            # In sequence order; an item whose unique_key was taken inserted nothing.
-            mine = iter(found.get(queue, []))
-            following = next(mine, None)
-            for i in indexes:
-                wanted = specs[i].unique_key
-                if following is not None and (wanted is None or following.unique_key == wanted):
-                    created[i] = following
-                    following = next(mine, None)
-        if any(job is None for job in created):
-            self._fill_existing(conn, specs, created)
-        by_id = {job.id: job for jobs in found.values() for job in jobs}
-        leases = conn.execute(
-            sa.select(LEASES.c.queue, LEASES.c.job_id, LEASES.c.token)
-            .where(
-                LEASES.c.scope == self.scope, LEASES.c.queue.in_(sorted(found)), LEASES.c.started_at.is_(None)
-            )
-            .order_by(LEASES.c.queue)
-        )
-        taken = [
-            Lease(row.queue, row.job_id, row.token, by_id[row.job_id].timeout)
-            for row in leases
-            if row.job_id in by_id
-        ]
-        return [job for job in created if job is not None], taken
 
     def _create_jobs_in(
         self,
@@ -256,7 +214,7 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
             with self._transaction() as conn:
                 if retry:
                     self._wait_for_creators(conn, sorted(by_queue))
-                    found = self._created_by(conn, specs, by_queue, key)
+                    found = self._created_by(conn, specs, key)
                     if found is not None:
                         return Inserted([job.id for job in found[0]], found[1])
                 return self._copy_jobs(conn, specs, by_queue, grace, key)

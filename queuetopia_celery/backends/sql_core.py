@@ -148,6 +148,49 @@ class SqlCore(Connections, abc.ABC):
         )
         return set(conn.execute(query).scalars())
 
+    def _created_by(
+        self, conn: Connection, specs: Sequence[NewJob], key: str
+    ) -> tuple[list[Job], list[Lease]] | None:
+        """The jobs inserted by the create call ``key`` (in the order given), with the
+        unstarted leases held for them (to send again: a duplicate message is
+        harmless), or None when that call wrote nothing. Read by a retry whose first
+        try's connection died: the server has ended that try's transaction by then."""
+        rows = conn.execute(
+            sa.select(*JOB_COLUMNS).where(JOBS.c.create_key == key).order_by(JOBS.c.queue, JOBS.c.sequence)
+        ).mappings()
+        found: dict[str, list[Job]] = {}
+        for row in rows:
+            job = Job.from_row(row)
+            found.setdefault(job.queue, []).append(job)
+        if not found:
+            return None
+        created: list[Job | None] = [None] * len(specs)
+        for queue, indexes in positions_by_queue(specs).items():
+            # In sequence order; an item whose unique_key was taken inserted nothing.
+            mine = iter(found.get(queue, []))
+            following = next(mine, None)
+            for i in indexes:
+                wanted = specs[i].unique_key
+                if following is not None and (wanted is None or following.unique_key == wanted):
+                    created[i] = following
+                    following = next(mine, None)
+        if any(job is None for job in created):
+            self._fill_existing(conn, specs, created)
+        by_id = {job.id: job for jobs in found.values() for job in jobs}
+        leases = conn.execute(
+            sa.select(LEASES.c.queue, LEASES.c.job_id, LEASES.c.token)
+            .where(
+                LEASES.c.scope == self.scope, LEASES.c.queue.in_(sorted(found)), LEASES.c.started_at.is_(None)
+            )
+            .order_by(LEASES.c.queue)
+        )
+        taken = [
+            Lease(row.queue, row.job_id, row.token, by_id[row.job_id].timeout)
+            for row in leases
+            if row.job_id in by_id
+        ]
+        return [job for job in created if job is not None], taken
+
     # ------------------------------------------------------------------ creating jobs
 
     def _open_by_key(self, conn: Connection, keys: Sequence[str]) -> dict[str, Job]:
