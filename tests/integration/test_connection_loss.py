@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from queuetopia_celery import DatabaseError, JobState, Queuetopia
 from queuetopia_celery.backends import Burst, Outcome
 from queuetopia_celery.backends import connection as store_module
+from tests.integration.cut_checks import outcome_write_cut_is_written_once_and_hands_on
 
 #: The first lines of the statements a test can cut (see queuetopia_celery/backends/postgres_sql.py).
 CREATE = "INSERT INTO queuetopia_queues AS qq"
@@ -162,30 +163,7 @@ BURST = Burst(worker="w/1", start_next=True, time_limit_grace=1, lease_margin=1,
 @pytest.mark.parametrize("start_next", [True, False], ids=["inline", "handed-on"])
 def test_an_outcome_write_cut_mid_statement_is_written_once_and_hands_on(cut_qt, when, start_next):
     qt, cutter = cut_qt
-    first = qt.create_job("q", "work", {})
-    second = qt.create_job("q", "work", {})
-    token = qt.backend.lease_of("q")["token"]
-    with qt.backend.pinned():
-        job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
-        assert job is not None
-        cutter.arm(FINISH, when)
-        burst = Burst(
-            worker="w/1", start_next=start_next, time_limit_grace=1, lease_margin=1, deadline_left=None
-        )
-        written, nxt, started = qt.backend.finish_and_start(
-            job, token, Outcome(True, result=7), grace=20, burst=burst
-        )
-    assert cutter.cuts == 1
-    assert written, "the retry did not recognise its own write"
-    assert nxt is not None and nxt.job_id == second.id
-    assert qt.backend.lease_of("q")["token"] == nxt.token
-    if start_next:
-        assert started is not None and started.id == second.id and started.attempts == 1
-    else:
-        assert started is None and qt.backend.lease_of("q")["started_at"] is None
-    done = qt.get_job(first.id)
-    assert (done.state, done.result, done.attempts) == (JobState.DONE, 7, 1)
-    assert qt.get_job(second.id).attempts == (1 if start_next else 0)
+    outcome_write_cut_is_written_once_and_hands_on(qt, cutter, FINISH, when, start_next)
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

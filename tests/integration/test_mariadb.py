@@ -22,7 +22,6 @@ from alembic.migration import MigrationContext
 from queuetopia_celery import (
     DatabaseError,
     InvalidJobError,
-    JobState,
     Queuetopia,
     SchemaMissingError,
     make_engine,
@@ -33,6 +32,7 @@ from queuetopia_celery.jobs import new_job
 from queuetopia_celery.schema import VERSION_TABLE, metadata
 from tests.apps import testapp
 from tests.conftest import REDIS_URL, _mariadb_url, create_mariadb_database, drop_mariadb_database
+from tests.integration.cut_checks import outcome_write_cut_is_written_once_and_hands_on
 
 #: The first words of the statements a test can cut (see backends/mysql_sql.py).
 CREATE = "INSERT INTO queuetopia_queues"
@@ -271,27 +271,7 @@ def test_a_start_cut_begins_the_attempt_once(cut_qt: Any, when: str) -> None:
 @pytest.mark.parametrize("start_next", [True, False], ids=["inline", "handed-on"])
 def test_an_outcome_write_cut_is_written_once_and_hands_on(cut_qt: Any, when: str, start_next: bool) -> None:
     qt, killer = cut_qt
-    first = qt.create_job("q", "work", {})
-    second = qt.create_job("q", "work", {})
-    token = qt.backend.lease_of("q")["token"]
-    job = qt.backend.start("q", first.id, token, worker="w/1", lease=30)
-    assert job is not None
-    killer.arm(FINISH, when)
-    burst = Burst(worker="w/1", start_next=start_next, time_limit_grace=1, lease_margin=1, deadline_left=None)
-    written, nxt, started = qt.backend.finish_and_start(
-        job, token, Outcome(True, result=7), grace=20, burst=burst
-    )
-    assert killer.cuts == 1
-    assert written, "the retry did not recognise its own write"
-    assert nxt is not None and nxt.job_id == second.id
-    assert qt.backend.lease_of("q")["token"] == nxt.token
-    if start_next:
-        assert started is not None and started.id == second.id and started.attempts == 1
-    else:
-        assert started is None and qt.backend.lease_of("q")["started_at"] is None
-    done = qt.get_job(first.id)
-    assert (done.state, done.result, done.attempts) == (JobState.DONE, 7, 1)
-    assert qt.get_job(second.id).attempts == (1 if start_next else 0)
+    outcome_write_cut_is_written_once_and_hands_on(qt, killer, FINISH, when, start_next)
 
 
 def test_a_late_outcome_whose_lease_was_recovered_stays_dropped_after_a_cut(cut_qt: Any) -> None:
