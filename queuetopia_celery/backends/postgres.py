@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from psycopg.postgres import types as postgres_types
 from sqlalchemy import func
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
@@ -481,8 +482,12 @@ def queue_dues(
     return dues, nows
 
 
-#: The column names of each statement run by :func:`raw_all`, by its text.
-_COLUMNS: dict[str, list[str]] = {}
+#: The ``timestamptz`` type's oid: those columns are returned in UTC.
+TIMESTAMPTZ = postgres_types["timestamptz"].oid
+
+#: Of each statement run by :func:`raw_all` (by its text): its column names, and the
+#: names of its ``timestamptz`` columns.
+_COLUMNS: dict[str, tuple[list[str], list[str]]] = {}
 
 
 def raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -491,7 +496,7 @@ def raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str
     machinery (rebuilt for every textual statement) cost about as much client CPU as
     the rest of a job.
 
-    The column names are read from ``cursor.description`` once per statement text and
+    The columns are read from ``cursor.description`` once per statement text and
     kept: a statement's text fixes its columns (ours name every column, or ``j.*`` of
     a CTE that does), and building the description (a ``Column`` object per column,
     its type looked up) cost about 20 µs for the 27 columns of a start, a sixth of the
@@ -504,15 +509,21 @@ def raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str
     cur = driver.cursor()
     try:
         cur.execute(sql, params)
-        names = _COLUMNS.get(sql)
-        if names is None:
-            names = _COLUMNS[sql] = [column.name for column in cur.description or ()]
+        columns = _COLUMNS.get(sql)
+        if columns is None:
+            description = cur.description or ()
+            columns = _COLUMNS[sql] = (
+                [column.name for column in description],
+                [column.name for column in description if column.type_code == TIMESTAMPTZ],
+            )
+        names, stamps = columns
         rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
     finally:
         cur.close()
     for row in rows:
-        for key, value in row.items():
-            if isinstance(value, dt.datetime):
+        for key in stamps:
+            value = row[key]
+            if value is not None:
                 row[key] = value.astimezone(UTC)
     return rows
 
