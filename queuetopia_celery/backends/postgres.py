@@ -11,7 +11,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.rows import dict_row
 from sqlalchemy import func
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
@@ -135,8 +137,6 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
         deadlock; then the jobs inserted, numbered from each queue's counter). With a
         ``grace``, the statement also takes the leases it can (see
         :meth:`create_jobs_taking_leases`)."""
-        queues = sorted(by_queue)
-        dues, nows = queue_dues(specs, by_queue, queues)
         offsets = [0] * len(specs)
         counts = [0] * len(specs)
         for indexes in by_queue.values():
@@ -145,12 +145,9 @@ class PostgresBackend(SqlOperator, AutocommitConnections):
                 counts[i] = len(indexes)
         params = {
             "scope": self.scope,
-            "queues": queues,
-            "queue_counts": [len(by_queue[q]) for q in queues],
-            "queue_due_at": dues,
-            "queue_has_now": nows,
-            # The new jobs in one JSON parameter: psycopg's conversion of one array
-            # parameter per column cost about 0.15 ms of client CPU per call.
+            # The new jobs in one JSON parameter, each queue's count and due time taken
+            # from it by the statement: psycopg's conversion of array parameters cost
+            # more client CPU than anything else of the call.
             "jobs": json.dumps(
                 [
                     {
@@ -490,13 +487,21 @@ def raw_all(conn: Connection, sql: str, params: dict[str, Any]) -> list[dict[str
     # engine, and SQLAlchemy's sync facade over it under an AsyncConnection's run_sync.
     driver: Any = conn.connection.dbapi_connection
     assert driver is not None
-    cur = driver.cursor()
-    try:
-        cur.execute(sql, params)
-        names = [column.name for column in cur.description or ()]
-        rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
-    finally:
-        cur.close()
+    rows: list[dict[str, Any]]
+    if isinstance(driver, psycopg.Connection):
+        # Rows as dicts by psycopg itself: reading the names through ``description``
+        # builds a Column object per column and call (0.02 ms for a job's 28).
+        with driver.cursor(row_factory=dict_row) as dict_cur:
+            dict_cur.execute(sql, params)
+            rows = dict_cur.fetchall()
+    else:
+        cur = driver.cursor()
+        try:
+            cur.execute(sql, params)
+            names = [column.name for column in cur.description or ()]
+            rows = [dict(zip(names, values, strict=True)) for values in cur.fetchall()]
+        finally:
+            cur.close()
     for row in rows:
         for key, value in row.items():
             if isinstance(value, dt.datetime):
