@@ -16,6 +16,7 @@ of runs (median, min-max)."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -172,7 +173,8 @@ def resolve(rev: str) -> str:
 def prepare(commit: str) -> tuple[Path, Path]:
     """REV's virtual environment (its Python) and a directory holding a copy of this
     checkout's ``bench`` package (to run from, without this checkout on the path).
-    The environment is kept in the temp dir, keyed by commit, for the next comparison."""
+    The environment is kept in the temp dir, keyed by commit, for the next comparison;
+    the copy of ``bench`` is this process's own, removed at exit."""
     base = Path(tempfile.gettempdir()) / f"qt-bench-rev-{commit[:12]}"
     python = base / "venv" / "bin" / "python"
     ready = f"{commit} {BUILD}"
@@ -208,9 +210,11 @@ def prepare(commit: str) -> tuple[Path, Path]:
         if done.returncode:
             raise SystemExit(f"installing {commit[:10]} failed:\n{done.stdout}{done.stderr}")
         (base / "ready").write_text(ready)
-    code = base / "code"
+    # This run's own copy: two comparisons of one commit may run at once.
+    code = base / f"code-{os.getpid()}"
     shutil.rmtree(code, ignore_errors=True)
     shutil.copytree(ROOT / "bench", code / "bench", ignore=shutil.ignore_patterns("__pycache__", "results"))
+    atexit.register(shutil.rmtree, code, ignore_errors=True)
     return python, code
 
 
