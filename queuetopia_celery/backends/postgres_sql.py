@@ -5,8 +5,9 @@ named ``queue_*``, and the new jobs of CREATE_JOBS are one JSON array of objects
 (``:jobs``, their keys named like the columns). Status values come from
 :mod:`queuetopia_celery.jobs`.
 
-The hot statements (the driver's ``%(name)s`` placeholders: they run on the psycopg
-connection itself, see :func:`queuetopia_celery.backends.postgres.raw_all`) address jobs
+Every statement here runs on the psycopg connection itself, with the driver's
+``%(name)s`` placeholders (most through
+:func:`queuetopia_celery.backends.postgres.raw_all`). The hot statements address jobs
 by id alone (the lease ties them to their scope) and leases by their primary key, so
 that their plans do not depend on the tables' statistics: with statistics taken while
 the tables were nearly empty, PostgreSQL chose the open-jobs index for ``scope = ...``
@@ -22,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-
-import sqlalchemy as sa
 
 from ..jobs import OPEN_STATUSES, STATUS_DONE, STATUS_PENDING, STATUS_RUNNING, Job
 
@@ -177,7 +176,7 @@ def _lease_heads(source: str, tail: str = "") -> str:
 #: Take the leases of the given queues whose head is pending and due (PostgreSQL), with
 #: the heads' timeouts, in one statement. The head is found first (lateral, by
 #: (scheduled_at, sequence)) and only then checked, so a not-yet-due head blocks.
-TAKE_LEASES = sa.text(
+TAKE_LEASES = driver_sql(
     f"""
 WITH {_lease_heads("unnest(CAST(:queues AS text[])) AS w(queue)", "ORDER BY w.queue LIMIT :limit")}
 SELECT taken.queue, taken.job_id, taken.token, head.timeout
@@ -189,7 +188,7 @@ FROM taken JOIN head ON head.queue = taken.queue
 #: nobody holds, their heads, and their leases taken, in one statement (leases inserted
 #: in queue order, as in TAKE_LEASES). A queue found with no lease taken (its head not
 #: due, not pending, or gone) comes back with a NULL token: raise its ``due_at``.
-SCAN = sa.text(
+SCAN = driver_sql(
     f"""
 WITH due AS (
     SELECT qq.queue
