@@ -39,6 +39,19 @@ def stamp(key: str, sent: float) -> None:
     _redis.rpush(key, now - sent)
 
 
+@signals.task_prerun.connect
+def _prerun(**_: Any) -> None:
+    """With BENCH_PRERUN_LIST: when each task begins, before its body (``python -m
+    bench.latency_parts`` splits the latency there)."""
+    key = os.environ.get("BENCH_PRERUN_LIST")
+    if key:
+        global _redis
+        now = time.time()
+        if _redis is None:
+            _redis = redis.Redis.from_url(app.conf.broker_url)
+        _redis.rpush(key, now)
+
+
 @signals.worker_ready.connect
 def _ready(**_: Any) -> None:
     path = os.environ.get("BENCH_READY_FILE")

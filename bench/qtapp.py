@@ -86,6 +86,18 @@ if os.environ.get("BENCH_SCOPE"):
     def _ready(**_: Any) -> None:
         Path(os.environ["BENCH_READY_FILE"]).write_text(str(os.getpid()))
 
+    @signals.task_prerun.connect
+    def _prerun(**_: Any) -> None:
+        """With BENCH_PRERUN_LIST: when each task begins, before its body (``python -m
+        bench.latency_parts`` splits the latency there)."""
+        key = os.environ.get("BENCH_PRERUN_LIST")
+        if key:
+            global _redis
+            now = time.time()
+            if _redis is None:
+                _redis = redis.Redis.from_url(os.environ["BENCH_BROKER_URL"])
+            _redis.rpush(key, now)
+
     @signals.beat_init.connect
     def _beat_ready(**_: Any) -> None:
         path = os.environ.get("BENCH_BEAT_READY_FILE")
