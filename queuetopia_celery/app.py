@@ -398,6 +398,29 @@ class Queuetopia:
             return None if returning is None else []
         specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
         queues = list(dict.fromkeys(spec.queue for spec in specs))
+        with (
+            self._new_jobs_connection(queues)
+            if connection is None
+            else contextlib.nullcontext(connection) as conn
+        ):
+            return self._write_jobs(specs, queues, conn, returning)
+
+    def _new_jobs_connection(
+        self, queues: Sequence[str]
+    ) -> contextlib.AbstractContextManager[Executor | None]:
+        """The connection new jobs are written on when the caller gives none: None here
+        (this Queuetopia's own transaction, committed before the call returns). A door
+        on a framework's database gives the framework's connection instead, and wakes
+        ``queues`` from the framework's after-commit hook (see contrib.django)."""
+        return contextlib.nullcontext()
+
+    def _write_jobs(
+        self,
+        specs: list[NewJob],
+        queues: Sequence[str],
+        connection: Executor | None,
+        returning: Literal["jobs", "ids"] | None,
+    ) -> list[Job] | list[int] | None:
         # Without a caller's transaction the insert itself takes the leases of new and
         # idle queues, unless a concurrency limit (counted under a lock by dispatch) or
         # disabled=True says otherwise.

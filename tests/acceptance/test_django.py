@@ -151,6 +151,42 @@ def test_outside_an_atomic_block_the_job_commits_at_once(django_worker: Proc) ->
     assert shop.wait(job, timeout=60).status == "done"
 
 
+def test_bulk_jobs_join_the_atomic_block_and_run_in_order_after_its_commit(django_worker: Proc) -> None:
+    """create_jobs (returning ids: the COPY path) on Django's connection: a rolled-back
+    block leaves none, a committed block's jobs are woken by on_commit and run in order."""
+    from tests.djangoproject.celery_app import ship, shop
+    from tests.djangoproject.shop.models import Order, Shipment
+    from tests.djangoproject.shop.views import Refused
+
+    customer = _customer()
+    queue = f"customer-{customer}"
+
+    def items(order_ids: list[int]) -> list[dict[str, Any]]:
+        return [
+            {"queue": queue, "action": ship.name, "params": {"customer": customer, "order_id": order_id}}
+            for order_id in order_ids
+        ]
+
+    try:
+        with transaction.atomic():
+            dropped = shop.create_jobs(items([0, 0]), returning="ids")
+            raise Refused
+    except Refused:
+        pass
+    assert [shop.get_job(job_id) for job_id in dropped] == [None, None]
+    with transaction.atomic():
+        orders = [Order.objects.create(customer=customer, item=f"item-{n}").id for n in range(3)]
+        ids = shop.create_jobs(items(orders), returning="ids")
+        assert shop.get_job(ids[0]) is None  # another connection: not committed yet
+    for job_id in ids:
+        job = shop.wait(job_id, timeout=60)
+        assert job.status == "done", job.error
+    shipped = list(
+        Shipment.objects.filter(customer=customer).order_by("id").values_list("order_id", flat=True)
+    )
+    assert shipped == orders
+
+
 def test_a_job_after_one_that_broke_its_orm_connection_gets_a_working_one(django_worker: Proc) -> None:
     """close_old_connections around each job: the broken connection is replaced."""
     from tests.djangoproject.celery_app import break_connection, ship, shop

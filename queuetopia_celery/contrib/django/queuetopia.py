@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections.abc import Iterable
-from typing import Any, Literal, overload
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from django.conf import settings
@@ -14,7 +15,7 @@ from django.db import close_old_connections, connections, transaction
 from queuetopia_celery.app import Queuetopia, make_engine
 from queuetopia_celery.backends import Executor
 from queuetopia_celery.errors import ConfigurationError, SchemaMissingError
-from queuetopia_celery.jobs import Job, NewJob
+from queuetopia_celery.jobs import Job
 from queuetopia_celery.performer import PerformerProtocol, Registry
 
 from .connection import sqlalchemy_connection
@@ -158,48 +159,15 @@ class DjangoQueuetopia(Queuetopia):
         self.registry = _DjangoRegistry(self.scope, options.get("performer"))
         registry[self.scope] = self
 
-    @overload
-    def create_jobs(
-        self,
-        jobs: Iterable[NewJob | dict[str, Any]],
-        *,
-        connection: Executor | None = None,
-        returning: Literal["jobs"] = "jobs",
-    ) -> list[Job]: ...
-
-    @overload
-    def create_jobs(
-        self,
-        jobs: Iterable[NewJob | dict[str, Any]],
-        *,
-        connection: Executor | None = None,
-        returning: Literal["ids"],
-    ) -> list[int]: ...
-
-    @overload
-    def create_jobs(
-        self, jobs: Iterable[NewJob | dict[str, Any]], *, connection: Executor | None = None, returning: None
-    ) -> None: ...
-
-    def create_jobs(
-        self,
-        jobs: Iterable[NewJob | dict[str, Any]],
-        *,
-        connection: Executor | None = None,
-        returning: Literal["jobs", "ids"] | None = "jobs",
-    ) -> list[Job] | list[int] | None:
-        if connection is not None:
-            return super().create_jobs(jobs, connection=connection, returning=returning)
-        items = list(jobs)
+    @contextlib.contextmanager
+    def _new_jobs_connection(self, queues: Sequence[str]) -> Iterator[Executor | None]:
+        """Django's connection of ``using``: the jobs join its transaction (or commit
+        at once outside an atomic block), and ``queues`` are woken by
+        ``transaction.on_commit``, which runs at once when no block is open."""
         try:
             with sqlalchemy_connection(self.using) as conn:
-                created = super().create_jobs(items, connection=conn, returning=returning)
+                yield conn
         except SchemaMissingError as exc:
             raise MigrationsMissingError(self.using) from exc
-        if items and not self.disabled:
-            queues = sorted(
-                {item.queue if isinstance(item, NewJob) else str(item["queue"]) for item in items}
-            )
-            # Runs at once when no atomic block is open (the jobs are committed).
-            transaction.on_commit(functools.partial(self.wake_after_commit, queues), using=self.using)
-        return created
+        if not self.disabled:
+            transaction.on_commit(functools.partial(self.wake_after_commit, list(queues)), using=self.using)
