@@ -45,7 +45,7 @@ def drain(host: WorkerHost, queue: str | None = None, *, with_scheduled: bool = 
                 )
                 if job is None:
                     break
-                outcome = runner._attempt(job)
+                outcome, attempt = runner._attempt(job)
                 if outcome.succeeded:
                     succeeded += 1
                 elif outcome.final or job.attempts >= job.max_attempts:
@@ -53,6 +53,9 @@ def drain(host: WorkerHost, queue: str | None = None, *, with_scheduled: bool = 
                 else:
                     failed += 1
                 # The statement workers run, without starting the next job here.
-                nxt = backend.finish_and_start(
+                finished = backend.finish_and_start(
                     job, nxt.token, outcome, grace=host.dispatch_grace, burst=no_burst
-                ).next_lease
+                )
+                if finished.written:
+                    attempt.counted()
+                nxt = finished.next_lease

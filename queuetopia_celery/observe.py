@@ -46,8 +46,10 @@ def waited(job: Job) -> float | None:
 
 
 class Attempt:
-    """``with Attempt(scope, job) as attempt: outcome = attempt.ended(run(job))``: the
-    attempt's span is current inside the block; its counters are recorded at the end."""
+    """``with Attempt(scope, job) as attempt: attempt.ended(run(job))``: the attempt's
+    span is current inside the block and ends with it. Its counters are recorded by
+    :meth:`counted`, once the worker has written the outcome: an attempt whose lease
+    expired while it ran has its outcome dropped, and the scan counts it as lost."""
 
     def __init__(self, scope: str, job: Job) -> None:
         self.scope = scope
@@ -55,6 +57,7 @@ class Attempt:
         self.outcome: Outcome | None = None
         self.span = tracing.AttemptSpan()
         self.began = 0.0
+        self.duration = 0.0
 
     def __enter__(self) -> Attempt:
         try:
@@ -71,17 +74,29 @@ class Attempt:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        duration = time.monotonic() - self.began
-        job, outcome = self.job, self.outcome
-        name = None if outcome is None else outcome_name(job, outcome)
+        self.duration = time.monotonic() - self.began
+        outcome = self.outcome
         try:
-            self.span.end(name, None if outcome is None else outcome.error, exc)
+            self.span.end(
+                None if outcome is None else outcome_name(self.job, outcome),
+                None if outcome is None else outcome.error,
+                exc,
+            )
         except Exception:
             _complain("tracing")
-        if name is None:
+
+    def counted(self) -> None:
+        """Record the attempt's counters and histograms (its outcome is written)."""
+        if self.outcome is None:
             return  # stopped mid-attempt: the scan records it as lost
         try:
-            attempt_metrics.record(self.scope, job.action, name, duration=duration, wait=waited(job))
+            attempt_metrics.record(
+                self.scope,
+                self.job.action,
+                outcome_name(self.job, self.outcome),
+                duration=self.duration,
+                wait=waited(self.job),
+            )
         except Exception:
             _complain("metrics")
 

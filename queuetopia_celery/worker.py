@@ -139,7 +139,7 @@ class Runner:
                 store.extend_lease(queue, token, self._lease(job.timeout, None))
             attempted = 0
             while True:
-                outcome = self._attempt(job)
+                outcome, attempt = self._attempt(job)
                 attempted += 1
                 now = time.monotonic()
                 # Finish this job and, within the burst budget, begin the next one in
@@ -158,7 +158,9 @@ class Runner:
                         deadline_left=None if deadline is None else deadline - now,
                     ),
                 )
-                if not written:
+                if written:
+                    attempt.counted()
+                else:
                     logger.warning(
                         "lost the lease of queue %r before job %s ended; its outcome was dropped",
                         queue,
@@ -188,10 +190,12 @@ class Runner:
             needed = max(needed, deadline - time.monotonic())
         return needed + qt.lease_margin
 
-    def _attempt(self, job: Job) -> Outcome:
-        # Its span and counters (see observe.py); the performer runs inside the span.
+    def _attempt(self, job: Job) -> tuple[Outcome, observe.Attempt]:
+        """Run ``job``'s performer inside the attempt's span. Its counters are the
+        caller's to record (``counted()``) once the outcome is written (observe.py)."""
         with observe.Attempt(self.qt.scope, job) as attempt:
-            return attempt.ended(self._run(job))
+            outcome = attempt.ended(self._run(job))
+        return outcome, attempt
 
     def _run(self, job: Job) -> Outcome:
         qt = self.qt

@@ -255,7 +255,7 @@ def test_a_freed_slot_goes_to_a_waiting_queue_past_one_that_emptied(build):
     assert qt.backend.fill_slots(None, grace=60, max_concurrent=1) == []  # the one slot is A's
     job = qt.backend.start("A", a1.id, lease.token, worker="w/1", lease=60)
     assert job is not None
-    written, nxt = qt.backend.finish(job, lease.token, qt.perform_runner._attempt(job), grace=60)
+    written, nxt = qt.backend.finish(job, lease.token, qt.perform_runner._attempt(job)[0], grace=60)
     assert (written, nxt) == (True, None)  # A released
     (freed,) = qt.backend.fill_slots(None, grace=60, max_concurrent=1)
     assert (freed.queue, freed.job_id) == ("B", b1.id)

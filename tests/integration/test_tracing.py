@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from celery import Celery
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -19,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
-from queuetopia_celery import Job, Queuetopia
+from queuetopia_celery import Job, Queuetopia, schema
 from queuetopia_celery.backends.base import LostAttempt
 
 
@@ -211,6 +212,34 @@ def test_a_lost_attempt_is_a_span_and_a_count(qt, spans):
     assert lost.attributes["queuetopia.outcome"] == "lost"
     assert lost.context.trace_id == root.get_span_context().trace_id
     assert attempts_counted(qt.scope, "flaky", "lost") == 1
+
+
+def test_an_attempt_that_outlived_its_lease_is_counted_once_as_lost(qt, spans, backend_url):
+    """The lease runs out while the performer runs and another process's scan records
+    the attempt as lost; the worker's late outcome is dropped, and not counted too."""
+    other = Queuetopia(
+        qt.scope, app=Celery(f"t-{uuid.uuid4().hex[:6]}"), database_url=backend_url, disabled=True
+    )
+
+    @qt.performer("overran")
+    def overran(job: Job) -> None:
+        past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+        with other.engine.begin() as conn:
+            conn.execute(
+                sa.update(schema.leases).where(schema.leases.c.scope == qt.scope).values(expires_at=past)
+            )
+        other.perform_runner.scan()  # records the attempt as lost
+
+    job = qt.create_job("q", "overran")
+    (lease,) = qt.backend.kick(["q"], grace=30)
+    try:
+        assert qt.perform_runner.perform("q", job.id, lease.token, hostname="slow", time_limit=None) == 1
+    finally:
+        other.engine.dispose()
+    assert qt.get_job(job.id).attempts == 1
+    assert "did not finish" in (qt.get_job(job.id).error or "")  # the scan's record stands
+    assert attempts_counted(qt.scope, "overran", "lost") == 1
+    assert attempts_counted(qt.scope, "overran", "succeeded") == 0
 
 
 def test_jobs_created_from_a_create_message_carry_the_trace_current_in_the_worker(qt, spans):
