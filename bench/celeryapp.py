@@ -11,6 +11,8 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
+from .prerun import stamp_task_starts
+
 app = Celery("bench-celery", broker=os.environ.get("BENCH_BROKER_URL", "redis://127.0.0.1:6379/5"))
 app.conf.update(
     task_serializer="json",
@@ -39,17 +41,7 @@ def stamp(key: str, sent: float) -> None:
     _redis.rpush(key, now - sent)
 
 
-@signals.task_prerun.connect
-def _prerun(**_: Any) -> None:
-    """With BENCH_PRERUN_LIST: when each task begins, before its body (``python -m
-    bench.latency_parts`` splits the latency there)."""
-    key = os.environ.get("BENCH_PRERUN_LIST")
-    if key:
-        global _redis
-        now = time.time()
-        if _redis is None:
-            _redis = redis.Redis.from_url(app.conf.broker_url)
-        _redis.rpush(key, now)
+stamp_task_starts(app.conf.broker_url)
 
 
 @signals.worker_ready.connect

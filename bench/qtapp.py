@@ -15,6 +15,8 @@ from celery import Celery, signals
 
 from queuetopia_celery import Job, Queuetopia
 
+from .prerun import stamp_task_starts
+
 _redis: redis.Redis | None = None
 
 
@@ -86,17 +88,7 @@ if os.environ.get("BENCH_SCOPE"):
     def _ready(**_: Any) -> None:
         Path(os.environ["BENCH_READY_FILE"]).write_text(str(os.getpid()))
 
-    @signals.task_prerun.connect
-    def _prerun(**_: Any) -> None:
-        """With BENCH_PRERUN_LIST: when each task begins, before its body (``python -m
-        bench.latency_parts`` splits the latency there)."""
-        key = os.environ.get("BENCH_PRERUN_LIST")
-        if key:
-            global _redis
-            now = time.time()
-            if _redis is None:
-                _redis = redis.Redis.from_url(os.environ["BENCH_BROKER_URL"])
-            _redis.rpush(key, now)
+    stamp_task_starts(os.environ["BENCH_BROKER_URL"])
 
     @signals.beat_init.connect
     def _beat_ready(**_: Any) -> None:
