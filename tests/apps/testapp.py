@@ -178,8 +178,15 @@ def _register(qt: Queuetopia) -> None:
                         with contextlib.suppress(JobTimeoutError):
                             time.sleep(0.05)
                             if params.get("heartbeat"):
-                                # ended_at = last sign of life while hanging
-                                _heartbeat(qt, event)
+                                # ended_at = last sign of life while hanging. The soft
+                                # limit's SIGALRM is held off meanwhile: raised in the
+                                # middle of the driver's read, it would leave the pooled
+                                # connection half-read and the next heartbeat failing.
+                                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+                                try:
+                                    _heartbeat(qt, event)
+                                finally:
+                                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
                 else:
                     time.sleep(params["sleep"])
             if job.attempts <= params.get("fail_times", 0):
