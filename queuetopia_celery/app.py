@@ -398,12 +398,10 @@ class Queuetopia:
             return None if returning is None else []
         specs = tracing.stamp(specs)  # the caller's trace, continued when the jobs run
         queues = list(dict.fromkeys(spec.queue for spec in specs))
-        with (
-            self._new_jobs_connection(queues)
-            if connection is None
-            else contextlib.nullcontext(connection) as conn
-        ):
-            return self._write_jobs(specs, queues, conn, returning)
+        if connection is not None:
+            return self._write_jobs(specs, queues, connection, returning)
+        with self._new_jobs_connection(queues) as default:
+            return self._write_jobs(specs, queues, default, returning)
 
     def _new_jobs_connection(
         self, queues: Sequence[str]

@@ -415,10 +415,6 @@ class _Insert(mysql.Insert):
         return self.prefix_with("IGNORE")
 
 
-def _sequence(job: Job) -> int:
-    return job.sequence
-
-
 def _utc(value: dt.datetime) -> dt.datetime:
     """A datetime read through a plain column (naive UTC on MySQL) as aware UTC."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -148,6 +148,47 @@ class SqlCore(Connections, abc.ABC):
         )
         return set(conn.execute(query).scalars())
 
+    # ------------------------------------------------------------------ creating jobs
+
+    def _open_by_key(self, conn: Connection, keys: Sequence[str]) -> dict[str, Job]:
+        """The open job holding each of these unique keys, where one does."""
+        if not keys:
+            return {}
+        rows = conn.execute(
+            sa.select(*JOB_COLUMNS).where(
+                JOBS.c.scope == self.scope,
+                JOBS.c.unique_key.in_(sorted(set(keys))),
+                JOBS.c.unique_key.is_not(None),
+                JOBS.c.status.in_(OPEN_STATUSES),
+            )
+        ).mappings()
+        return {row["unique_key"]: Job.from_row(row) for row in rows}
+
+    def _fill_existing(self, conn: Connection, specs: Sequence[NewJob], created: list[Job | None]) -> None:
+        """Fill the places of items not inserted because an open job held their
+        unique_key with that job. This runs in a statement after the insert, which
+        sees the holder even when it was committed by another producer while the
+        insert waited; if the holder has ended since, the newest job with the key is
+        the one that held it."""
+        missing = [i for i, job in enumerate(created) if job is None]
+        keys = [specs[i].unique_key for i in missing]
+        if any(key is None for key in keys):
+            raise DatabaseError("a job without unique_key was not inserted")
+        found = self._open_by_key(conn, [key for key in keys if key is not None])
+        gone = sorted({key for key in keys if key is not None and key not in found})
+        if gone:
+            rows = conn.execute(
+                sa.select(*JOB_COLUMNS)
+                .where(JOBS.c.scope == self.scope, JOBS.c.unique_key.in_(gone))
+                .order_by(JOBS.c.id)
+            ).mappings()
+            found.update({row["unique_key"]: Job.from_row(row) for row in rows})
+        for i in missing:
+            key = specs[i].unique_key
+            if key not in found:
+                raise DatabaseError(f"the job holding unique_key {key!r} vanished; create the job again")
+            created[i] = found[key]
+
     def _created_by(
         self, conn: Connection, specs: Sequence[NewJob], key: str
     ) -> tuple[list[Job], list[Lease]] | None:
@@ -190,49 +231,6 @@ class SqlCore(Connections, abc.ABC):
             if row.job_id in by_id
         ]
         return [job for job in created if job is not None], taken
-
-    # ------------------------------------------------------------------ creating jobs
-
-    def _open_by_key(self, conn: Connection, keys: Sequence[str]) -> dict[str, Job]:
-        """The open job holding each of these unique keys, where one does."""
-        if not keys:
-            return {}
-        rows = conn.execute(
-            sa.select(*JOB_COLUMNS).where(
-                JOBS.c.scope == self.scope,
-                JOBS.c.unique_key.in_(sorted(set(keys))),
-                JOBS.c.unique_key.is_not(None),
-                JOBS.c.status.in_(OPEN_STATUSES),
-            )
-        ).mappings()
-        return {row["unique_key"]: Job.from_row(row) for row in rows}
-
-    def _fill_existing(self, conn: Connection, specs: Sequence[NewJob], created: list[Job | None]) -> None:
-        """Fill the places of items not inserted because an open job held their
-        unique_key with that job. This runs in a statement after the insert, which
-        sees the holder even when it was committed by another producer while the
-        insert waited; if the holder has ended since, the newest job with the key is
-        the one that held it."""
-        missing = [i for i, job in enumerate(created) if job is None]
-        keys = [specs[i].unique_key for i in missing]
-        if any(key is None for key in keys):
-            raise DatabaseError("a job without unique_key was not inserted")
-        found = self._open_by_key(conn, [key for key in keys if key is not None])
-        gone = sorted({key for key in keys if key is not None and key not in found})
-        if gone:
-            rows = conn.execute(
-                sa.select(*JOB_COLUMNS)
-                .where(JOBS.c.scope == self.scope, JOBS.c.unique_key.in_(gone))
-                .order_by(JOBS.c.id)
-            ).mappings()
-            found.update({row["unique_key"]: Job.from_row(row) for row in rows})
-        for i in missing:
-            key = specs[i].unique_key
-            if key not in found:
-                raise DatabaseError(f"the job holding unique_key {key!r} vanished; create the job again")
-            created[i] = found[key]
-
-    # ------------------------------------------------------------------ creating jobs
 
     def create_jobs(self, specs: Sequence[NewJob], *, connection: Executor | None = None) -> list[Job]:
         """Insert jobs, numbering them per queue in commit order (in the caller's
